@@ -1,0 +1,3 @@
+from llm_atc.cli import main
+
+main()

@@ -1,0 +1,299 @@
+"""``--cloud local``: the same serving recipe, run as a process group on this machine.
+
+The recipe's ``run`` script is executed by bash with the rendered envs (setup is
+skipped: the ``[local]`` extra installs what it needs). The engine binds
+127.0.0.1, logs to ``$LLM_ATC_HOME/local/<cluster>/server.log`` and is recorded
+with its pid, port and start time (to tell a reused pid from ours).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from llm_atc import ui
+from llm_atc.backends._base import LiveState
+from llm_atc.errors import LaunchError, NotFoundError, UserError
+from llm_atc.readiness import EngineExited, wait_ready
+from llm_atc.registry import Record, Registry, Status, home
+from llm_atc.render import render_serve_task
+from llm_atc.spec import ServeSpec
+from llm_atc.storage import check_checkpoint, download_checkpoint
+
+LOCAL_READY_TIMEOUT = 600
+STOP_GRACE_SECONDS = 10
+LOG_TAIL_LINES = 20
+
+
+def choose_engine(requested: str) -> str:
+    """``auto``: vLLM when it is importable and a CUDA GPU is visible, else transformers."""
+    if requested != "auto":
+        return requested
+    if importlib.util.find_spec("vllm") is not None and _cuda_visible():
+        return "vllm"
+    return "transformers"
+
+
+def _cuda_visible() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return listed.returncode == 0 and "GPU" in listed.stdout
+
+
+def pick_port(port: int) -> int:
+    """``port`` if free on 127.0.0.1 (any free port for 0); a clear error if busy."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise UserError(f"port {port} is already in use on 127.0.0.1; pass --port N, or --port 0 for a free one") from None
+        return sock.getsockname()[1]
+
+
+def local_weights(spec: ServeSpec) -> Path | None:
+    """Where the weights are on this machine (downloading a bucket checkpoint first)."""
+    if spec.model.path is not None:
+        return spec.model.path
+    if spec.model.bucket is None:
+        return None
+    uri = spec.model.bucket
+    with ui.spinner(f"Checking {uri}"):
+        check_checkpoint(uri)
+    dest = home() / "cache" / uri.scheme / uri.bucket / uri.prefix
+    return download_checkpoint(uri, dest)
+
+
+def serve_locally(spec: ServeSpec, *, timeout: float | None = None, registry: Registry | None = None) -> Record:
+    """Start the engine for ``spec`` here and wait until it answers; returns the RUNNING record."""
+    registry = registry or Registry()
+    engine = choose_engine(spec.engine)
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UserError("--engine vllm needs vLLM installed here: pip install 'llm-atc[vllm]'")
+    if engine == "transformers" and shutil.which("transformers", path=_engine_path()) is None:
+        raise UserError("local serving needs transformers: pip install 'llm-atc[local]'")
+    _check_name_free(spec.cluster, registry)
+    port = pick_port(spec.port)
+    spec = _replace(spec, engine=engine, port=port)
+    weights = local_weights(spec)
+    config = render_serve_task(spec, local_dir=weights)
+    workdir = home() / "local" / spec.cluster
+    workdir.mkdir(parents=True, exist_ok=True)
+    if engine == "transformers" and weights is not None:
+        config["envs"]["MODEL_NAME"] = _path_named(spec.model.name, weights, workdir)
+    log_path = workdir / "server.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    record = registry.add(
+        Record(
+            name=spec.model.name,
+            kind="serve",
+            model=spec.model.location,
+            cluster=spec.cluster,
+            status=Status.LAUNCHING,
+            cloud="local",
+            accelerator=None,
+            checkpoint_uri=str(spec.model.bucket) if spec.model.bucket else None,
+            engine=engine,
+            port=port,
+            endpoint=endpoint,
+            details={"log": str(log_path)},
+        )
+    )
+    process = _start(config, spec.secrets, log_path, workdir)
+    registry.update(record, pid=process.pid, details={**record.details, "started": _start_time(process.pid)})
+    backend = LocalBackend()
+    try:
+        wait_ready(
+            endpoint,
+            engine=engine,
+            timeout=timeout or LOCAL_READY_TIMEOUT,
+            message=f"Starting {engine} for {spec.model.name} on 127.0.0.1:{port}",
+            check_alive=lambda: None if process.poll() is None else f"the engine exited with code {process.returncode}",
+            interval=0.25,
+        )
+    except (LaunchError, KeyboardInterrupt) as exc:
+        backend.down(record)
+        registry.update(record, status=Status.FAILED)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        tail = tail_lines(log_path, LOG_TAIL_LINES)
+        reason = str(exc) if isinstance(exc, EngineExited) else f"{exc}; stopped it"
+        raise LaunchError(f"{reason}. Last lines of {log_path}:\n{tail}") from None
+    registry.update(record, status=Status.RUNNING)
+    return record
+
+
+def _check_name_free(cluster: str, registry: Registry) -> None:
+    for record in registry.records(kind="serve"):
+        if record.cluster == cluster and record.status in (Status.RUNNING, Status.LAUNCHING):
+            if LocalBackend().states([record])[record.id].status in (Status.RUNNING, Status.LAUNCHING):
+                raise UserError(
+                    f"{cluster} is already running ({record.endpoint}); stop it with `llm-atc stop {cluster}` "
+                    "or pass -c NAME"
+                )
+
+
+def _replace(spec: ServeSpec, **changes) -> ServeSpec:
+    from dataclasses import replace
+
+    return replace(spec, **changes)
+
+
+def _engine_path() -> str:
+    """PATH with this interpreter's bin folder first, so a venv's engines are found unactivated."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def _path_named(name: str, weights: Path, workdir: Path) -> str:
+    """A path spelt exactly as ``name`` (relative to ``workdir``) that leads to ``weights``.
+
+    `transformers serve` answers only requests whose ``model`` is the string it
+    loaded, so loading ``llm-atc/<run>`` through a symlink makes clients use the
+    name the user gave, as vLLM's ``--served-model-name`` does.
+    """
+    if Path(name).is_absolute():
+        return name
+    if ".." in Path(name).parts:
+        return str(weights)
+    link = workdir / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(weights.resolve(), target_is_directory=True)
+    return name
+
+
+def _start(config: dict, secrets: dict[str, str], log_path: Path, workdir: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.update({k: "" if v is None else str(v) for k, v in config.get("envs", {}).items()})
+    env.update({k: "" if v is None else str(v) for k, v in (config.get("secrets") or {}).items()})
+    env.update(secrets)
+    env["PATH"] = _engine_path()
+    env.setdefault("SKYPILOT_NUM_GPUS_PER_NODE", "1")
+    if Path(env.get("MODEL_NAME", "")).is_dir():
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    with log_path.open("ab") as log:
+        log.write(f"--- llm-atc: starting at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            ["bash", "-c", config["run"]],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+            start_new_session=True,
+        )
+
+
+def _start_time(pid: int) -> float | None:
+    """The process's start time, or None when it is gone (or a zombie)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
+def tail_lines(path: Path, count: int) -> str:
+    if not path.is_file():
+        return "(no log)"
+    lines = path.read_text(errors="replace").splitlines()
+    return "\n".join(lines[-count:])
+
+
+class LocalBackend:
+    """Processes on this machine, one process group per deployment."""
+
+    name = "local"
+
+    def _alive(self, record: Record) -> bool:
+        if not record.pid:
+            return False
+        started = _start_time(record.pid)
+        expected = record.details.get("started")
+        return started is not None and (expected is None or abs(started - expected) < 1.0)
+
+    def endpoint(self, record: Record) -> str:
+        if not self._alive(record):
+            raise NotFoundError(f"{record.name} is not running here (status {record.status}); see `llm-atc status`")
+        return record.endpoint
+
+    def states(self, records: list[Record]) -> dict[int, LiveState]:
+        states = {}
+        for record in records:
+            if self._alive(record):
+                states[record.id] = LiveState(record.status, cloud="local")
+            elif record.status in (Status.RUNNING, Status.LAUNCHING):
+                states[record.id] = LiveState(Status.FAILED, "process gone", cloud="local")
+            else:
+                states[record.id] = LiveState(record.status, "", cloud="local")
+        return states
+
+    def logs(self, record: Record, *, follow: bool, output: TextIO | None = None) -> int:
+        path = Path(record.details.get("log", ""))
+        if not path.is_file():
+            raise NotFoundError(f"no log for {record.name} at {path}")
+        output = output or sys.stdout
+        with path.open("r", errors="replace") as handle:
+            output.write(handle.read())
+            while follow and self._alive(record):
+                chunk = handle.read()
+                if chunk:
+                    output.write(chunk)
+                    output.flush()
+                else:
+                    time.sleep(0.5)
+            output.write(handle.read())
+        output.flush()
+        return 0
+
+    def stop(self, record: Record) -> None:
+        """SIGTERM to the process group, SIGKILL after a grace period; idempotent."""
+        if not self._alive(record):
+            return
+        _signal_group(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while time.monotonic() < deadline and _group_alive(record.pid):
+            time.sleep(0.1)
+        if _group_alive(record.pid):
+            _signal_group(record.pid, signal.SIGKILL)
+            while _group_alive(record.pid) and time.monotonic() < deadline + 5:
+                time.sleep(0.1)
+
+    def down(self, record: Record) -> None:
+        self.stop(record)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still running (zombies count as gone)."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+    return False

@@ -1,0 +1,82 @@
+"""The ``llm-atc`` command line: parsing and rendering only.
+
+Commands live in :mod:`llm_atc.commands` and are imported when used, so
+``llm-atc --help`` never imports SkyPilot, torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from llm_atc import __version__
+
+# command name -> (module in llm_atc.commands, one-line help shown by --help)
+COMMANDS = {
+    "serve": ("serve", "Serve a model behind an OpenAI-compatible endpoint."),
+    "endpoint": ("endpoint", "Print a deployment's base URL."),
+    "status": ("status", "Show deployments and training runs."),
+    "logs": ("logs", "Show a deployment's engine logs."),
+    "stop": ("stop", "Stop a deployment (keeps its disk)."),
+    "down": ("down", "Tear a deployment down."),
+    "recipes": ("recipes", "List the recipes shipped with llm-atc."),
+}
+ALIASES = {"show-models": "recipes"}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use, with one-line errors."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, cmd_name):
+        cmd_name = ALIASES.get(cmd_name, cmd_name)
+        if cmd_name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"llm_atc.commands.{COMMANDS[cmd_name][0]}")
+        return getattr(module, COMMANDS[cmd_name][0])
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_text) for name, (_, help_text) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        from llm_atc.errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            _fail(str(exc), exc.exit_code, exc.hint)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as exc:  # an unexpected failure: still one line unless debugging
+            if os.environ.get("LLM_ATC_DEBUG"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _fail(f"{type(exc).__name__}: {message} (set LLM_ATC_DEBUG=1 for the traceback)", 1)
+
+
+def _fail(message: str, code: int, hint: str | None = None) -> None:
+    from llm_atc import ui
+
+    ui.error(ui.escape(message))
+    if hint:
+        ui.info(hint)
+    sys.exit(code)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llm-atc")
+def cli():
+    """Fine-tune and serve open LLMs on your own cloud account through SkyPilot."""
+
+
+def main():
+    cli(prog_name="llm-atc")

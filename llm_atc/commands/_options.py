@@ -1,0 +1,58 @@
+"""Click options shared by several commands (names follow the original llm-atc CLI)."""
+
+from __future__ import annotations
+
+import click
+
+
+def _apply(options):
+    def decorator(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorator
+
+
+def placement_options(*, accelerator_default: str | None, accelerator_help: str):
+    """--accelerator --cloud --region --zone --use_spot --disk_size -c/--cluster."""
+    return _apply(
+        [
+            click.option("--accelerator", default=accelerator_default, show_default=bool(accelerator_default),
+                         help=accelerator_help),
+            click.option("-c", "--cluster", help="Cluster name (default: derived from --name)."),
+            click.option("--cloud", help="SkyPilot infra: aws, gcp, azure, lambda, kubernetes, slurm, ... "
+                                         "or `local` for this machine."),
+            click.option("--region", help="Region (needs --cloud); for slurm, the cluster's name."),
+            click.option("--zone", help="Zone (needs --region)."),
+            click.option("--use_spot", is_flag=True, help="Use spot instances."),
+            click.option("--disk_size", type=int, help="Disk size in GB."),
+        ]
+    )
+
+
+def env_options():
+    """-e/--envs and --secret."""
+    return _apply(
+        [
+            click.option("-e", "--envs", multiple=True, metavar="KEY=VAL",
+                         help="Env vars for the task: KEY=VAL, KEY (taken from your environment), or several "
+                              "space-separated in one value. HF_TOKEN, WANDB_API_KEY and *_TOKEN/*_KEY/*_SECRET "
+                              "become secrets."),
+            click.option("--secret", multiple=True, metavar="KEY=VAL",
+                         help="Like --envs, but always passed as a SkyPilot secret (never saved or printed)."),
+        ]
+    )
+
+
+def launch_options():
+    """--detach_setup --detach_run --no_setup -y/--yes --dryrun."""
+    return _apply(
+        [
+            click.option("--detach_setup", is_flag=True, help="Do not stream provisioning and setup logs."),
+            click.option("--detach_run", is_flag=True, help="Return once the job is submitted; do not wait."),
+            click.option("--no_setup", is_flag=True, help="Skip the recipe's setup (cluster already set up)."),
+            click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation."),
+            click.option("--dryrun", is_flag=True, help="Print the final SkyPilot task YAML and launch nothing."),
+        ]
+    )

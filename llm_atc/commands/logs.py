@@ -1,0 +1,17 @@
+"""llm-atc logs: the engine's output."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+def logs(name, follow):
+    """Print the engine logs of deployment or cluster NAME."""
+    from llm_atc.backends import backend_for, lookup
+
+    record = lookup(name)
+    code = backend_for(record).logs(record, follow=follow)
+    raise SystemExit(code or 0)

@@ -1,0 +1,68 @@
+"""llm-atc serve: an OpenAI-compatible endpoint for a model, on a cloud or this machine."""
+
+from __future__ import annotations
+
+import click
+
+from llm_atc.commands._options import env_options, launch_options, placement_options
+
+
+@click.command()
+@click.option("-n", "--name", required=True,
+              help="Model: a Hugging Face id, llm-atc/<run> (a checkpoint we trained) or a local folder.")
+@click.option("--source", help="s3:// or gs:// URI of the checkpoint to serve under --name (wins over the registry).")
+@placement_options(accelerator_default="A100:1",
+                   accelerator_help="GPUs: NAME[:COUNT] such as A100-80GB:2, or a comma list meaning any of them.")
+@env_options()
+@click.option("--max_model_len", type=int, help="Context length the engine allocates for.")
+@click.option("--dtype", help="Weights dtype: auto, half, float16, bfloat16, float32.")
+@click.option("--quantization", help="vLLM quantization method, e.g. awq, gptq, fp8.")
+@click.option("--vllm_args", metavar="'FLAGS'", help="Extra vLLM engine flags, e.g. \"--enable-prefix-caching\".")
+@click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default="auto", show_default=True,
+              help="Serving engine. auto: vLLM on clouds; locally vLLM with a CUDA GPU, else transformers.")
+@click.option("--port", type=int, default=8000, show_default=True,
+              help="Engine port (0 picks a free one, local only).")
+@click.option("--timeout", type=float, help="Seconds to wait for readiness (default 1800 on a cloud, 600 locally).")
+@launch_options()
+def serve(**options):
+    """Serve a model behind vLLM's OpenAI-compatible server and print the endpoint.
+
+    \b
+    Examples:
+      llm-atc serve --name lmsys/vicuna-13b-v1.3 --accelerator A100-80GB:1 --cloud gcp --envs HF_TOKEN
+      llm-atc serve --name llm-atc/my-run --source s3://my-bucket/llm-atc/my-run --accelerator L4:1
+      llm-atc serve --name Qwen/Qwen2.5-0.5B-Instruct --cloud local
+    """
+    from llm_atc import serving, ui
+    from llm_atc.readiness import snippets
+    from llm_atc.spec import build_serve_spec
+
+    dryrun, yes, timeout = options.pop("dryrun"), options.pop("yes"), options.pop("timeout")
+    options["secrets"] = options.pop("secret")
+    spec = build_serve_spec(**options)
+    if spec.is_local:
+        from llm_atc.backends.local import serve_locally
+
+        if dryrun:
+            raise click.UsageError("--dryrun renders a SkyPilot task; it does not apply to --cloud local")
+        record = serve_locally(spec, timeout=timeout)
+        ui.out(snippets(record.endpoint, spec.model.name))
+        return
+    prepared = serving.prepare(spec)
+    if dryrun:
+        ui.raw_out(prepared.yaml)
+        return
+    where = spec.placement.infra or "the cheapest infra SkyPilot finds"
+    question = f"Launch {spec.model.name} on cluster {spec.cluster} ({spec.placement.accelerator_text}, {where})?"
+    if not ui.confirm(question, yes=yes):
+        raise SystemExit(1)
+    try:
+        record = serving.launch_on_skypilot(prepared, timeout=timeout or serving.CLOUD_READY_TIMEOUT)
+    except KeyboardInterrupt:
+        ui.info(serving.still_up_message(spec.cluster))
+        raise SystemExit(130) from None
+    if spec.detach_run:
+        ui.info(f"Submitted; the engine is starting on {spec.cluster}.")
+        ui.out(serving.still_up_message(spec.cluster))
+        return
+    ui.out(snippets(record.endpoint, spec.model.name))

@@ -1,0 +1,86 @@
+"""The Python handle on one deployment, shared by every backend."""
+
+from __future__ import annotations
+
+import io
+
+from llm_atc.backends import backend_for
+from llm_atc.readiness import wait_ready
+from llm_atc.registry import Record, Registry, Status
+
+
+class Deployment:
+    """A served model: its endpoint, live status, logs and lifecycle.
+
+    As a context manager it stops a local deployment on exit and tears a cloud
+    one down (so nothing keeps billing).
+    """
+
+    def __init__(self, record: Record, registry: Registry | None = None):
+        self.record = record
+        self._registry = registry or Registry()
+
+    def __repr__(self) -> str:
+        return f"Deployment(name={self.name!r}, cluster={self.cluster!r}, status={self.record.status!r})"
+
+    @property
+    def name(self) -> str:
+        """The name clients send as ``model``."""
+        return self.record.name
+
+    @property
+    def cluster(self) -> str:
+        return self.record.cluster
+
+    @property
+    def endpoint(self) -> str:
+        """``http://HOST:PORT`` of the engine."""
+        if not self.record.endpoint:
+            self._registry.update(self.record, endpoint=backend_for(self.record).endpoint(self.record))
+        return self.record.endpoint
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, ``http://HOST:PORT/v1``."""
+        return self.endpoint.rstrip("/") + "/v1"
+
+    def status(self) -> str:
+        """RUNNING, LAUNCHING, FAILED, STOPPED or DOWN, reconciled with the backend."""
+        from llm_atc.status import refresh
+
+        refresh([self.record], self._registry)
+        return self.record.status
+
+    def logs(self) -> str:
+        """The engine's log so far."""
+        buffer = io.StringIO()
+        backend_for(self.record).logs(self.record, follow=False, output=buffer)
+        return buffer.getvalue()
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        """Block until the engine answers; returns the seconds waited."""
+        return wait_ready(
+            lambda: self.endpoint,
+            engine=self.record.engine or "vllm",
+            timeout=timeout,
+            message=f"Waiting for {self.name}",
+        )
+
+    def stop(self) -> None:
+        """Stop the engine (idempotent)."""
+        backend_for(self.record).stop(self.record)
+        self._registry.update(self.record, status=Status.STOPPED)
+
+    def down(self) -> None:
+        """Tear the deployment down for good."""
+        backend_for(self.record).down(self.record)
+        self._registry.update(self.record, status=Status.DOWN)
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.record.is_local:
+            self.stop()
+        else:
+            self.down()

@@ -1,0 +1,87 @@
+"""What ``--name`` (and ``--source``) refer to: a Hub id, a trained run, or a local folder."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_atc.errors import NotFoundError, UserError
+from llm_atc.registry import Registry
+from llm_atc.storage import RUN_PREFIX, BucketURI
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model reference.
+
+    ``name`` is what clients send as ``model`` (vLLM's ``--served-model-name``).
+    Exactly one of ``hub_id``, ``bucket`` and ``path`` says where the weights are.
+    """
+
+    name: str
+    hub_id: str | None = None
+    bucket: BucketURI | None = None
+    path: Path | None = None
+
+    @property
+    def run(self) -> str | None:
+        """The run name for ``llm-atc/<run>`` references."""
+        return self.name.split("/", 1)[1] if self.name.startswith(RUN_PREFIX + "/") else None
+
+    @property
+    def location(self) -> str:
+        return str(self.bucket or self.path or self.hub_id)
+
+
+def check_run_name(run: str, *, option: str = "--name") -> str:
+    if not RUN_NAME_RE.match(run):
+        raise UserError(
+            f"{option} {run!r} is not a valid run name: letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (at most 63 characters)"
+        )
+    return run
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+
+
+def resolve_model(name: str, source: str | None = None, registry: Registry | None = None) -> ModelRef:
+    """Resolve ``--name``/``--source`` into a :class:`ModelRef` (no network access)."""
+    name = name.strip()
+    if not name:
+        raise UserError("--name is empty; pass a Hugging Face id, llm-atc/<run> or a model folder")
+    if source:
+        bucket = BucketURI.parse(source)
+        if name.startswith(RUN_PREFIX + "/"):
+            check_run_name(name.split("/", 1)[1])
+        elif not HUB_ID_RE.match(name):
+            raise UserError(f"--name {name!r} is not a valid model name to serve {source} under")
+        return ModelRef(name=name, bucket=bucket)
+    if name.startswith(RUN_PREFIX + "/"):
+        run = check_run_name(name.split("/", 1)[1])
+        record = (registry or Registry()).find_run(run)
+        if record is None:
+            raise NotFoundError(
+                f"{name} is not in the registry; pass --source s3://BUCKET/{RUN_PREFIX}/{run} "
+                f"(or gs://...) to say where its checkpoint is"
+            )
+        if "://" not in record.checkpoint_uri:
+            return ModelRef(name=name, path=Path(record.checkpoint_uri))
+        return ModelRef(name=name, bucket=BucketURI.parse(record.checkpoint_uri))
+    path = Path(name).expanduser()
+    if looks_like_path(name) or path.is_dir():
+        if not path.is_dir():
+            raise NotFoundError(f"--name {name!r}: no such folder")
+        if not any((path / marker).is_file() for marker in ("config.json", "adapter_config.json")):
+            raise UserError(f"--name {name!r}: the folder holds no config.json or adapter_config.json")
+        return ModelRef(name=name, path=path.resolve())
+    if not HUB_ID_RE.match(name):
+        raise UserError(
+            f"--name {name!r} is not a Hugging Face model id (org/model), llm-atc/<run> or a model folder"
+        )
+    return ModelRef(name=name, hub_id=name)

@@ -1,0 +1,181 @@
+"""Parsing and validation of user-supplied option values.
+
+Everything here is pure Python (no SkyPilot import) so that errors are fast and
+every bad input becomes a one-line :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shlex
+from dataclasses import dataclass
+
+from llm_atc.errors import UserError
+
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Names that are always secrets, plus suffixes that mark one.
+SECRET_NAMES = frozenset({"HF_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "OPENAI_API_KEY"})
+SECRET_SUFFIXES = ("_TOKEN", "_KEY", "_SECRET", "_PASSWORD")
+
+
+def is_secret_name(key: str) -> bool:
+    """Whether an env var name holds a credential and must travel as a SkyPilot secret."""
+    upper = key.upper()
+    return upper in SECRET_NAMES or upper.endswith(SECRET_SUFFIXES)
+
+
+def parse_env_pairs(values: tuple[str, ...] | list[str], *, option: str) -> dict[str, str]:
+    """Parse ``--envs``/``--secret`` values.
+
+    Each value may hold several space-separated items (shell quoting honoured):
+    ``KEY=VAL`` or a bare ``KEY`` whose value is read from the local environment.
+    """
+    parsed: dict[str, str] = {}
+    for raw in values:
+        try:
+            items = shlex.split(raw)
+        except ValueError as exc:
+            raise UserError(f"{option} {raw!r}: {exc}") from None
+        if not items:
+            raise UserError(f"{option} needs KEY=VALUE or KEY, got an empty value")
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not ENV_KEY_RE.match(key):
+                raise UserError(
+                    f"{option} {item!r}: {key!r} is not a valid variable name "
+                    "(letters, digits and _, not starting with a digit)"
+                )
+            if not sep:
+                if key not in os.environ:
+                    raise UserError(
+                        f"{option} {key}: no value given and {key} is not set in your environment"
+                    )
+                value = os.environ[key]
+            parsed[key] = value
+    return parsed
+
+
+def split_envs_and_secrets(
+    envs: dict[str, str], secrets: dict[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Move credential-looking ``--envs`` into the secrets, which win on conflicts."""
+    plain = {k: v for k, v in envs.items() if not is_secret_name(k)}
+    moved = {k: v for k, v in envs.items() if is_secret_name(k)}
+    return plain, {**moved, **secrets}
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One GPU type and count, e.g. ``A100-80GB:2``."""
+
+    name: str
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.count}"
+
+
+def parse_accelerators(value: str, known: list[str] | None = None) -> tuple[Accelerator, ...]:
+    """Parse ``NAME[:COUNT]`` or a comma list of them (any-of).
+
+    ``known`` is the list of GPU names to check against; close matches are
+    suggested for unknown names.
+    """
+    text = value.strip()
+    if not text:
+        raise UserError("--accelerator is empty; use NAME[:COUNT] such as A100:1 or A100-80GB:2")
+    result = []
+    for part in text.split(","):
+        part = part.strip()
+        name, sep, count_text = part.partition(":")
+        name = name.strip()
+        if not name:
+            raise UserError(
+                f"--accelerator {part!r}: missing GPU name; use NAME[:COUNT] such as A100:1"
+            )
+        if sep:
+            if not count_text.strip().isdigit():
+                raise UserError(
+                    f"--accelerator {part!r}: count {count_text!r} is not a whole number"
+                )
+            count = int(count_text)
+            if count < 1:
+                raise UserError(f"--accelerator {part!r}: count must be at least 1")
+        else:
+            count = 1
+        if known is not None:
+            name = canonical_gpu_name(name, known)
+        result.append(Accelerator(name, count))
+    if len({a.name for a in result}) != len(result):
+        raise UserError(f"--accelerator {value!r} names the same GPU twice")
+    return tuple(result)
+
+
+def canonical_gpu_name(name: str, known: list[str]) -> str:
+    """Return the catalog spelling of ``name`` or fail with close matches."""
+    by_lower = {k.lower(): k for k in known}
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(by_lower[c] for c in close)}?" if close else ""
+    raise UserError(f"--accelerator: unknown GPU {name!r}{hint}")
+
+
+def closest(value: str, choices: list[str], what: str) -> str:
+    """Return ``value`` normalised to one of ``choices`` or fail with close matches."""
+    by_lower = {c.lower(): c for c in choices}
+    if value.lower() in by_lower:
+        return by_lower[value.lower()]
+    close = difflib.get_close_matches(value.lower(), list(by_lower), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(by_lower[c] for c in close)}?" if close else ""
+    raise UserError(f"unknown {what} {value!r}{hint}")
+
+
+def parse_extra_args(value: str | None, *, option: str) -> tuple[str, ...]:
+    """Split an extra-flags string the way a shell would, without running one."""
+    if not value:
+        return ()
+    try:
+        args = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise UserError(f"{option} {value!r}: {exc}") from None
+    if args and not args[0].startswith("-"):
+        raise UserError(f"{option} must start with a flag such as --enable-prefix-caching, got {args[0]!r}")
+    return args
+
+
+CLUSTER_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_CLUSTER_NAME = 40
+
+
+def cluster_name_for(model: str, prefix: str = "llm-atc") -> str:
+    """Derive a valid cluster name from a model reference, e.g. ``llm-atc-vicuna-13b-v1-3``."""
+    tail = model.rstrip("/").split("/")[-1].lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", tail).strip("-") or "model"
+    name = f"{prefix}-{slug}"
+    if len(name) > MAX_CLUSTER_NAME:
+        import hashlib
+
+        digest = hashlib.sha1(model.encode()).hexdigest()[:6]
+        name = name[: MAX_CLUSTER_NAME - 7].rstrip("-") + "-" + digest
+    return name
+
+
+def check_cluster_name(name: str) -> str:
+    """Validate a user-given ``--cluster`` name."""
+    if len(name) > 63 or not CLUSTER_NAME_RE.match(name):
+        raise UserError(
+            f"--cluster {name!r} is not a valid cluster name: use lowercase letters, digits and "
+            "'-', starting with a letter (at most 63 characters)"
+        )
+    return name
+
+
+def check_port(port: int) -> int:
+    """A TCP port for an engine (0 means: pick a free one, local mode only)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port (0-65535)")
+    return port

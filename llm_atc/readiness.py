@@ -1,0 +1,98 @@
+"""Bounded readiness polling of an OpenAI-compatible server, and endpoint snippets."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Callable
+
+from llm_atc import ui
+from llm_atc.errors import LaunchError
+
+# Where each engine says it is ready: vLLM answers /v1/models once the model is
+# loaded; `transformers serve` answers /health (its /v1/models can fail for local paths).
+READY_PATHS = {"vllm": "/v1/models", "transformers": "/health"}
+
+
+class EngineExited(LaunchError):
+    """The engine stopped before it became ready."""
+
+
+def probe(url: str, *, timeout: float = 5.0, api_key: str | None = None) -> tuple[int, bytes]:
+    """GET ``url``; returns ``(status, body)``, status 0 when nothing answered."""
+    request = urllib.request.Request(url)
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read() or b""
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return 0, b""
+
+
+def wait_ready(
+    base_url: str | Callable[[], str | None],
+    *,
+    engine: str,
+    timeout: float,
+    message: str,
+    check_alive: Callable[[], str | None] = lambda: None,
+    interval: float = 1.0,
+) -> float:
+    """Poll until the engine answers 200; returns the seconds waited.
+
+    ``base_url`` may be a callable for endpoints not known yet (returns None until
+    then). ``check_alive`` returns a reason string once the engine has died.
+    Raises :class:`EngineExited` or :class:`LaunchError` on timeout.
+    """
+    path = READY_PATHS.get(engine, "/v1/models")
+    start = time.monotonic()
+    with ui.spinner(message) as spinner:
+        while True:
+            elapsed = time.monotonic() - start
+            dead = check_alive()
+            if dead:
+                raise EngineExited(dead)
+            url = base_url() if callable(base_url) else base_url
+            if url:
+                status, _ = probe(url.rstrip("/") + path, timeout=min(5.0, interval + 4))
+                if status == 200:
+                    return time.monotonic() - start
+                spinner.update(elapsed, f"{path} -> {status or 'no answer'}")
+            else:
+                spinner.update(elapsed, "waiting for the endpoint")
+            if elapsed > timeout:
+                raise LaunchError(f"the engine was not ready after {timeout:.0f}s")
+            time.sleep(interval)
+
+
+def served_models(base_url: str, api_key: str | None = None) -> list[str]:
+    """Model ids from ``GET /v1/models``; raises LaunchError when it does not answer."""
+    status, body = probe(base_url.rstrip("/") + "/v1/models", api_key=api_key)
+    if status == 401:
+        raise LaunchError(f"{base_url} needs an API key (401 Unauthorized)")
+    if status != 200:
+        raise LaunchError(f"{base_url}/v1/models answered {status or 'nothing'}")
+    try:
+        return [m["id"] for m in json.loads(body)["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise LaunchError(f"{base_url}/v1/models did not return an OpenAI model list") from None
+
+
+def snippets(base_url: str, model: str) -> str:
+    """The base URL, a curl and a 5-line openai snippet, as printed after serve."""
+    api = base_url.rstrip("/") + "/v1"
+    return f"""Endpoint: {api}
+
+  curl {api}/models
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{api}", api_key="EMPTY")
+  reply = client.chat.completions.create(
+      model={json.dumps(model)}, messages=[{{"role": "user", "content": "Hello!"}}])
+  print(reply.choices[0].message.content)
+"""

@@ -1,0 +1,211 @@
+"""The local registry: a SQLite file of every serve and train, with numbered migrations.
+
+Nothing secret is ever written here. Writers use short ``BEGIN IMMEDIATE``
+transactions with a busy timeout so many processes can record at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+from llm_atc.errors import NotFoundError
+
+# Each entry upgrades the schema by one version; never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE deployments (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('serve', 'train')),
+        model TEXT NOT NULL,
+        cluster TEXT NOT NULL,
+        cloud TEXT,
+        region TEXT,
+        accelerator TEXT,
+        checkpoint_uri TEXT,
+        task_yaml TEXT,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX deployments_cluster ON deployments (cluster);
+    CREATE INDEX deployments_name ON deployments (name);
+    """,
+    """
+    ALTER TABLE deployments ADD COLUMN engine TEXT;
+    ALTER TABLE deployments ADD COLUMN port INTEGER;
+    ALTER TABLE deployments ADD COLUMN pid INTEGER;
+    ALTER TABLE deployments ADD COLUMN endpoint TEXT;
+    ALTER TABLE deployments ADD COLUMN details TEXT NOT NULL DEFAULT '{}';
+    """,
+)
+
+
+class Status:
+    """Lifecycle states we record (SkyPilot's own states are shown beside them)."""
+
+    LAUNCHING = "LAUNCHING"
+    RUNNING = "RUNNING"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    DOWN = "DOWN"
+    SUCCEEDED = "SUCCEEDED"
+
+
+@dataclass
+class Record:
+    """One serve or train, as stored."""
+
+    name: str
+    kind: str
+    model: str
+    cluster: str
+    status: str
+    cloud: str | None = None
+    region: str | None = None
+    accelerator: str | None = None
+    checkpoint_uri: str | None = None
+    task_yaml: str | None = None
+    engine: str | None = None
+    port: int | None = None
+    pid: int | None = None
+    endpoint: str | None = None
+    details: dict = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    id: int | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.cloud == "local"
+
+
+_COLUMNS = [f.name for f in fields(Record) if f.name != "id"]
+
+
+def home() -> Path:
+    """``$LLM_ATC_HOME``, by default ``~/.llm_atc``."""
+    return Path(os.environ.get("LLM_ATC_HOME") or Path.home() / ".llm_atc")
+
+
+class Registry:
+    """Access to ``$LLM_ATC_HOME/registry.db``."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or home() / "registry.db"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+
+    def _migrate(self) -> None:
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            if conn.execute("PRAGMA user_version").fetchone()[0] >= len(MIGRATIONS):
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    @property
+    def schema_version(self) -> int:
+        conn = self._connect()
+        try:
+            return conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            conn.close()
+
+    def add(self, record: Record) -> Record:
+        """Insert ``record``; returns it with its id and timestamps set."""
+        now = time.time()
+        record.created_at = record.created_at or now
+        record.updated_at = now
+        values = _row_values(record)
+        conn = self._connect()
+        try:
+            cur = conn.execute(
+                f"INSERT INTO deployments ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_COLUMNS))})",
+                [values[c] for c in _COLUMNS],
+            )
+            record.id = cur.lastrowid
+        finally:
+            conn.close()
+        return record
+
+    def update(self, record: Record, **changes) -> Record:
+        """Change fields of a stored record."""
+        if record.id is None:
+            raise ValueError("record has not been added")
+        for key, value in changes.items():
+            setattr(record, key, value)
+        record.updated_at = time.time()
+        values = _row_values(record)
+        conn = self._connect()
+        try:
+            conn.execute(
+                f"UPDATE deployments SET {', '.join(f'{c} = ?' for c in _COLUMNS)} WHERE id = ?",
+                [values[c] for c in _COLUMNS] + [record.id],
+            )
+        finally:
+            conn.close()
+        return record
+
+    def records(self, *, kind: str | None = None) -> list[Record]:
+        """All records, newest first."""
+        query = "SELECT * FROM deployments"
+        args: list = []
+        if kind:
+            query += " WHERE kind = ?"
+            args.append(kind)
+        query += " ORDER BY created_at DESC, id DESC"
+        return list(self._select(query, args))
+
+    def find(self, ref: str, *, kind: str | None = None) -> Record:
+        """The newest record whose cluster or name is ``ref``."""
+        for record in self.records(kind=kind):
+            if ref in (record.cluster, record.name):
+                return record
+        what = "training run" if kind == "train" else "deployment"
+        raise NotFoundError(f"no {what} named {ref!r}; see `llm-atc status`")
+
+    def find_run(self, run: str) -> Record | None:
+        """The newest training run called ``run`` that has a checkpoint URI."""
+        for record in self.records(kind="train"):
+            if record.name == run and record.checkpoint_uri:
+                return record
+        return None
+
+    def _select(self, query: str, args: list) -> Iterator[Record]:
+        conn = self._connect()
+        try:
+            rows = conn.execute(query, args).fetchall()
+        finally:
+            conn.close()
+        for row in rows:
+            data = dict(row)
+            data["details"] = json.loads(data.get("details") or "{}")
+            yield Record(**data)
+
+
+def _row_values(record: Record) -> dict:
+    values = asdict(record)
+    values["details"] = json.dumps(record.details, sort_keys=True)
+    return values

@@ -1,0 +1,145 @@
+"""Overlay a spec on a copy of a recipe, giving a SkyPilot task config (a plain dict).
+
+The config never holds secret values: secrets appear by name only (``null``), and
+the values are attached to the ``sky.Task`` at launch time.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from llm_atc.errors import UserError
+from llm_atc.recipes_catalog import get_recipe
+from llm_atc.spec import Placement, ServeSpec
+from llm_atc.storage import Checkpoint
+
+NODE_MODEL_DIR = "/llm-atc/model"
+# Recipe envs that llm-atc's own options control; --envs may not override them.
+SERVE_RESERVED_ENVS = frozenset(
+    {"MODEL_NAME", "SERVED_MODEL_NAME", "HOST", "PORT", "MAX_MODEL_LEN", "DTYPE", "QUANTIZATION", "VLLM_ARGS"}
+)
+# vLLM accepts these values for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def overlay_resources(resources: dict, placement: Placement, *, port: int | None) -> dict:
+    """Apply placement and port to a recipe's ``resources`` section."""
+    merged = {k: v for k, v in resources.items() if k not in ("cloud", "region", "zone", "infra", "ports")}
+    if placement.accelerators:
+        merged.pop("accelerators", None)
+        if len(placement.accelerators) == 1:
+            merged["accelerators"] = str(placement.accelerators[0])
+        else:
+            merged["any_of"] = [{"accelerators": str(a)} for a in placement.accelerators]
+    if placement.infra:
+        merged["infra"] = placement.infra
+    if placement.use_spot:
+        merged["use_spot"] = True
+    if placement.disk_size:
+        merged["disk_size"] = placement.disk_size
+    if port is not None:
+        merged["ports"] = port
+    return merged
+
+
+def check_user_envs(envs: dict[str, str], secrets: dict[str, str], reserved: frozenset[str]) -> None:
+    clash = sorted((set(envs) | set(secrets)) & reserved)
+    if clash:
+        raise UserError(
+            f"--envs {clash[0]} is set by llm-atc from its own options; use the matching option instead"
+        )
+
+
+def render_serve_task(
+    spec: ServeSpec, checkpoint: Checkpoint | None = None, *, local_dir: Path | None = None
+) -> dict:
+    """The SkyPilot task config for ``spec`` (``checkpoint``: what its bucket holds).
+
+    ``local_dir`` is set for ``--cloud local``: the weights are already on this
+    machine there, so nothing is mounted and the engine binds 127.0.0.1.
+    """
+    check_user_envs(spec.envs, spec.secrets, SERVE_RESERVED_ENVS)
+    _check_engine_options(spec)
+    config = get_recipe(f"serve/{spec.engine}").load()
+    config["name"] = spec.cluster
+    config["resources"] = overlay_resources(config.get("resources", {}), spec.placement, port=spec.port)
+
+    model_dir = str(local_dir) if local_dir else NODE_MODEL_DIR
+    model_arg, served_name, lora_args = _model_args(spec, checkpoint, model_dir)
+    envs = config.setdefault("envs", {})
+    envs.update(MODEL_NAME=model_arg, SERVED_MODEL_NAME=served_name, PORT=spec.port)
+    if spec.dtype:
+        envs["DTYPE"] = spec.dtype
+    if spec.engine == "vllm":
+        envs.update(
+            MAX_MODEL_LEN=spec.max_model_len or "",
+            QUANTIZATION=spec.quantization or "",
+            VLLM_ARGS=shlex.join([*lora_args, *spec.engine_args]),
+        )
+    elif lora_args:
+        raise UserError(f"{spec.model.name} is a LoRA adapter; serve it with --engine vllm")
+    if local_dir is not None:
+        envs["HOST"] = "127.0.0.1"
+    envs.update(spec.envs)
+
+    secrets = config.get("secrets") or {}
+    secrets.update({key: None for key in spec.secrets})
+    if secrets:
+        config["secrets"] = secrets
+
+    mount = None if local_dir else _model_mount(spec)
+    if mount is not None:
+        config.setdefault("file_mounts", {})[NODE_MODEL_DIR] = mount
+    return config
+
+
+def _check_engine_options(spec: ServeSpec) -> None:
+    if spec.engine == "vllm":
+        return
+    given = [
+        flag
+        for flag, value in (
+            ("--max_model_len", spec.max_model_len),
+            ("--quantization", spec.quantization),
+            ("--vllm_args", spec.engine_args),
+        )
+        if value
+    ]
+    if given:
+        raise UserError(f"{given[0]} applies to --engine vllm only (this serve uses {spec.engine})")
+
+
+def _model_mount(spec: ServeSpec):
+    if spec.model.bucket is not None:
+        return {"source": str(spec.model.bucket), "mode": "COPY"}
+    if spec.model.path is not None:
+        return str(spec.model.path)
+    return None
+
+
+def _model_args(spec: ServeSpec, checkpoint: Checkpoint | None, model_dir: str) -> tuple[str, str, list[str]]:
+    """(what the engine loads, the name it serves it under, extra LoRA flags)."""
+    model = spec.model
+    if model.hub_id:
+        return model.hub_id, model.name, []
+    adapter = _adapter_config(model.path) if model.path else None
+    if checkpoint is not None and checkpoint.is_adapter:
+        adapter = {"base_model_name_or_path": checkpoint.base_model, "r": checkpoint.rank}
+    if adapter is None:
+        return model_dir, model.name, []
+    base = adapter.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{model.location} is a LoRA adapter that does not name its base model")
+    rank = int(adapter.get("r") or 16)
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+    lora = ["--enable-lora", "--lora-modules", f"{model.name}={model_dir}", "--max-lora-rank", str(max_rank)]
+    return base, base, lora
+
+
+def _adapter_config(path: Path) -> dict | None:
+    config = path / "adapter_config.json"
+    if (path / "config.json").is_file() or not config.is_file():
+        return None
+    return json.loads(config.read_text())

@@ -1,0 +1,164 @@
+"""``serve``: spec → recipe overlay → SkyPilot task (or local process) → registry.
+
+Shared by the CLI and the Python API; printing goes through :mod:`llm_atc.ui`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from llm_atc import ui
+from llm_atc.errors import LaunchError
+from llm_atc.readiness import wait_ready
+from llm_atc.registry import Record, Registry, Status, home
+from llm_atc.render import render_serve_task
+from llm_atc.spec import ServeSpec
+from llm_atc.storage import Checkpoint, check_checkpoint
+
+CLOUD_READY_TIMEOUT = 30 * 60
+
+
+@dataclass
+class Prepared:
+    """A serve that passed every check and is ready to launch."""
+
+    spec: ServeSpec
+    config: dict
+    checkpoint: Checkpoint | None
+
+    @property
+    def yaml(self) -> str:
+        return task_yaml(self.config)
+
+
+class _TaskDumper(yaml.SafeDumper):
+    """Writes multi-line strings (setup, run) as literal blocks, like the recipes."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_TaskDumper.add_representer(str, _str_representer)
+
+
+def task_yaml(config: dict) -> str:
+    """The task config as YAML, in the recipe's key order."""
+    return yaml.dump(config, Dumper=_TaskDumper, sort_keys=False, width=120)
+
+
+def prepare(spec: ServeSpec) -> Prepared:
+    """Check the checkpoint, render the task and let SkyPilot validate it."""
+    checkpoint = None
+    if spec.model.bucket is not None:
+        with ui.spinner(f"Checking {spec.model.bucket}"):
+            checkpoint = check_checkpoint(spec.model.bucket)
+    config = render_serve_task(spec, checkpoint)
+    from llm_atc.backends import skypilot
+
+    skypilot.build_task(config, spec.secrets)
+    return Prepared(spec, config, checkpoint)
+
+
+def save_task(config: dict, cluster: str) -> str:
+    """Write the (secret-free) task YAML under ``$LLM_ATC_HOME/tasks/``; returns its path."""
+    folder = home() / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{cluster}-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+    path.write_text(task_yaml(config))
+    return str(path)
+
+
+def launch_on_skypilot(
+    prepared: Prepared,
+    *,
+    backend=None,
+    registry: Registry | None = None,
+    timeout: float = CLOUD_READY_TIMEOUT,
+) -> Record:
+    """Launch on a SkyPilot cluster and wait until the engine answers.
+
+    Returns the registry record (RUNNING, or LAUNCHING with ``--detach_run``).
+    KeyboardInterrupt during the wait leaves the cluster up and propagates.
+    """
+    from llm_atc.backends.skypilot import SkyPilotBackend, build_task
+
+    spec = prepared.spec
+    backend = backend or SkyPilotBackend()
+    registry = registry or Registry()
+    record = registry.add(
+        Record(
+            name=spec.model.name,
+            kind="serve",
+            model=spec.model.location,
+            cluster=spec.cluster,
+            status=Status.LAUNCHING,
+            cloud=spec.placement.cloud,
+            region=spec.placement.region,
+            accelerator=spec.placement.accelerator_text,
+            checkpoint_uri=str(spec.model.bucket) if spec.model.bucket else None,
+            task_yaml=save_task(prepared.config, spec.cluster),
+            engine=spec.engine,
+            port=spec.port,
+        )
+    )
+    task = build_task(prepared.config, spec.secrets)
+    ui.info(f"Launching {spec.model.name} on cluster {spec.cluster} ({spec.placement.accelerator_text})")
+    try:
+        job_id = backend.launch(task, cluster=spec.cluster, stream=not spec.detach_setup, no_setup=spec.no_setup)
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        registry.update(record, status=Status.FAILED)
+        raise
+    registry.update(record, details={**record.details, "job_id": job_id})
+    if spec.detach_run:
+        return record
+
+    def endpoint_or_none() -> str | None:
+        try:
+            return backend.endpoint(record)
+        except LaunchError:
+            return None
+
+    try:
+        waited = wait_ready(
+            endpoint_or_none,
+            engine=spec.engine,
+            timeout=timeout,
+            message=f"Waiting for {spec.engine} on {spec.cluster}",
+            check_alive=_throttled(lambda: backend.job_failed(record), every=15.0),
+            interval=5.0,
+        )
+    except LaunchError:
+        registry.update(record, status=Status.FAILED)
+        raise
+    registry.update(record, status=Status.RUNNING, endpoint=backend.endpoint(record))
+    ui.info(f"Ready after {waited:.0f}s of waiting.")
+    return record
+
+
+def still_up_message(cluster: str) -> str:
+    """What to run after leaving a launch early: the cluster stays up."""
+    return (
+        f"The cluster {cluster} is left up. Check on it with:\n"
+        f"  llm-atc status\n  llm-atc endpoint {cluster} --check\n  llm-atc down {cluster}"
+    )
+
+
+def _throttled(check, *, every: float):
+    """Call ``check`` at most once per ``every`` seconds (it costs an API round trip)."""
+    last = [0.0]
+
+    def run():
+        now = time.monotonic()
+        if now - last[0] < every:
+            return None
+        last[0] = now
+        return check()
+
+    return run

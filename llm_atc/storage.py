@@ -1,0 +1,265 @@
+"""Checkpoints in S3 and GCS: parse URIs, check, list, download and upload.
+
+boto3 honours ``AWS_ENDPOINT_URL`` (S3-compatible stores, moto) and
+google-cloud-storage honours ``STORAGE_EMULATOR_HOST``; both are imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from llm_atc.errors import NotFoundError, UserError
+
+RUN_PREFIX = "llm-atc"
+MODEL_MARKERS = ("config.json", "adapter_config.json")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class BucketURI:
+    """``s3://bucket/prefix`` or ``gs://bucket/prefix``."""
+
+    scheme: str
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, uri: str, *, option: str = "--source") -> "BucketURI":
+        scheme, sep, rest = uri.partition("://")
+        if not sep or scheme not in ("s3", "gs"):
+            raise UserError(f"{option} {uri!r} must be an s3://BUCKET/PATH or gs://BUCKET/PATH URI")
+        bucket, _, prefix = rest.partition("/")
+        if not _BUCKET_RE.match(bucket):
+            raise UserError(f"{option} {uri!r}: {bucket!r} is not a valid bucket name")
+        return cls(scheme, bucket, prefix.strip("/"))
+
+    @classmethod
+    def for_run(cls, store: str, bucket: str, run: str) -> "BucketURI":
+        """Where run ``run`` keeps its checkpoint: ``<bucket>/llm-atc/<run>``."""
+        scheme = {"S3": "s3", "GCS": "gs"}[store.upper()]
+        return cls.parse(f"{scheme}://{bucket}/{RUN_PREFIX}/{run}", option="--checkpoint_bucket")
+
+    def child(self, *parts: str) -> "BucketURI":
+        return BucketURI(self.scheme, self.bucket, "/".join(p.strip("/") for p in (self.prefix, *parts) if p))
+
+    @property
+    def store(self) -> str:
+        return "S3" if self.scheme == "s3" else "GCS"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a bucket prefix holds: full weights, or a LoRA adapter on a base model."""
+
+    uri: BucketURI
+    is_adapter: bool
+    base_model: str | None = None
+    rank: int | None = None
+
+
+class ObjectStore:
+    """The few bucket operations we need, over boto3 or google-cloud-storage."""
+
+    def __init__(self, scheme: str):
+        self.scheme = scheme
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = _s3_client() if self.scheme == "s3" else _gcs_client()
+        return self._client
+
+    def bucket_exists(self, bucket: str) -> bool:
+        with _translate_errors(self.scheme, bucket):
+            if self.scheme == "s3":
+                from botocore.exceptions import ClientError
+
+                try:
+                    self.client.head_bucket(Bucket=bucket)
+                    return True
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+                        return False
+                    raise
+            return self.client.bucket(bucket).exists()
+
+    def list_objects(self, uri: BucketURI) -> Iterator[tuple[str, int]]:
+        """``(key relative to uri.prefix, size)`` for every object under the prefix."""
+        prefix = uri.prefix + "/" if uri.prefix else ""
+        with _translate_errors(self.scheme, uri.bucket):
+            if self.scheme == "s3":
+                pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix)
+                for page in pages:
+                    for obj in page.get("Contents", []):
+                        yield obj["Key"][len(prefix):], obj["Size"]
+            else:
+                for blob in self.client.list_blobs(uri.bucket, prefix=prefix):
+                    yield blob.name[len(prefix):], blob.size
+
+    def list_children(self, uri: BucketURI) -> list[str]:
+        """Names of the "folders" directly under the prefix."""
+        prefix = uri.prefix + "/" if uri.prefix else ""
+        with _translate_errors(self.scheme, uri.bucket):
+            if self.scheme == "s3":
+                names = []
+                pages = self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=uri.bucket, Prefix=prefix, Delimiter="/"
+                )
+                for page in pages:
+                    names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+                return sorted(names)
+            iterator = self.client.list_blobs(uri.bucket, prefix=prefix, delimiter="/")
+            list(iterator)  # prefixes are filled in while pages are consumed
+            return sorted(p[len(prefix):].rstrip("/") for p in iterator.prefixes)
+
+    def read_text(self, uri: BucketURI) -> str:
+        with _translate_errors(self.scheme, uri.bucket):
+            if self.scheme == "s3":
+                return self.client.get_object(Bucket=uri.bucket, Key=uri.prefix)["Body"].read().decode()
+            return self.client.bucket(uri.bucket).blob(uri.prefix).download_as_text()
+
+    def download(self, uri: BucketURI, dest: Path, callback: Callable[[int], None]) -> None:
+        with _translate_errors(self.scheme, uri.bucket):
+            if self.scheme == "s3":
+                self.client.download_file(uri.bucket, uri.prefix, str(dest), Callback=callback)
+            else:
+                blob = self.client.bucket(uri.bucket).blob(uri.prefix)
+                blob.download_to_filename(str(dest))
+                callback(dest.stat().st_size)
+
+    def upload(self, path: Path, uri: BucketURI, callback: Callable[[int], None]) -> None:
+        with _translate_errors(self.scheme, uri.bucket):
+            if self.scheme == "s3":
+                self.client.upload_file(str(path), uri.bucket, uri.prefix, Callback=callback)
+            else:
+                self.client.bucket(uri.bucket).blob(uri.prefix).upload_from_filename(str(path))
+                callback(path.stat().st_size)
+
+
+def check_checkpoint(uri: BucketURI, store: ObjectStore | None = None) -> Checkpoint:
+    """Fail in one line unless ``uri`` holds a servable model or adapter."""
+    store = store or ObjectStore(uri.scheme)
+    if not store.bucket_exists(uri.bucket):
+        raise NotFoundError(f"bucket {uri.scheme}://{uri.bucket} does not exist or is not visible to you")
+    top = {key for key, _ in store.list_objects(uri) if "/" not in key}
+    if not top:
+        raise NotFoundError(f"{uri} is empty or does not exist")
+    if "config.json" in top:
+        return Checkpoint(uri, is_adapter=False)
+    if "adapter_config.json" in top:
+        config = json.loads(store.read_text(uri.child("adapter_config.json")))
+        return Checkpoint(
+            uri, is_adapter=True, base_model=config.get("base_model_name_or_path"), rank=config.get("r")
+        )
+    raise UserError(f"{uri} holds no config.json or adapter_config.json; it is not a model checkpoint")
+
+
+def _s3_client():
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def _gcs_client():
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        project = os.environ.get("GOOGLE_CLOUD_PROJECT", "llm-atc-local")
+        return storage.Client(project=project, credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+class _translate_errors:
+    """Turn SDK credential/connection errors into one-line UserErrors."""
+
+    def __init__(self, scheme: str, bucket: str):
+        self.scheme, self.bucket = scheme, bucket
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, UserError):
+            return False
+        where = f"{self.scheme}://{self.bucket}"
+        name = type(exc).__name__
+        if name in ("NoCredentialsError", "DefaultCredentialsError"):
+            raise UserError(f"no credentials for {where}: {_first_line(exc)}") from None
+        if name in ("EndpointConnectionError", "ConnectionError", "ConnectTimeoutError", "TransportError"):
+            raise UserError(f"cannot reach the object store for {where}: {_first_line(exc)}") from None
+        if name in ("NotFound", "NoSuchKey"):
+            raise NotFoundError(f"{where}: not found ({_first_line(exc)})") from None
+        if name in ("ClientError", "Forbidden", "Unauthorized"):
+            raise UserError(f"{where}: {_first_line(exc)}") from None
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+
+@contextmanager
+def _transfer_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A byte progress bar on stderr; yields the callback that advances it."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from llm_atc import ui
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=ui.stderr_console(), disable=ui.is_quiet(), transient=True) as progress:
+        bar = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(bar, n)
+
+
+def download_checkpoint(uri: BucketURI, dest: Path, store: ObjectStore | None = None) -> Path:
+    """Copy everything under ``uri`` into ``dest`` with a progress bar.
+
+    Resumable: files already present with the right size are skipped, partial
+    files are written as ``*.part`` and renamed when complete. A ``.complete``
+    marker makes a later call return at once.
+    """
+    from llm_atc import ui
+
+    marker = dest / ".complete"
+    if marker.is_file():
+        return dest
+    store = store or ObjectStore(uri.scheme)
+    objects = [(key, size) for key, size in store.list_objects(uri) if key and not key.endswith("/")]
+    if not objects:
+        raise NotFoundError(f"{uri} is empty or does not exist")
+    todo = [(k, s) for k, s in objects if not ((dest / k).is_file() and (dest / k).stat().st_size == s)]
+    with _transfer_progress(f"Downloading {uri}", sum(s for _, s in todo)) as advance:
+        for key, _ in todo:
+            target = dest / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".part")
+            store.download(uri.child(key), partial, advance)
+            partial.replace(target)
+    marker.write_text(json.dumps({"source": str(uri), "files": len(objects)}))
+    ui.info(f"{uri}: {len(todo)} file(s) downloaded, {len(objects) - len(todo)} already in {dest}")
+    return dest
+
+
+def upload_path(path: Path, uri: BucketURI, store: ObjectStore | None = None) -> list[str]:
+    """Upload a file, or a folder's files, under ``uri`` with a progress bar; returns the names."""
+    store = store or ObjectStore(uri.scheme)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    names = [f.name if path.is_file() else str(f.relative_to(path)) for f in files]
+    with _transfer_progress(f"Uploading to {uri}", sum(f.stat().st_size for f in files)) as advance:
+        for file, name in zip(files, names):
+            store.upload(file, uri.child(name), advance)
+    return names

@@ -1,0 +1,315 @@
+"""`llm-atc serve` on a cloud: the rendered task (validated by SkyPilot itself), inputs, and launch.
+
+The one part that cannot run here, a cloud provisioning a GPU VM, is replaced by a
+recording stand-in for SkyPilot's client SDK (``FakeSky``); the tests assert on the
+exact ``sky.Task`` and arguments handed to it. Everything else is real.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import assert_one_line_error
+
+SECRET = "hf_SECRETVALUE123"
+
+
+def sky_task(config: dict):
+    """SkyPilot's own parser and validator (it consumes the dict, so give it a copy)."""
+    import copy
+
+    from llm_atc.backends.skypilot import import_sky
+
+    return import_sky().Task.from_yaml_config(copy.deepcopy(config))
+
+
+def dryrun(cli, *args):
+    result = cli("serve", *args, "--dryrun")
+    assert result.exit_code == 0, result
+    return yaml.safe_load(result.stdout), result
+
+
+def test_dryrun_prints_only_a_task_skypilot_accepts(cli, llm_atc_home):
+    config, result = dryrun(
+        cli, "--name", "lmsys/vicuna-13b-v1.3", "--accelerator", "A100-80GB:2", "--cloud", "gcp",
+        "--region", "us-central1", "--envs", f"HF_TOKEN={SECRET} MODEL_SIZE=7", "--max_model_len", "4096",
+        "--dtype", "bfloat16", "--use_spot", "--disk_size", "512",
+    )
+    task = sky_task(config)
+    (resources,) = task.resources
+    assert resources.accelerators == {"A100-80GB": 2}
+    assert str(resources.cloud) == "GCP" and resources.region == "us-central1"
+    assert resources.ports == ["8000"] and resources.use_spot and resources.disk_size == 512
+    assert task.envs["MODEL_NAME"] == "lmsys/vicuna-13b-v1.3"
+    assert task.envs["SERVED_MODEL_NAME"] == "lmsys/vicuna-13b-v1.3"
+    assert task.envs["MAX_MODEL_LEN"] == "4096" and task.envs["DTYPE"] == "bfloat16"
+    assert task.envs["MODEL_SIZE"] == "7"
+    assert config["secrets"] == {"HF_TOKEN": None}
+    assert config["name"] == "llm-atc-vicuna-13b-v1-3"
+    assert "vllm serve" in config["run"] and "--tensor-parallel-size" in config["run"]
+    assert SECRET not in result.stdout + result.stderr
+    assert not (llm_atc_home / "registry.db").exists() or _records() == []
+
+
+def _records():
+    from llm_atc.registry import Registry
+
+    return Registry().records()
+
+
+def test_dryrun_is_pure_yaml_on_stdout(cli):
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B-Instruct", "--dryrun")
+    assert result.exit_code == 0, result
+    assert result.stdout.startswith("name: llm-atc-qwen2-5-7b-instruct\n")
+    assert isinstance(yaml.safe_load(result.stdout), dict)
+
+
+def test_comma_list_is_any_of(cli):
+    config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--accelerator", "A100:1,L4:2")
+    assert config["resources"]["any_of"] == [{"accelerators": "A100:1"}, {"accelerators": "L4:2"}]
+    task = sky_task(config)
+    assert sorted(str(r.accelerators) for r in task.resources) == ["{'A100': 1}", "{'L4': 2}"]
+
+
+def test_recipe_runs_on_its_own_with_skypilot():
+    from llm_atc.recipes_catalog import all_recipes
+
+    serve_recipes = [r for r in all_recipes() if r.kind == "serve"]
+    assert {r.name for r in serve_recipes} >= {"vllm", "transformers"}
+    for recipe in serve_recipes:
+        task = sky_task(recipe.load())
+        assert "MODEL_NAME" in task.envs and "HF_TOKEN" in task.secrets
+
+
+def test_bucket_checkpoint_is_checked_and_copied(cli, s3_checkpoint):
+    config, _ = dryrun(cli, "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--accelerator", "L4")
+    task = sky_task(config)
+    assert config["file_mounts"] == {"/llm-atc/model": {"source": s3_checkpoint, "mode": "COPY"}}
+    assert "/llm-atc/model" in task.storage_mounts
+    assert task.envs["MODEL_NAME"] == "/llm-atc/model"
+    assert task.envs["SERVED_MODEL_NAME"] == "llm-atc/tiny"
+
+
+def test_adapter_checkpoint_is_served_as_lora_on_its_base(cli, s3):
+    bucket = "adapters"
+    s3.create_bucket(Bucket=bucket)
+    adapter = {"base_model_name_or_path": "meta-llama/Llama-2-7b-hf", "r": 64, "peft_type": "LORA"}
+    s3.put_object(Bucket=bucket, Key="llm-atc/ad/adapter_config.json", Body=json.dumps(adapter).encode())
+    config, _ = dryrun(cli, "--name", "llm-atc/ad", "--source", f"s3://{bucket}/llm-atc/ad", "--accelerator", "L4")
+    assert config["envs"]["MODEL_NAME"] == "meta-llama/Llama-2-7b-hf"
+    assert config["envs"]["VLLM_ARGS"] == (
+        "--enable-lora --lora-modules llm-atc/ad=/llm-atc/model --max-lora-rank 64"
+    )
+
+
+def test_gcs_checkpoint_from_registry(cli, gcs_checkpoint):
+    from llm_atc.registry import Record, Registry
+
+    Registry().add(Record(name="tiny", kind="train", model="base", cluster="t", status="SUCCEEDED",
+                          checkpoint_uri=gcs_checkpoint))
+    config, _ = dryrun(cli, "--name", "llm-atc/tiny", "--accelerator", "T4")
+    assert config["file_mounts"]["/llm-atc/model"]["source"] == gcs_checkpoint
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--name", "llm-atc/nothing"], "--source"),
+        (["--name", "llm-atc/x", "--source", "https://example.com/x"], "s3://"),
+        (["--name", "m/m", "--accelerator", "A100:0"], "at least 1"),
+        (["--name", "m/m", "--accelerator", "A100:x"], "whole number"),
+        (["--name", "m/m", "--accelerator", ":2"], "missing GPU name"),
+        (["--name", "m/m", "--accelerator", "A1000"], "A100"),
+        (["--name", "m/m", "--envs", "1BAD=x"], "not a valid variable name"),
+        (["--name", "m/m", "--envs", "MODEL_NAME=x"], "MODEL_NAME"),
+        (["--name", "m/m", "--cloud", "gcpp"], "gcp"),
+        (["--name", "m/m", "--region", "us-east-1"], "--region needs --cloud"),
+        (["--name", "x; touch /tmp/pwned"], "not a Hugging Face model id"),
+        (["--name", "m/m", "-c", "Bad_Name"], "not a valid cluster name"),
+        (["--name", "m/m", "--vllm_args", "'unbalanced"], "--vllm_args"),
+        (["--name", "m/m", "--engine", "transformers", "--quantization", "awq"], "--engine vllm"),
+    ],
+)
+def test_bad_input_is_one_line_and_launches_nothing(cli, args, fragment):
+    result = cli("serve", *args, "--dryrun")
+    assert_one_line_error(result, fragment)
+    assert result.stdout == ""
+
+
+def test_missing_bucket_and_prefix_are_one_line_errors(cli, s3, gcs):
+    result = cli("serve", "--name", "llm-atc/x", "--source", "s3://no-such-bucket/llm-atc/x", "--dryrun")
+    assert_one_line_error(result, "no-such-bucket")
+    s3.create_bucket(Bucket="empty-bucket")
+    result = cli("serve", "--name", "llm-atc/x", "--source", "s3://empty-bucket/llm-atc/x", "--dryrun")
+    assert_one_line_error(result, "empty-bucket/llm-atc/x")
+    result = cli("serve", "--name", "llm-atc/x", "--source", "gs://no-such-gcs/llm-atc/x", "--dryrun")
+    assert_one_line_error(result, "no-such-gcs")
+
+
+def test_user_values_reach_bash_only_as_data(cli, tmp_path):
+    """Run the rendered `run` script for real, with a stand-in `vllm` that records its argv."""
+    marker = tmp_path / "pwned"
+    config, _ = dryrun(
+        cli, "--name", "Qwen/Qwen2.5-7B", "--envs", f"NOTE='$(touch {marker})'",
+        "--vllm_args", f"--chat-template \"$(touch {marker})\" --enable-prefix-caching",
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    argv_file = tmp_path / "argv"
+    (bin_dir / "vllm").write_text(f"#!/bin/bash\nprintf '%s\\0' \"$@\" > {argv_file}\n")
+    (bin_dir / "vllm").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SKYPILOT_NUM_GPUS_PER_NODE": "2"}
+    env.update({k: str(v) for k, v in config["envs"].items()})
+    subprocess.run(["bash", "-c", config["run"]], env=env, check=True, timeout=30)
+    argv = argv_file.read_text().split("\0")[:-1]
+    assert config["envs"]["NOTE"] == f"$(touch {marker})"
+    assert not marker.exists()
+    assert argv[:2] == ["serve", "Qwen/Qwen2.5-7B"]
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--chat-template") + 1] == f"$(touch {marker})"
+    assert argv[-1] == "--enable-prefix-caching"
+
+
+class StubEngine:
+    """Answers GET /v1/models like vLLM once ``ready`` is set (the VM's side of the boundary)."""
+
+    def __init__(self):
+        self.ready = threading.Event()
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/v1/models" and stub.ready.is_set():
+                    body = json.dumps({"object": "list", "data": [{"id": "llm-atc/tiny"}]}).encode()
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(body)
+                else:
+                    self.send_response(503)
+                    self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeSky:
+    """Stands in for SkyPilot's client SDK where it would provision a cloud VM.
+
+    Its calls return their results directly as "request ids"; ``get`` hands them back.
+    """
+
+    def __init__(self, engine: StubEngine, job_status: str = "RUNNING", interrupt: bool = False):
+        self.engine, self.job_state, self.interrupt = engine, job_status, interrupt
+        self.launches, self.downs = [], []
+
+    def launch(self, task, **kwargs):
+        self.launches.append((task, kwargs))
+        self.engine.ready.set()
+        return (1, None)
+
+    def stream_and_get(self, request_id):
+        return request_id
+
+    get = stream_and_get
+
+    def endpoints(self, cluster, port):
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return {port: self.engine.url}
+
+    def job_status(self, cluster, job_ids):
+        from sky.skylet.job_lib import JobStatus
+
+        return {job_ids[0]: JobStatus[self.job_state]}
+
+    def down(self, cluster):
+        self.downs.append(cluster)
+
+
+@pytest.fixture
+def fake_sky(monkeypatch):
+    from llm_atc.backends.skypilot import SkyPilotBackend
+
+    engine = StubEngine()
+    holder = {}
+
+    def install(**kwargs):
+        holder["sky"] = FakeSky(engine, **kwargs)
+        monkeypatch.setattr(SkyPilotBackend, "sdk", property(lambda self: holder["sky"]))
+        return holder["sky"]
+
+    yield install
+    engine.close()
+
+
+def test_launch_hands_skypilot_the_exact_task(cli, fake_sky, s3_checkpoint, llm_atc_home):
+    sky = fake_sky()
+    result = cli(
+        "serve", "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--accelerator", "L4:1",
+        "--cloud", "aws", "--region", "us-east-1", "-c", "tiny-srv", "--secret", f"HF_TOKEN={SECRET}",
+        "--no_setup", "-y",
+    )
+    assert result.exit_code == 0, result
+    (task, kwargs), = sky.launches
+    assert kwargs == {"cluster_name": "tiny-srv", "no_setup": True}
+    (resources,) = task.resources
+    assert resources.accelerators == {"L4": 1} and str(resources.cloud) == "AWS"
+    assert task.secrets["HF_TOKEN"].get_secret_value() == SECRET
+    assert task.envs["SERVED_MODEL_NAME"] == "llm-atc/tiny"
+    assert f"http://{sky.engine.url}/v1" in result.stdout and "openai" in result.stdout
+
+    from llm_atc.registry import Registry
+
+    (record,) = Registry().records()
+    assert (record.status, record.cluster, record.cloud, record.accelerator) == ("RUNNING", "tiny-srv", "aws", "L4:1")
+    assert record.endpoint == f"http://{sky.engine.url}" and record.checkpoint_uri == s3_checkpoint
+    saved = Path(record.task_yaml).read_text()
+    assert yaml.safe_load(saved)["secrets"] == {"HF_TOKEN": None}
+    everything = saved + result.stdout + result.stderr + (llm_atc_home / "registry.db").read_bytes().decode("latin1")
+    assert SECRET not in everything
+
+
+def test_ctrl_c_while_waiting_leaves_the_cluster_up(cli, fake_sky):
+    sky = fake_sky(interrupt=True)
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "wait-srv", "-y")
+    assert result.exit_code == 130, result
+    assert "llm-atc status" in result.stderr and "llm-atc endpoint wait-srv" in result.stderr
+    assert "llm-atc down wait-srv" in result.stderr
+    assert sky.downs == [] and len(sky.launches) == 1
+
+
+def test_engine_job_that_ends_is_reported_failed(cli, fake_sky, monkeypatch):
+    from llm_atc import serving
+
+    monkeypatch.setattr(serving, "_throttled", lambda check, every: check)
+    sky = fake_sky(job_status="FAILED")
+    sky.engine.ready.clear()
+    monkeypatch.setattr(FakeSky, "launch", lambda self, task, **kw: self.launches.append(task) or (1, None))
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "dead-srv", "-y", "--timeout", "60")
+    assert_one_line_error(result, "ended (FAILED)")
+    from llm_atc.registry import Registry
+
+    assert Registry().find("dead-srv").status == "FAILED"
+
+
+def test_no_confirmation_without_a_terminal_launches_nothing(cli, fake_sky):
+    sky = fake_sky()
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "ask-srv")
+    assert result.exit_code == 1
+    assert "-y" in result.stderr and sky.launches == []

@@ -1,0 +1,103 @@
+"""Build a tiny, random-weight Llama-style chat model for offline tests.
+
+The folder written by :func:`build_tiny_model` loads with ``AutoTokenizer`` /
+``AutoModelForCausalLM`` (and ``transformers serve``) without touching the
+Hugging Face Hub. It holds a byte-level BPE tokenizer trained on generated
+text, a chat template with ``{% generation %}`` markers (so
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` works), and a
+2-layer ``LlamaForCausalLM`` saved as safetensors. Building takes a few seconds.
+
+Command line: ``python tests/tiny_model.py OUTDIR``
+"""
+
+from __future__ import annotations
+
+import pathlib
+import random
+import sys
+
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2
+VOCAB_SIZE = 512
+
+# Roles are plain-text headers ending in a newline, so byte-level BPE never
+# merges header text into the first content token. Assistant content and its
+# closing eos are wrapped in generation markers, so the assistant-token mask
+# covers exactly what the model is trained to produce.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ 'assistant:\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ message['role'] + ':\n' + message['content'] + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the a an of to and in is it you that he was for on are with as I his they be at one have this "
+    "from or had by hot word but what some we can out other were all there when up use your how said "
+    "each she which do their time if will way about many then them write would like so these her long "
+    "make thing see him two has look more day could go come did number sound no most people my over "
+    "know water than call first who may down side been now find model train serve cloud cluster token "
+    "system user assistant hello please thanks answer question help data file run job fine tune"
+).split()
+
+
+def _corpus(n_lines: int = 2000, seed: int = 0):
+    """Yield deterministic English-ish sentences, including chat-style lines."""
+    rng = random.Random(seed)
+    for i in range(n_lines):
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16)))
+        sentence = words.capitalize() + rng.choice([".", "?", "!", ","])
+        yield f"{('system', 'user', 'assistant')[i % 3]}:\n{sentence} {i % 97}\n"
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=512
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(path: pathlib.Path) -> pathlib.Path:
+    """Write a tiny chat model (tokenizer + LlamaForCausalLM) into ``path`` and return ``path``."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512, **ids,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(max_new_tokens=16, do_sample=False, **ids)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/tiny_model.py OUTDIR")
+    print(build_tiny_model(pathlib.Path(sys.argv[1])))
