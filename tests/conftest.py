@@ -194,7 +194,7 @@ def cli():
 
     def run(*args: str, input: str | None = None) -> CLIResult:
         runner = CliRunner(mix_stderr=False)
-        result = runner.invoke(command, list(args), input=input, catch_exceptions=False)
+        result = runner.invoke(command, list(args), input=input, catch_exceptions=False, prog_name="llm-atc")
         return CLIResult(result.exit_code, result.stdout, result.stderr)
 
     return run

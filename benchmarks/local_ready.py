@@ -1,0 +1,86 @@
+"""Readiness of `llm-atc serve --cloud local` against `transformers serve` run directly.
+
+Both serve the same tiny model (built offline) and are timed from process start to
+the first 200 from /health, in the same run. Target: ratio <= 1.2. Run:
+    python benchmarks/local_ready.py [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_model import build_tiny_model  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_health(port: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} not ready after {timeout}s")
+
+
+def direct(model: Path, env: dict) -> float:
+    port = free_port()
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(BIN / "transformers"), "serve", str(model), "--host", "127.0.0.1", "--port",
+                             str(port), "--device", "cpu"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_health(port)
+        return time.perf_counter() - start
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def via_llm_atc(model: Path, env: dict, run: int) -> float:
+    cluster = f"bench-{run}"
+    start = time.perf_counter()
+    subprocess.run([str(BIN / "llm-atc"), "serve", "--name", str(model), "--cloud", "local", "--port", "0",
+                    "-c", cluster], env=env, check=True, capture_output=True)
+    took = time.perf_counter() - start
+    subprocess.run([str(BIN / "llm-atc"), "stop", cluster], env=env, check=True, capture_output=True)
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    runs = parser.parse_args().runs
+    work = Path(tempfile.mkdtemp(prefix="llm-atc-bench-"))
+    model = build_tiny_model(work / "tiny")
+    env = {**os.environ, "HOME": str(work), "LLM_ATC_HOME": str(work / ".llm_atc"), "HF_HUB_OFFLINE": "1"}
+    plain = [direct(model, env) for _ in range(runs)]
+    ours = [via_llm_atc(model, env, i) for i in range(runs)]
+    p, o = statistics.median(plain), statistics.median(ours)
+    print(f"transformers serve direct   {p:6.2f} s  (runs: {', '.join(f'{t:.2f}' for t in plain)})")
+    print(f"llm-atc serve --cloud local {o:6.2f} s  (runs: {', '.join(f'{t:.2f}' for t in ours)})")
+    print(f"ratio                       {o / p:6.2f}    (target <= 1.20)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Generate docs/cli.md from the Click commands: `python scripts/cli_reference.py [--check]`.
+
+With --check, exit 1 when docs/cli.md is out of date (the test suite runs this).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from llm_atc.cli import COMMANDS, cli
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+
+
+def render() -> str:
+    parts = [
+        "# CLI reference\n",
+        "Generated from the Click commands by `python scripts/cli_reference.py`; do not edit by hand.\n",
+    ]
+    root = click.Context(cli, info_name="llm-atc", terminal_width=100, max_content_width=100, **cli.context_settings)
+    parts.append(f"## llm-atc\n\n```text\n{cli.get_help(root)}\n```\n")
+    for name in COMMANDS:
+        command = cli.get_command(root, name)
+        ctx = click.Context(command, info_name=name, parent=root, terminal_width=100, max_content_width=100)
+        parts.append(f"## llm-atc {name}\n\n```text\n{command.get_help(ctx)}\n```\n")
+    return "\n".join(parts)
+
+
+def main() -> int:
+    text = render()
+    if "--check" in sys.argv:
+        if not DOC.is_file() or DOC.read_text() != text:
+            print(f"{DOC} is out of date: run python scripts/cli_reference.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
