@@ -17,6 +17,8 @@ from llm_atc import __version__
 # command name -> (module in llm_atc.commands, one-line help shown by --help)
 COMMANDS = {
     "serve": ("serve", "Serve a model behind an OpenAI-compatible endpoint."),
+    "train": ("train", "Fine-tune a model; the result is served as llm-atc/<run>."),
+    "list": ("list", "List fine-tuning runs."),
     "endpoint": ("endpoint", "Print a deployment's base URL."),
     "status": ("status", "Show deployments and training runs."),
     "logs": ("logs", "Show a deployment's engine logs."),
@@ -37,8 +39,9 @@ class LazyGroup(click.Group):
         cmd_name = ALIASES.get(cmd_name, cmd_name)
         if cmd_name not in COMMANDS:
             return None
-        module = importlib.import_module(f"llm_atc.commands.{COMMANDS[cmd_name][0]}")
-        return getattr(module, COMMANDS[cmd_name][0])
+        name = COMMANDS[cmd_name][0]
+        module = importlib.import_module(f"llm_atc.commands.{name}")
+        return getattr(module, name, None) or getattr(module, f"{name}_")  # list_ avoids the builtin
 
     def format_commands(self, ctx, formatter):
         rows = [(name, help_text) for name, (_, help_text) in COMMANDS.items()]

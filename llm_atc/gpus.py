@@ -1,24 +1,19 @@
 """GPU names we accept in ``--accelerator``, read without importing SkyPilot.
 
-The source of truth is SkyPilot's catalog (``~/.sky/catalogs/v8/common/accelerators.csv``),
-which SkyPilot downloads on first use. Before that, a short list of the GPUs the
-public clouds offer keeps validation working offline.
+The names are SkyPilot's own: its offline list ``sky/utils/gpu_names.py`` (loaded by
+file path, so ``import sky`` and its seconds of start-up are not paid), plus the
+catalog it downloads on first use (``~/.sky/catalogs/v8/common/accelerators.csv``).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 from pathlib import Path
 
-COMMON_GPUS = (
-    "A10", "A10G", "A100", "A100-80GB", "A40", "B200", "GB200", "H100", "H100-MEGA", "H100-NVL",
-    "H200", "K80", "L4", "L40", "L40S", "M60", "MI300X", "P100", "P4", "RTX4090", "RTX6000",
-    "RTXPRO6000", "T4", "V100", "V100-32GB",
-)
-
 # Infra where administrators name GPUs themselves, so any name may be valid.
-CUSTOM_GPU_INFRA = frozenset({"kubernetes", "slurm", "ssh"})
+CUSTOM_GPU_INFRA = frozenset({"kubernetes", "k8s", "slurm", "ssh"})
 
 
 def catalog_file() -> Path:
@@ -26,9 +21,19 @@ def catalog_file() -> Path:
     return root / ".sky" / "catalogs" / "v8" / "common" / "accelerators.csv"
 
 
+def skypilot_gpu_names() -> list[str]:
+    """``sky.utils.gpu_names.CANONICAL_GPU_NAMES`` (that module imports only ``re``)."""
+    sky_spec = importlib.util.find_spec("sky")
+    path = Path(sky_spec.origin).parent / "utils" / "gpu_names.py"
+    module_spec = importlib.util.spec_from_file_location("llm_atc_sky_gpu_names", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return list(module.CANONICAL_GPU_NAMES)
+
+
 def known_gpus() -> list[str]:
-    """GPU names from SkyPilot's catalog when present, plus the common ones."""
-    names = set(COMMON_GPUS)
+    """GPU names from SkyPilot's offline list and, when downloaded, its catalog."""
+    names = set(skypilot_gpu_names())
     path = catalog_file()
     if path.is_file():
         with path.open(newline="") as handle:

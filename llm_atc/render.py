@@ -12,7 +12,7 @@ from pathlib import Path
 
 from llm_atc.errors import UserError
 from llm_atc.recipes_catalog import get_recipe
-from llm_atc.spec import Placement, ServeSpec
+from llm_atc.spec import Placement, ServeSpec, TrainSpec
 from llm_atc.storage import Checkpoint
 
 NODE_MODEL_DIR = "/llm-atc/model"
@@ -143,3 +143,32 @@ def _adapter_config(path: Path) -> dict | None:
     if (path / "config.json").is_file() or not config.is_file():
         return None
     return json.loads(config.read_text())
+
+
+NODE_BASE_DIR = "/llm-atc/base"
+TRAIN_RESERVED_ENVS = frozenset({"MODEL_TYPE", "MODEL_BASE", "DATA", "OUTPUT_URI"})
+
+
+def render_train_task(spec: TrainSpec, *, data: str) -> dict:
+    """The SkyPilot task config for a fine-tuning run; ``data`` is the URI the node reads."""
+    from llm_atc.recipes_catalog import recipes_dir
+
+    check_user_envs(spec.envs, spec.secrets, TRAIN_RESERVED_ENVS)
+    config = get_recipe(f"train/{spec.model_type}").load()
+    config["name"] = spec.cluster
+    config["workdir"] = str(recipes_dir() / "train")
+    config["resources"] = overlay_resources(config.get("resources", {}), spec.placement, port=None)
+    if spec.num_nodes > 1:
+        config["num_nodes"] = spec.num_nodes
+    base = spec.base_model
+    if Path(base).is_absolute() and not spec.is_local:
+        config.setdefault("file_mounts", {})[NODE_BASE_DIR] = base
+        base = NODE_BASE_DIR
+    envs = config.setdefault("envs", {})
+    envs.update(MODEL_BASE=base, DATA=data, OUTPUT_URI=spec.output_uri)
+    envs.update(spec.envs)
+    secrets = config.get("secrets") or {}
+    secrets.update({key: None for key in spec.secrets})
+    if secrets:
+        config["secrets"] = secrets
+    return config

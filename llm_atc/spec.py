@@ -49,21 +49,14 @@ class Placement:
         return ",".join(str(a) for a in self.accelerators)
 
 
-@dataclass(frozen=True)
-class ServeSpec:
-    """Everything needed to render and launch one serving deployment."""
+@dataclass(frozen=True, kw_only=True)
+class LaunchSpec:
+    """What every launch has: a cluster, where it runs, envs/secrets and launch flags."""
 
-    model: ModelRef
     cluster: str
     placement: Placement
     envs: dict[str, str] = field(default_factory=dict)
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
-    port: int = DEFAULT_PORT
-    engine: str = "vllm"
-    max_model_len: int | None = None
-    dtype: str | None = None
-    quantization: str | None = None
-    engine_args: tuple[str, ...] = ()
     detach_setup: bool = False
     detach_run: bool = False
     no_setup: bool = False
@@ -71,6 +64,19 @@ class ServeSpec:
     @property
     def is_local(self) -> bool:
         return self.placement.cloud == LOCAL
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSpec(LaunchSpec):
+    """Everything needed to render and launch one serving deployment."""
+
+    model: ModelRef
+    port: int = DEFAULT_PORT
+    engine: str = "vllm"
+    max_model_len: int | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    engine_args: tuple[str, ...] = ()
 
 
 def parse_placement(
@@ -98,6 +104,23 @@ def parse_placement(
     known = None if cloud in gpus.CUSTOM_GPU_INFRA else gpus.known_gpus()
     accelerators = parse_accelerators(accelerator, known) if accelerator else ()
     return Placement(cloud, region, zone, accelerators, use_spot, disk_size)
+
+
+def _placement_and_envs(
+    *, cloud, region, zone, accelerator, use_spot, disk_size, envs, secrets, example: str
+) -> tuple[Placement, dict[str, str], dict[str, str]]:
+    """The placement (an accelerator is required off ``local``) and the envs split from secrets."""
+    is_local = (cloud or "").strip().lower() == LOCAL
+    placement = parse_placement(
+        cloud=cloud, region=region, zone=zone, accelerator=None if is_local else accelerator,
+        use_spot=use_spot, disk_size=disk_size,
+    )
+    if not is_local and not placement.accelerators:
+        raise UserError(f"--accelerator is required on a cloud, e.g. {example}")
+    plain, secret_values = split_envs_and_secrets(
+        parse_env_pairs(envs, option="--envs"), parse_env_pairs(secrets, option="--secret")
+    )
+    return placement, plain, secret_values
 
 
 def build_serve_spec(
@@ -137,18 +160,9 @@ def build_serve_spec(
         raise UserError("--port 0 (pick a free port) only works with --cloud local")
     if is_local and (region or zone):
         raise UserError("--region and --zone do not apply to --cloud local")
-    placement = parse_placement(
-        cloud=cloud,
-        region=region,
-        zone=zone,
-        accelerator=None if is_local else accelerator,
-        use_spot=use_spot,
-        disk_size=disk_size,
-    )
-    if not is_local and not placement.accelerators:
-        raise UserError("--accelerator is required to serve on a cloud, e.g. A100:1")
-    plain, secret_values = split_envs_and_secrets(
-        parse_env_pairs(envs, option="--envs"), parse_env_pairs(secrets, option="--secret")
+    placement, plain, secret_values = _placement_and_envs(
+        cloud=cloud, region=region, zone=zone, accelerator=accelerator, use_spot=use_spot,
+        disk_size=disk_size, envs=envs, secrets=secrets, example="A100:1",
     )
     model = resolve_model(name, source, registry)
     if engine == "auto" and not is_local:
@@ -169,3 +183,117 @@ def build_serve_spec(
         detach_run=detach_run,
         no_setup=no_setup,
     )
+
+
+MODEL_TYPES = {"vicuna": "full", "lora": "lora", "qlora": "qlora"}
+CHECKPOINT_STORES = ("S3", "GCS", "local")
+DEFAULT_BASE_MODEL = "meta-llama/Llama-2-7b-hf"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSpec(LaunchSpec):
+    """Everything needed to render and launch one fine-tuning run."""
+
+    run: str
+    model_type: str
+    data: str
+    output_uri: str
+    base_model: str = DEFAULT_BASE_MODEL
+    description: str = ""
+    num_nodes: int = 1
+
+    @property
+    def data_is_local(self) -> bool:
+        return "://" not in self.data
+
+
+def build_train_spec(
+    *,
+    model_type: str,
+    finetune_data: str,
+    checkpoint_bucket: str | None,
+    checkpoint_store: str | None,
+    name: str | None = None,
+    description: str | None = None,
+    base_model: str | None = None,
+    accelerator: str | None = None,
+    cluster: str | None = None,
+    cloud: str | None = None,
+    region: str | None = None,
+    zone: str | None = None,
+    num_nodes: int = 1,
+    use_spot: bool = False,
+    disk_size: int | None = None,
+    envs: tuple[str, ...] | list[str] = (),
+    secrets: tuple[str, ...] | list[str] = (),
+    detach_setup: bool = False,
+    detach_run: bool = False,
+    no_setup: bool = False,
+) -> TrainSpec:
+    """Turn raw ``train`` option values into a validated :class:`TrainSpec`; raises UserError."""
+    import time
+    from pathlib import Path
+
+    from llm_atc.models import HUB_ID_RE, check_run_name
+    from llm_atc.registry import home
+    from llm_atc.storage import BucketURI
+
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"--model_type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
+    is_local = (cloud or "").strip().lower() == LOCAL
+    if num_nodes < 1:
+        raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
+    if is_local and (num_nodes > 1 or use_spot):
+        raise UserError("--num_nodes and --use_spot do not apply to --cloud local")
+    run = check_run_name(name) if name else f"{model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
+    store = _check_store(checkpoint_store, checkpoint_bucket, is_local)
+    if store == "local":
+        output_uri = str(home() / "checkpoints" / run)
+    else:
+        output_uri = str(BucketURI.for_run(store, checkpoint_bucket, run))
+    if "://" in finetune_data:
+        BucketURI.parse(finetune_data, option="--finetune_data")
+    elif not Path(finetune_data).is_file():
+        raise UserError(f"--finetune_data {finetune_data!r}: no such file")
+    base = base_model or DEFAULT_BASE_MODEL
+    if not (HUB_ID_RE.match(base) or Path(base).expanduser().is_dir()):
+        raise UserError(f"--base_model {base!r} is not a Hugging Face model id or a model folder")
+    if Path(base).expanduser().is_dir():
+        base = str(Path(base).expanduser().resolve())
+    placement, plain, secret_values = _placement_and_envs(
+        cloud=cloud, region=region, zone=zone, accelerator=accelerator, use_spot=use_spot,
+        disk_size=disk_size, envs=envs, secrets=secrets, example="A100-80GB:8 or L4:1",
+    )
+    return TrainSpec(
+        run=run,
+        model_type=model_type,
+        data=finetune_data if "://" in finetune_data else str(Path(finetune_data).resolve()),
+        output_uri=output_uri,
+        cluster=check_cluster_name(cluster) if cluster else cluster_name_for(run, prefix="llm-atc-train"),
+        placement=placement,
+        base_model=base,
+        description=description or "",
+        num_nodes=num_nodes,
+        envs=plain,
+        secrets=secret_values,
+        detach_setup=detach_setup,
+        detach_run=detach_run,
+        no_setup=no_setup,
+    )
+
+
+def _check_store(store: str | None, bucket: str | None, is_local: bool) -> str:
+    if store is None:
+        store = "local" if is_local and not bucket else None
+    if store is None:
+        raise UserError("--checkpoint_store is required: S3 or GCS (or local with --cloud local)")
+    normalised = {s.lower(): s for s in CHECKPOINT_STORES}.get(store.lower())
+    if normalised is None:
+        raise UserError(f"--checkpoint_store {store!r}: choose one of {', '.join(CHECKPOINT_STORES)}")
+    if normalised == "local":
+        if not is_local:
+            raise UserError("--checkpoint_store local only works with --cloud local")
+        return normalised
+    if not bucket:
+        raise UserError(f"--checkpoint_bucket is required with --checkpoint_store {normalised}")
+    return normalised

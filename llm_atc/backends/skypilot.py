@@ -41,15 +41,19 @@ def canonical_infra(name: str) -> str:
 
 
 def build_task(config: dict, secrets: dict[str, str]):
-    """A ``sky.Task`` parsed and validated by SkyPilot, with secret values attached."""
+    """A ``sky.Task`` parsed and validated by SkyPilot, with secret values attached.
+
+    The config names secrets with null values; the values go in as overrides (a
+    null secret left in would be looked up in a secrets store at launch).
+    """
     sky = import_sky()
     try:
-        task = sky.Task.from_yaml_config(copy.deepcopy(config))  # SkyPilot consumes the dict
+        return sky.Task.from_yaml_config(
+            copy.deepcopy(config),  # SkyPilot consumes the dict
+            secrets_overrides=list(secrets.items()) or None,
+        )
     except (ValueError, sky.exceptions.InvalidSkyPilotConfigError) as exc:
         raise UserError(f"SkyPilot rejected the task: {_one_line(exc)}") from None
-    if secrets:
-        task.update_secrets(secrets)
-    return task
 
 
 @contextmanager
@@ -94,13 +98,24 @@ class SkyPilotBackend:
             self._sdk = import_sky()
         return self._sdk
 
-    def launch(self, task, *, cluster: str, stream: bool, no_setup: bool) -> int | None:
-        """Provision (or reuse) ``cluster`` and submit ``task``; returns the job id."""
+    def launch(self, task, *, cluster: str, stream: bool, no_setup: bool, down: bool = False) -> int | None:
+        """Provision (or reuse) ``cluster`` and submit ``task``; returns the job id.
+
+        ``down``: tear the cluster down once its jobs have finished.
+        """
+        extra = {"down": True} if down else {}
         with sky_errors(cluster):
-            request = self.sdk.launch(task, cluster_name=cluster, no_setup=no_setup)
+            request = self.sdk.launch(task, cluster_name=cluster, no_setup=no_setup, **extra)
             result = self.sdk.stream_and_get(request) if stream else self.sdk.get(request)
-        job_id = result[0] if result else None
-        return job_id
+        return result[0] if result else None
+
+    def launch_managed(self, task, *, name: str, stream: bool) -> int | None:
+        """Submit ``task`` as a SkyPilot managed job (spot recovery); returns its job id."""
+        with sky_errors():
+            request = self.sdk.jobs.launch(task, name=name)
+            result = self.sdk.stream_and_get(request) if stream else self.sdk.get(request)
+        job_ids = result[0] if result else None
+        return job_ids[0] if isinstance(job_ids, list) and job_ids else job_ids
 
     def job_failed(self, record: Record) -> str | None:
         """A reason when the serving job has ended (it should run forever), else None."""

@@ -1,0 +1,55 @@
+"""llm-atc train: fine-tune a model and write a servable checkpoint to <bucket>/llm-atc/<run>/."""
+
+from __future__ import annotations
+
+import click
+
+from llm_atc.commands._options import env_options, launch_options, placement_options
+
+
+@click.command()
+@click.option("--model_type", required=True, type=click.Choice(["vicuna", "lora", "qlora"]),
+              help="vicuna: full fine-tune (FSDP); lora: LoRA adapters; qlora: LoRA on a 4-bit base.")
+@click.option("--finetune_data", required=True,
+              help="Training data: a local file, s3:// or gs:// (ShareGPT/Vicuna JSON or OpenAI messages JSONL).")
+@click.option("--checkpoint_bucket", help="Bucket that receives llm-atc/<run>/ (model, data, checkpoints).")
+@click.option("--checkpoint_store", help="S3 or GCS (or local, with --cloud local).")
+@click.option("-n", "--name", help="Run name: serve it later as llm-atc/<name> (default: <model_type>-<time>).")
+@click.option("--description", help="A note kept in the registry.")
+@click.option("--base_model", help="Model to fine-tune: Hugging Face id or folder [default: meta-llama/Llama-2-7b-hf].")
+@placement_options(accelerator_default=None,
+                   accelerator_help="GPUs per node, NAME[:COUNT] such as A100-80GB:8 (required on a cloud).")
+@click.option("--num_nodes", type=int, default=1, show_default=True, help="Nodes (full fine-tune uses FSDP).")
+@env_options()
+@click.option("--keep_cluster", is_flag=True, help="Keep the cluster up after the run (default: torn down).")
+@launch_options()
+def train(**options):
+    """Fine-tune a model (TRL + peft) on your data and record the run.
+
+    \b
+    Examples:
+      llm-atc train --model_type lora --finetune_data ./chats.json --checkpoint_bucket my-bucket \\
+          --checkpoint_store S3 --name my-run --accelerator A100:1 --envs HF_TOKEN
+      llm-atc train --model_type lora --finetune_data ./chats.json --base_model ./tiny --cloud local
+    """
+    from llm_atc import training, ui
+    from llm_atc.serving import task_yaml
+    from llm_atc.spec import build_train_spec
+
+    dryrun, yes, keep_cluster = options.pop("dryrun"), options.pop("yes"), options.pop("keep_cluster")
+    options["secrets"] = options.pop("secret")
+    spec = build_train_spec(**options)
+    prepared = training.prepare_train(spec)
+    if dryrun:
+        ui.raw_out(task_yaml(prepared.config))
+        return
+    if spec.is_local:
+        training.train_locally(prepared)
+    else:
+        where = spec.placement.infra or "the cheapest infra SkyPilot finds"
+        question = (f"Train {spec.run} ({spec.model_type}, {spec.placement.accelerator_text} x{spec.num_nodes}, "
+                    f"{where})?")
+        if not ui.confirm(question, yes=yes):
+            raise SystemExit(1)
+        training.launch_train(prepared, keep_cluster=keep_cluster)
+    ui.out(f"Run {spec.run}: {spec.output_uri}\nServe it with: llm-atc serve --name llm-atc/{spec.run}")
