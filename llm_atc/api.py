@@ -30,18 +30,18 @@ def serve(
     """
     from llm_atc import serving
 
-    ui.set_quiet(quiet)
     registry = Registry()
-    spec = build_serve_spec(name, cloud=cloud, accelerator=accelerator, registry=registry, **options)
-    if spec.is_local:
-        from llm_atc.backends.local import serve_locally
+    with ui.quiet(quiet):
+        spec = build_serve_spec(name, cloud=cloud, accelerator=accelerator, registry=registry, **options)
+        if spec.is_local:
+            from llm_atc.backends.local import serve_locally
 
-        record = serve_locally(spec, timeout=timeout, registry=registry)
-    else:
-        prepared = serving.prepare(spec)
-        record = serving.launch_on_skypilot(
-            prepared, registry=registry, timeout=timeout or serving.CLOUD_READY_TIMEOUT
-        )
+            record = serve_locally(spec, timeout=timeout, registry=registry)
+        else:
+            prepared = serving.prepare(spec)
+            record = serving.launch_on_skypilot(
+                prepared, registry=registry, timeout=timeout or serving.CLOUD_READY_TIMEOUT
+            )
     return Deployment(record, registry)
 
 

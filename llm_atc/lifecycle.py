@@ -23,7 +23,9 @@ def end_deployment(name: str, *, action: str, yes: bool, registry: Registry | No
         raise SystemExit(1)
     with ui.spinner(f"{doing} {record.name} on {where}"):
         getattr(backend_for(record), action)(record)
+    # A stop keeps FAILED visible; a teardown ends every record of the cluster.
+    keep = {Status.DOWN} if action == "down" else {Status.DOWN, Status.FAILED}
     for stored in registry.records(kind="serve"):
-        if stored.cluster == record.cluster and stored.status != Status.DOWN:
+        if stored.cluster == record.cluster and stored.status not in keep:
             registry.update(stored, status=status)
     ui.info(f"{done} {record.name}.")

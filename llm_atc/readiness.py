@@ -70,8 +70,17 @@ def wait_ready(
             time.sleep(interval)
 
 
-def served_models(base_url: str, api_key: str | None = None) -> list[str]:
-    """Model ids from ``GET /v1/models``; raises LaunchError when it does not answer."""
+def served_models(base_url: str, engine: str = "vllm", name: str = "", api_key: str | None = None) -> list[str]:
+    """Model ids from ``GET /v1/models``; raises LaunchError when it does not answer.
+
+    `transformers serve` serves one preloaded model (``name``) and lists only its
+    Hub cache there, so it is checked through ``/health`` instead.
+    """
+    if engine == "transformers":
+        status, _ = probe(base_url.rstrip("/") + "/health")
+        if status != 200:
+            raise LaunchError(f"{base_url}/health answered {status or 'nothing'}")
+        return [name]
     status, body = probe(base_url.rstrip("/") + "/v1/models", api_key=api_key)
     if status == 401:
         raise LaunchError(f"{base_url} needs an API key (401 Unauthorized)")
@@ -83,12 +92,17 @@ def served_models(base_url: str, api_key: str | None = None) -> list[str]:
         raise LaunchError(f"{base_url}/v1/models did not return an OpenAI model list") from None
 
 
-def snippets(base_url: str, model: str) -> str:
+def snippets(base_url: str, model: str, engine: str = "vllm") -> str:
     """The base URL, a curl and a 5-line openai snippet, as printed after serve."""
     api = base_url.rstrip("/") + "/v1"
+    if engine == "vllm":
+        curl = f"curl {api}/models"
+    else:  # `transformers serve` lists only its Hub cache under /v1/models
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
+        curl = f"curl {api}/chat/completions -H 'Content-Type: application/json' -d '{body}'"
     return f"""Endpoint: {api}
 
-  curl {api}/models
+  {curl}
 
   from openai import OpenAI
   client = OpenAI(base_url="{api}", api_key="EMPTY")

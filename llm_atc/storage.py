@@ -93,18 +93,18 @@ class ObjectStore:
                     raise
             return self.client.bucket(bucket).exists()
 
-    def list_objects(self, uri: BucketURI) -> Iterator[tuple[str, int]]:
-        """``(key relative to uri.prefix, size)`` for every object under the prefix."""
+    def list_objects(self, uri: BucketURI) -> Iterator[tuple[str, int, str]]:
+        """``(key relative to uri.prefix, size, etag)`` for every object under the prefix."""
         prefix = uri.prefix + "/" if uri.prefix else ""
         with _translate_errors(self.scheme, uri.bucket):
             if self.scheme == "s3":
                 pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix)
                 for page in pages:
                     for obj in page.get("Contents", []):
-                        yield obj["Key"][len(prefix):], obj["Size"]
+                        yield obj["Key"][len(prefix):], obj["Size"], obj.get("ETag", "").strip('"')
             else:
                 for blob in self.client.list_blobs(uri.bucket, prefix=prefix):
-                    yield blob.name[len(prefix):], blob.size
+                    yield blob.name[len(prefix):], blob.size, blob.etag or blob.md5_hash or ""
 
     def list_children(self, uri: BucketURI) -> list[str]:
         """Names of the "folders" directly under the prefix."""
@@ -151,7 +151,7 @@ def check_checkpoint(uri: BucketURI, store: ObjectStore | None = None) -> Checkp
     store = store or ObjectStore(uri.scheme)
     if not store.bucket_exists(uri.bucket):
         raise NotFoundError(f"bucket {uri.scheme}://{uri.bucket} does not exist or is not visible to you")
-    top = {key for key, _ in store.list_objects(uri) if "/" not in key}
+    top = {key for key, *_ in store.list_objects(uri) if "/" not in key}
     if not top:
         raise NotFoundError(f"{uri} is empty or does not exist")
     if "config.json" in top:
@@ -228,20 +228,27 @@ def _transfer_progress(description: str, total: int) -> Iterator[Callable[[int],
 def download_checkpoint(uri: BucketURI, dest: Path, store: ObjectStore | None = None) -> Path:
     """Copy everything under ``uri`` into ``dest`` with a progress bar.
 
-    Resumable: files already present with the right size are skipped, partial
-    files are written as ``*.part`` and renamed when complete. A ``.complete``
-    marker makes a later call return at once.
+    Resumable and incremental: the ``.complete`` marker keeps the size and etag of
+    every object; files present with the same size and etag are not fetched again,
+    so an unchanged checkpoint costs one listing and a re-uploaded one is refreshed.
+    Partial files are written as ``*.part`` and renamed when complete.
     """
     from llm_atc import ui
 
     marker = dest / ".complete"
-    if marker.is_file():
-        return dest
     store = store or ObjectStore(uri.scheme)
-    objects = [(key, size) for key, size in store.list_objects(uri) if key and not key.endswith("/")]
+    objects = {key: [size, etag] for key, size, etag in store.list_objects(uri) if key and not key.endswith("/")}
     if not objects:
         raise NotFoundError(f"{uri} is empty or does not exist")
-    todo = [(k, s) for k, s in objects if not ((dest / k).is_file() and (dest / k).stat().st_size == s)]
+    known = json.loads(marker.read_text()).get("objects", {}) if marker.is_file() else {}
+    todo = [
+        (key, size)
+        for key, (size, etag) in objects.items()
+        if not ((dest / key).is_file() and (dest / key).stat().st_size == size and known.get(key, [size, etag])[1] == etag)
+    ]
+    if not todo and marker.is_file():
+        return dest
+    marker.unlink(missing_ok=True)
     with _transfer_progress(f"Downloading {uri}", sum(s for _, s in todo)) as advance:
         for key, _ in todo:
             target = dest / key
@@ -249,7 +256,7 @@ def download_checkpoint(uri: BucketURI, dest: Path, store: ObjectStore | None = 
             partial = target.with_name(target.name + ".part")
             store.download(uri.child(key), partial, advance)
             partial.replace(target)
-    marker.write_text(json.dumps({"source": str(uri), "files": len(objects)}))
+    marker.write_text(json.dumps({"source": str(uri), "files": len(objects), "objects": objects}))
     ui.info(f"{uri}: {len(todo)} file(s) downloaded, {len(objects) - len(todo)} already in {dest}")
     return dest
 

@@ -80,7 +80,7 @@ def prepare_train(spec: TrainSpec, registry: Registry | None = None) -> Prepared
         with ui.spinner(f"Checking {output.scheme}://{output.bucket}"):
             if not store.bucket_exists(output.bucket):
                 raise UserError(f"--checkpoint_bucket {output.bucket!r} does not exist or is not visible to you")
-            if any(key == "config.json" for key, _ in store.list_objects(output)):
+            if any(key == "config.json" for key, *_ in store.list_objects(output)):
                 raise UserError(f"{output} already holds a model; pick another --name")
     summary = validate_data(spec.data)
     ui.info(

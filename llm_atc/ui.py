@@ -19,9 +19,20 @@ _quiet = False
 
 
 def set_quiet(quiet: bool) -> None:
-    """Silence progress messages (the Python API does this unless asked not to)."""
+    """Silence progress messages."""
     global _quiet
     _quiet = quiet
+
+
+@contextmanager
+def quiet(on: bool = True) -> Iterator[None]:
+    """Silence progress messages inside the block (the Python API's default)."""
+    before = _quiet
+    set_quiet(on)
+    try:
+        yield
+    finally:
+        set_quiet(before)
 
 
 def stderr_console() -> Console:

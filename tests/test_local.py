@@ -324,7 +324,7 @@ def test_engine_killed_from_outside_shows_failed(cli, tiny_model):
 
     stopped = cli("stop", cluster)
     assert stopped.exit_code == 0, stopped
-    assert record_for(cluster).status == "STOPPED"
+    assert record_for(cluster).status == "FAILED"  # a stop keeps the failure visible
 
 
 def test_stop_of_an_invalid_unknown_name_is_one_line(cli):

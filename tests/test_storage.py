@@ -226,7 +226,8 @@ def test_download_is_complete_and_idempotent(checkpoint, tiny_model, tmp_path):
     assert sorted(store.downloaded) == sorted(f"llm-atc/tiny/{name}" for name in expected)
     assert not list(dest.rglob("*.part"))
     marker = json.loads((dest / ".complete").read_text())
-    assert marker == {"source": str(checkpoint), "files": len(expected)}
+    assert marker["source"] == str(checkpoint) and marker["files"] == len(expected)
+    assert sorted(marker["objects"]) == sorted(expected)
 
     again = CountingStore(checkpoint.scheme)
     mtimes = {p: p.stat().st_mtime_ns for p in dest.rglob("*")}
@@ -250,6 +251,25 @@ def test_download_resumes(checkpoint, tiny_model, tmp_path):
     download_checkpoint(checkpoint, dest, store)
     assert sorted(store.downloaded) == sorted([f"llm-atc/tiny/{missing}", f"llm-atc/tiny/{truncated}"])
     assert model_files(dest) == model_files(tiny_model)
+    assert (dest / ".complete").is_file()
+
+
+def test_download_refreshes_a_reuploaded_file(store, tmp_path):
+    """After a complete download, an object re-uploaded with the same size is fetched again, alone."""
+    bucket = store.make_bucket()
+    store.put(bucket, "llm-atc/r/config.json", b'{"v": 1}')
+    store.put(bucket, "llm-atc/r/weights.bin", b"a" * 100)
+    uri = BucketURI.parse(f"{store.scheme}://{bucket}/llm-atc/r")
+    dest = tmp_path / "ckpt"
+    download_checkpoint(uri, dest, ObjectStore(store.scheme))
+
+    store.put(bucket, "llm-atc/r/weights.bin", b"b" * 100)
+    counting = CountingStore(store.scheme)
+    download_checkpoint(uri, dest, counting)
+
+    assert counting.downloaded == ["llm-atc/r/weights.bin"]
+    assert (dest / "weights.bin").read_bytes() == b"b" * 100
+    assert (dest / "config.json").read_bytes() == b'{"v": 1}'
     assert (dest / ".complete").is_file()
 
 

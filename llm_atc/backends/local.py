@@ -111,7 +111,7 @@ def serve_locally(spec: ServeSpec, *, timeout: float | None = None, registry: Re
             details={"log": str(log_path)},
         )
     )
-    process = _start(config, spec.secrets, log_path, workdir)
+    process = _start(config, spec.secrets, log_path, workdir, weights_are_local=weights is not None)
     registry.update(record, pid=process.pid, details={**record.details, "started": _start_time(process.pid)})
     backend = LocalBackend()
     try:
@@ -175,14 +175,17 @@ def _path_named(name: str, weights: Path, workdir: Path) -> str:
     return name
 
 
-def _start(config: dict, secrets: dict[str, str], log_path: Path, workdir: Path) -> subprocess.Popen:
+def _start(
+    config: dict, secrets: dict[str, str], log_path: Path, workdir: Path, *, weights_are_local: bool
+) -> subprocess.Popen:
     env = dict(os.environ)
     env.update({k: "" if v is None else str(v) for k, v in config.get("envs", {}).items()})
     env.update({k: "" if v is None else str(v) for k, v in (config.get("secrets") or {}).items()})
     env.update(secrets)
     env["PATH"] = _engine_path()
     env.setdefault("SKYPILOT_NUM_GPUS_PER_NODE", "1")
-    if Path(env.get("MODEL_NAME", "")).is_dir():
+    env.setdefault("HF_HUB_DISABLE_UPDATE_CHECK", "1")
+    if weights_are_local:
         env.setdefault("HF_HUB_OFFLINE", "1")
     with log_path.open("ab") as log:
         log.write(f"--- llm-atc: starting at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
@@ -263,17 +266,22 @@ class LocalBackend:
         return 0
 
     def stop(self, record: Record) -> None:
-        """SIGTERM to the process group, SIGKILL after a grace period; idempotent."""
-        if not self._alive(record):
+        """SIGTERM to the process group, then SIGINT, then SIGKILL; idempotent.
+
+        `transformers serve` ignores SIGTERM while it streams a reply, but stops on SIGINT.
+        Children left in the group (e.g. vLLM workers) are stopped even when the
+        engine's main process is already gone.
+        """
+        if not record.pid or not (self._alive(record) or _group_alive(record.pid)):
             return
-        _signal_group(record.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while time.monotonic() < deadline and _group_alive(record.pid):
-            time.sleep(0.1)
-        if _group_alive(record.pid):
-            _signal_group(record.pid, signal.SIGKILL)
-            while _group_alive(record.pid) and time.monotonic() < deadline + 5:
+        for sig, grace in ((signal.SIGTERM, STOP_GRACE_SECONDS / 2), (signal.SIGINT, STOP_GRACE_SECONDS / 2),
+                           (signal.SIGKILL, 5.0)):
+            _signal_group(record.pid, sig)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(record.pid):
                 time.sleep(0.1)
+            if not _group_alive(record.pid):
+                return
 
     def down(self, record: Record) -> None:
         self.stop(record)

@@ -20,5 +20,5 @@ def endpoint(name, check, port):
     base = backend_for(record).endpoint(record)
     ui.out(base.rstrip("/") + "/v1")
     if check:
-        for model in served_models(base):
+        for model in served_models(base, record.engine or "vllm", record.name):
             ui.out(f"  {model}")

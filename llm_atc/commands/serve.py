@@ -46,7 +46,7 @@ def serve(**options):
         if dryrun:
             raise click.UsageError("--dryrun renders a SkyPilot task; it does not apply to --cloud local")
         record = serve_locally(spec, timeout=timeout)
-        ui.out(snippets(record.endpoint, spec.model.name))
+        ui.out(snippets(record.endpoint, spec.model.name, record.engine))
         return
     prepared = serving.prepare(spec)
     if dryrun:
@@ -65,4 +65,4 @@ def serve(**options):
         ui.info(f"Submitted; the engine is starting on {spec.cluster}.")
         ui.out(serving.still_up_message(spec.cluster))
         return
-    ui.out(snippets(record.endpoint, spec.model.name))
+    ui.out(snippets(record.endpoint, spec.model.name, record.engine or "vllm"))

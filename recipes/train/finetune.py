@@ -1,0 +1,920 @@
+"""Fine-tune a causal LM on chat data with TRL: full (Vicuna style), LoRA or QLoRA.
+
+Run on the node by ``run.sh`` (``python3 finetune.py``, or ``torchrun ... finetune.py``
+across GPUs and nodes); configured by environment variables (see :func:`read_config`):
+
+    MODEL_TYPE=lora MODEL_BASE=meta-llama/Llama-2-7b-hf DATA=s3://bucket/chats.json \\
+        OUTPUT_URI=s3://bucket/llm-atc/my-run python3 finetune.py
+
+What it does:
+
+* reads the data (Vicuna/ShareGPT JSON, or OpenAI-style ``{"messages": [...]}`` JSONL / JSON),
+  from a local path, ``s3://`` or ``gs://``, and checks every record;
+* tokenizes each conversation with the model's chat template, training only on the
+  assistant turns (their content and end-of-turn token), and hands the pre-tokenized
+  ``input_ids`` / ``assistant_masks`` dataset to TRL's ``SFTTrainer``;
+* checkpoints every ``SAVE_STEPS`` into ``WORK_DIR/checkpoints`` and mirrors each checkpoint to
+  ``<OUTPUT_URI>/checkpoints/`` when OUTPUT_URI is a bucket, and resumes from the newest local
+  or uploaded checkpoint, so a preempted spot VM picks up where it stopped;
+* writes a servable model (full weights, LoRA merged into the base, or the adapter alone) with
+  its tokenizer and ``llm-atc.json`` to the top of OUTPUT_URI, and prints
+  ``llm-atc: training finished: steps=N train_loss=X output=URI``.
+
+The module's top level imports only the standard library: the ``llm-atc`` CLI imports it to
+check data files (:func:`load_conversations`) on machines without torch.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+FINISHED_MARKER = "llm-atc: training finished:"
+CHECKPOINTS = "checkpoints"
+UPLOADED_MARKER = ".llm-atc-uploaded"  # written last into an uploaded checkpoint: the upload is complete
+MODEL_TYPES = ("full", "lora", "qlora")
+
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+OPENAI_ROLES = ("system", "user", "assistant")
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# Vicuna v1.1 (FastChat): "<s>SYSTEM USER: hi ASSISTANT: hello</s>USER: ... ASSISTANT:"
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + ' ' }}{% set loop_messages = messages[1:] %}"
+    "{% else %}"
+    "{{ \"" + VICUNA_SYSTEM + " \" }}{% set loop_messages = messages %}"
+    "{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + (eos_token or '') }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# End-of-turn markers of common chat templates; the assistant's mask ends with the first one after its content.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+def log(message: str) -> None:
+    """One ``llm-atc:`` line on stdout (main process only)."""
+    if _is_main_process():
+        print(f"llm-atc: {message}", flush=True)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _is_local_main_process() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+# --------------------------------------------------------------------------------------------
+# Data: load and check
+# --------------------------------------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """A bad data file. ``index`` is the 0-based record index (JSON) or the 1-based line number
+    (JSONL, and JSON syntax errors); the message says which ("record 3: ..." / "line 3: ...")."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def load_conversations(path: str) -> list[list[dict]]:
+    """Read a data file and return its conversations as ``[{"role", "content"}, ...]`` lists.
+
+    Accepts Vicuna/ShareGPT JSON (a list of ``{"conversations": [{"from", "value"}]}``),
+    OpenAI-style JSONL (one ``{"messages": [{"role", "content"}]}`` per line) and a JSON list of
+    such ``{"messages": ...}`` objects. Raises :class:`DataError` on the first bad record.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(0, f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    stripped = text.lstrip("\ufeff \t\r\n")
+    if not stripped:
+        raise DataError(0, "the file is empty: expected a JSON list of conversations or JSONL records")
+
+    if stripped.startswith("["):
+        try:
+            records = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            line = exc.lineno + text[: len(text) - len(stripped)].count("\n")
+            raise DataError(line, f"line {line}: invalid JSON (column {exc.colno}): {exc.msg}") from None
+        if not records:
+            raise DataError(0, "the file holds an empty list: no conversations")
+        return [_normalise(record, f"record {i}", i) for i, record in enumerate(records)]
+
+    if stripped.startswith("{"):
+        try:  # a single (possibly pretty-printed) JSON object
+            record = json.loads(stripped)
+        except json.JSONDecodeError:
+            pass
+        else:
+            return [_normalise(record, "record 0", 0)]
+        conversations = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            line = line.strip().lstrip("\ufeff")
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(number, f"line {number}: invalid JSON (column {exc.colno}): {exc.msg}") from None
+            conversations.append(_normalise(record, f"line {number}", number))
+        return conversations
+
+    first = next(n for n, line in enumerate(text.splitlines(), start=1) if line.strip())
+    raise DataError(first, f"line {first}: not JSON: expected a JSON list of conversations or JSONL records")
+
+
+def _normalise(record, where: str, index: int) -> list[dict]:
+    def fail(message: str):
+        raise DataError(index, f"{where}: {message}")
+
+    if not isinstance(record, dict):
+        fail(f"expected an object with a 'conversations' or 'messages' list, got {type(record).__name__}")
+    if isinstance(record.get("conversations"), list):
+        turns, role_key, content_key, roles = record["conversations"], "from", "value", ROLES
+    elif isinstance(record.get("messages"), list):
+        turns, role_key, content_key, roles = record["messages"], "role", "content", dict(zip(OPENAI_ROLES, OPENAI_ROLES))
+    else:
+        fail("has no 'conversations' or 'messages' list")
+    if not turns:
+        fail("has no turns")
+
+    messages, seen_user, seen_assistant = [], False, False
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            fail(f"turn {t} is not an object")
+        raw_role = turn.get(role_key)
+        if raw_role not in roles:
+            known = ", ".join(repr(r) for r in roles)
+            fail(f"turn {t} has an unknown {role_key!r} {raw_role!r} (expected one of {known})")
+        content = turn.get(content_key)
+        if not isinstance(content, str) or not content.strip():
+            what = "an empty" if content is None or isinstance(content, str) else "a non-string"
+            fail(f"turn {t} ({raw_role!r}) has {what} {content_key}")
+        role = roles[raw_role]
+        if role == "system" and t != 0:
+            fail(f"turn {t} ({raw_role!r}): a system turn is only allowed first")
+        if role == "assistant" and not seen_user:
+            fail(f"turn {t} ({raw_role!r}): an assistant turn comes before the first user turn")
+        seen_user |= role == "user"
+        seen_assistant |= role == "assistant"
+        messages.append({"role": role, "content": content})
+    if not seen_assistant:
+        fail("has no assistant turn")
+    return messages
+
+
+def summarize(conversations: list[list[dict]]) -> dict:
+    """Counts for a progress line: conversations, turns and assistant turns."""
+    return {
+        "conversations": len(conversations),
+        "turns": sum(len(c) for c in conversations),
+        "assistant_turns": sum(1 for c in conversations for m in c if m["role"] == "assistant"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization with an assistant-only loss mask
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a tokenizer without a chat template the Vicuna v1.1 one; True when it was set."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return True
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> dict:
+    """Token ids of a rendered conversation and a mask that is 1 on what the assistant says.
+
+    The chat template is rendered incrementally: for each assistant turn ``i``, the text of
+    ``messages[:i]`` with the generation prompt, then the text of ``messages[:i+1]``; what the
+    second adds to the first is the assistant's answer. Each piece is tokenized on its own, so the
+    mask covers the answer (and its end-of-turn / eos token) and never a role header or user or
+    system text. Works for any template whose renderings are prefix-consistent; no
+    ``{% generation %}`` markers needed. The result is truncated to ``max_len`` tokens.
+    """
+    ensure_chat_template(tokenizer)
+    stops = _stop_strings(tokenizer)
+    input_ids: list[int] = []
+    masks: list[int] = []
+
+    def render(msgs, generation_prompt):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def add(text: str, flag: int) -> None:
+        if text:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            input_ids.extend(ids)
+            masks.extend([flag] * len(ids))
+
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        full = render(messages[: i + 1], False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise ValueError(
+                "the chat template does not render conversations prefix-consistently (the text for the first "
+                f"{i} messages plus the generation prompt is not a prefix of the text for {i + 1}); set a "
+                "template that does (tokenizer.chat_template)"
+            )
+        add(prompt[len(rendered):], 0)
+        answer = full[len(prompt):]
+        end = _answer_end(answer, message["content"], stops)
+        add(answer[:end], 1)
+        add(answer[end:], 0)
+        rendered = full
+        if len(input_ids) >= max_len:
+            break
+    else:
+        add(render(messages, False)[len(rendered):], 0)
+    return {"input_ids": input_ids[:max_len], "assistant_masks": masks[:max_len]}
+
+
+def _stop_strings(tokenizer) -> list[str]:
+    stops = [tokenizer.eos_token] if getattr(tokenizer, "eos_token", None) else []
+    vocab = tokenizer.get_vocab()
+    stops += [token for token in END_OF_TURN_TOKENS if token in vocab and token not in stops]
+    return stops
+
+
+def _answer_end(answer: str, content: str, stops: list[str]) -> int:
+    """Where the trained part of an assistant segment ends: after the first end-of-turn token that
+    follows the content; without one, before the trailing whitespace."""
+    start = answer.find(content)
+    if start < 0:
+        start = max(answer.find(content.strip()), 0)
+        content = content.strip()
+    after = start + len(content)
+    found = [(answer.find(stop, after), stop) for stop in stops]
+    found = [(position, stop) for position, stop in found if position >= 0]
+    if found:
+        position, stop = min(found)
+        return position + len(stop)
+    return len(answer.rstrip())
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+class Config:
+    """A run's settings (see :func:`read_config`). A plain class, not a dataclass: the CLI execs
+    this file without registering it in ``sys.modules``, which dataclasses need."""
+
+    model_type = "lora"
+    base_model = "meta-llama/Llama-2-7b-hf"
+    data = ""
+    output_uri = ""
+    work_dir = "~/llm-atc-work"
+    max_seq_len = 2048
+    epochs = 3.0
+    lr = 2e-4
+    batch_size = 4
+    grad_accum = 1
+    max_steps = -1
+    save_steps = 200
+    lora_r = 16
+    lora_alpha = 32
+    lora_dropout = 0.05
+    merge = True
+    seed = 42
+    wandb = False
+    wandb_project = ""
+
+    def __init__(self, **settings):
+        for name, value in settings.items():
+            if not hasattr(type(self), name):
+                raise TypeError(f"unknown setting {name!r}")
+            setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        names = [n for n in vars(type(self)) if not n.startswith("_") and not callable(getattr(type(self), n))
+                 and not isinstance(getattr(type(self), n), property)]
+        return "Config(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in names) + ")"
+
+    @property
+    def peft(self) -> bool:
+        return self.model_type in ("lora", "qlora")
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir).expanduser().resolve()
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.work / CHECKPOINTS
+
+
+def read_config(env=None) -> Config:
+    """The run's settings from environment variables; empty values mean the default."""
+    env = os.environ if env is None else env
+
+    def get(name, default, kind=str):
+        raw = str(env.get(name) or "").strip()
+        if not raw:
+            return default
+        try:
+            return kind(raw)
+        except ValueError:
+            raise SystemExit(f"llm-atc: {name}={raw!r} is not a valid {kind.__name__}") from None
+
+    model_type = get("MODEL_TYPE", "lora").lower()
+    if model_type == "vicuna":
+        model_type = "full"
+    if model_type not in MODEL_TYPES:
+        raise SystemExit(f"llm-atc: MODEL_TYPE={model_type!r} must be one of {', '.join(MODEL_TYPES)}")
+    work_dir = get("WORK_DIR", "~/llm-atc-work")
+    config = Config(
+        model_type=model_type,
+        base_model=get("MODEL_BASE", Config.base_model),
+        data=get("DATA", ""),
+        output_uri=get("OUTPUT_URI", ""),
+        work_dir=work_dir,
+        max_seq_len=get("MAX_SEQ_LEN", 2048, int),
+        epochs=get("EPOCHS", 3.0, float),
+        lr=get("LR", 2e-5 if model_type == "full" else 2e-4, float),
+        batch_size=get("BATCH_SIZE", 4, int),
+        grad_accum=get("GRAD_ACCUM", 1, int),
+        max_steps=get("MAX_STEPS", -1, int),
+        save_steps=get("SAVE_STEPS", 200, int),
+        lora_r=get("LORA_R", 16, int),
+        lora_alpha=get("LORA_ALPHA", 32, int),
+        lora_dropout=get("LORA_DROPOUT", 0.05, float),
+        merge=get("MERGE", "1").lower() not in ("0", "false", "no", "off"),
+        seed=get("SEED", 42, int),
+        wandb=bool(get("WANDB_API_KEY", "")),
+        wandb_project=get("WANDB_PROJECT", ""),
+    )
+    if not config.data:
+        raise SystemExit("llm-atc: DATA is not set: give the training data as a local path, s3://... or gs://...")
+    if not config.output_uri:
+        config.output_uri = str(config.work / "output")
+    for name, value in (("MAX_SEQ_LEN", config.max_seq_len), ("BATCH_SIZE", config.batch_size),
+                        ("GRAD_ACCUM", config.grad_accum), ("SAVE_STEPS", config.save_steps)):
+        if value < 1:
+            raise SystemExit(f"llm-atc: {name}={value} must be at least 1")
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets (s3:// via boto3, gs:// via google-cloud-storage)
+# --------------------------------------------------------------------------------------------
+
+
+def is_bucket_uri(uri: str) -> bool:
+    return uri.startswith(("s3://", "gs://"))
+
+
+class Bucket:
+    """``s3://bucket/prefix`` or ``gs://bucket/prefix``: the few operations training needs."""
+
+    def __init__(self, uri: str):
+        scheme, _, rest = uri.partition("://")
+        self.scheme = scheme
+        self.bucket, _, prefix = rest.partition("/")
+        self.prefix = prefix.strip("/")
+        if not self.bucket:
+            raise SystemExit(f"llm-atc: {uri!r} names no bucket")
+        self._client = None
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def child(self, *parts: str) -> "Bucket":
+        return Bucket(f"{self.scheme}://{self.bucket}/" + "/".join(p.strip("/") for p in (self.prefix, *parts) if p))
+
+    @property
+    def client(self):
+        if self._client is None:
+            if self.scheme == "s3":
+                import boto3
+
+                self._client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+            else:
+                from google.cloud import storage
+
+                if os.environ.get("STORAGE_EMULATOR_HOST"):
+                    from google.auth.credentials import AnonymousCredentials
+
+                    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or "llm-atc-local"
+                    self._client = storage.Client(project=project, credentials=AnonymousCredentials())
+                else:
+                    self._client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT") or None)
+        return self._client
+
+    def _key(self, relative: str = "") -> str:
+        return "/".join(p for p in (self.prefix, relative.strip("/")) if p)
+
+    def list(self) -> list[str]:
+        """Keys under the prefix (as a folder), relative to it."""
+        folder = self._key() + "/" if self.prefix else ""
+        if self.scheme == "s3":
+            keys = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
+                keys += [item["Key"] for item in page.get("Contents", [])]
+        else:
+            keys = [blob.name for blob in self.client.list_blobs(self.bucket, prefix=folder)]
+        return [key[len(folder):] for key in keys if not key.endswith("/")]
+
+    def download_file(self, relative: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        key = self._key(relative)
+        if self.scheme == "s3":
+            self.client.download_file(self.bucket, key, str(dest))
+        else:
+            self.client.bucket(self.bucket).blob(key).download_to_filename(str(dest))
+
+    def upload_file(self, path: Path, relative: str) -> None:
+        key = self._key(relative)
+        if self.scheme == "s3":
+            self.client.upload_file(str(path), self.bucket, key)
+        else:
+            self.client.bucket(self.bucket).blob(key).upload_from_filename(str(path))
+
+    def download_folder(self, dest: Path) -> int:
+        keys = self.list()
+        for relative in keys:
+            self.download_file(relative, dest / relative)
+        return len(keys)
+
+    def upload_folder(self, folder: Path, last: tuple[str, ...] = ()) -> int:
+        """Upload every file under ``folder``; the names in ``last`` go after all others."""
+        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name in last, str(p)))
+        for path in files:
+            self.upload_file(path, path.relative_to(folder).as_posix())
+        return len(files)
+
+    def delete(self) -> int:
+        """Delete everything under the prefix (as a folder)."""
+        keys = [self._key(relative) for relative in self.list()]
+        if self.scheme == "s3":
+            for start in range(0, len(keys), 1000):
+                chunk = keys[start:start + 1000]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk]})
+        else:
+            bucket = self.client.bucket(self.bucket)
+            for key in keys:
+                bucket.blob(key).delete()
+        return len(keys)
+
+
+def fetch_data(config: Config) -> Path:
+    """A local copy of DATA (downloaded once into WORK_DIR/data when it is a bucket URI)."""
+    if not is_bucket_uri(config.data):
+        path = Path(config.data).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"llm-atc: DATA {config.data!r}: no such file")
+        return path
+    source = Bucket(config.data)
+    dest = config.work / "data" / (Path(source.prefix).name or "data.json")
+    if not dest.is_file():
+        log(f"downloading {config.data}")
+        partial = dest.with_name(dest.name + ".partial")
+        try:
+            parent = Bucket(f"{source.scheme}://{source.bucket}")
+            parent.download_file(source.prefix, partial)
+        except Exception as exc:  # noqa: BLE001 - one clear line for any SDK error
+            raise SystemExit(f"llm-atc: cannot download DATA {config.data}: {exc}") from None
+        partial.replace(dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: find, download, mirror
+# --------------------------------------------------------------------------------------------
+
+
+def _step(name: str) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", name)
+    return int(match.group(1)) if match else -1
+
+
+def latest_local_checkpoint(folder: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` (its trainer_state.json, written last, is there)."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.iterdir() if _step(p.name) >= 0 and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: _step(p.name), default=None)
+
+
+def latest_remote_checkpoint(remote: Bucket) -> str | None:
+    """The newest ``checkpoint-N`` under ``remote`` whose upload finished."""
+    names = {key.split("/", 1)[0] for key in remote.list() if key.endswith("/" + UPLOADED_MARKER)}
+    names = [n for n in names if _step(n) >= 0]
+    return max(names, key=_step, default=None)
+
+
+def download_checkpoint(remote: Bucket, name: str, folder: Path) -> Path:
+    dest = folder / name
+    partial = folder / f".download-{name}"
+    shutil.rmtree(partial, ignore_errors=True)
+    count = remote.child(name).download_folder(partial)
+    (partial / UPLOADED_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    log(f"downloaded {name} ({count} files) from {remote.child(name)}")
+    return dest
+
+
+def resume_checkpoint(config: Config, args) -> str | None:
+    """The checkpoint to resume from: the newest in WORK_DIR/checkpoints, else the newest uploaded
+    to ``<OUTPUT_URI>/checkpoints/`` (downloaded). Every node ends up with the same one."""
+    import torch.distributed as dist
+
+    remote = Bucket(config.output_uri).child(CHECKPOINTS) if is_bucket_uri(config.output_uri) else None
+    name = None
+    if args.process_index == 0:
+        local = latest_local_checkpoint(config.checkpoints)
+        name = local.name if local else None
+        if name is None and remote is not None:
+            name = latest_remote_checkpoint(remote)
+    if dist.is_available() and dist.is_initialized():
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    if name is None:
+        return None
+    with args.main_process_first(local=True, desc="checkpoint download"):
+        if args.local_process_index == 0 and not (config.checkpoints / name / "trainer_state.json").is_file():
+            if remote is None:
+                raise SystemExit(f"llm-atc: checkpoint {name} is not on this node and OUTPUT_URI is not a bucket")
+            download_checkpoint(remote, name, config.checkpoints)
+    path = config.checkpoints / name
+    log(f"resuming from {path}")
+    return str(path)
+
+
+def make_upload_callback(config: Config):
+    """A TrainerCallback that mirrors each saved checkpoint to ``<OUTPUT_URI>/checkpoints/<name>/``."""
+    from transformers import TrainerCallback
+
+    remote = Bucket(config.output_uri).child(CHECKPOINTS)
+
+    class UploadCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            if state.max_steps and state.global_step >= state.max_steps:
+                return  # the last step: the final model is written next, the checkpoints deleted
+            name = f"checkpoint-{state.global_step}"
+            folder = Path(args.output_dir) / name
+            if not folder.is_dir():
+                return
+            start = time.monotonic()
+            marker = folder / UPLOADED_MARKER
+            marker.write_text(json.dumps({"step": state.global_step, "time": time.time()}))
+            count = remote.child(name).upload_folder(folder, last=(UPLOADED_MARKER,))
+            marker.unlink(missing_ok=True)
+            log(f"uploaded {name} ({count} files) to {remote.child(name)} in {time.monotonic() - start:.1f}s")
+            # Mirror the local rotation (save_total_limit): drop uploaded checkpoints no longer kept here.
+            kept = {p.name for p in Path(args.output_dir).iterdir() if _step(p.name) >= 0}
+            for old in {key.split("/", 1)[0] for key in remote.list()} - kept:
+                if _step(old) >= 0:
+                    remote.child(old).delete()
+
+    return UploadCheckpoints()
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+def compute_dtype(cuda: bool):
+    """bf16 on CUDA (fp16 on GPUs without bf16), float32 on CPU."""
+    import torch
+
+    if not cuda:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def model_setup(config: Config, *, cuda: bool, bf16: bool = True, world_size: int = 1, local_rank: int = 0):
+    """``from_pretrained`` keyword arguments and the PEFT config for a run (loads nothing).
+
+    full: bf16 weights on one GPU; float32 master weights under FSDP (which computes in bf16) and
+    with fp16 AMP; lora: the base in bf16 (float32 on CPU) plus a LoRA adapter on every linear
+    projection; qlora: the base quantized to 4-bit NF4 with double quantization, computing in bf16.
+    """
+    import torch
+
+    dtype = (torch.bfloat16 if bf16 else torch.float16) if cuda else torch.float32
+    if config.model_type == "full" and (world_size > 1 or dtype == torch.float16):
+        dtype = torch.float32
+    kwargs = {"dtype": dtype}
+    peft_config = None
+    if config.peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules="all-linear",
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+    if config.model_type == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["dtype"] = torch.bfloat16 if bf16 else torch.float16  # the non-quantized layers
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+        )
+        kwargs["device_map"] = {"": local_rank}
+    return kwargs, peft_config
+
+
+def check_qlora(config: Config) -> None:
+    """QLoRA needs CUDA and bitsandbytes: say so in one line before anything is downloaded."""
+    if config.model_type != "qlora":
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "qlora needs a CUDA GPU: no CUDA device is visible on this machine (torch.cuda.is_available() is "
+            "False); launch on a GPU, or use MODEL_TYPE=lora"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SystemExit("qlora needs bitsandbytes: run setup.sh with MODEL_TYPE=qlora (pip install bitsandbytes)")
+
+
+def load_model(config: Config, *, cuda: bool, world_size: int, local_rank: int):
+    from transformers import AutoModelForCausalLM
+
+    import torch
+
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    kwargs, peft_config = model_setup(config, cuda=cuda, bf16=bf16, world_size=world_size, local_rank=local_rank)
+    model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
+    if config.model_type == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return model, peft_config
+
+
+def build_dataset(tokenizer, conversations: list[list[dict]], max_len: int):
+    """A ``datasets.Dataset`` of ``input_ids`` / ``assistant_masks``, dropping conversations whose
+    assistant turns all fall beyond ``max_len``."""
+    from datasets import Dataset
+
+    rows = [tokenize_conversation(tokenizer, messages, max_len) for messages in conversations]
+    kept = [row for row in rows if any(row["assistant_masks"])]
+    if len(kept) < len(rows):
+        log(f"dropped {len(rows) - len(kept)} conversations with no assistant tokens within MAX_SEQ_LEN={max_len}")
+    if not kept:
+        raise SystemExit(f"llm-atc: no conversation has an assistant turn within MAX_SEQ_LEN={max_len} tokens")
+    tokens = sum(len(row["input_ids"]) for row in kept)
+    trained = sum(sum(row["assistant_masks"]) for row in kept)
+    log(f"tokenized {len(kept)} conversations: {tokens} tokens, {trained} of them trained on (assistant)")
+    return Dataset.from_list(kept)
+
+
+def training_args(config: Config, *, cuda: bool, world_size: int):
+    """TRL's SFTConfig for the run."""
+    import torch
+    from trl import SFTConfig
+
+    fsdp = config.model_type == "full" and world_size > 1 and cuda
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    fp16 = cuda and not bf16
+    return SFTConfig(
+        output_dir=str(config.checkpoints),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        seed=config.seed,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not cuda,
+        # The dataset is pre-tokenized: TRL turns `assistant_masks` into labels (-100 elsewhere) and truncates.
+        max_length=config.max_seq_len,
+        packing=False,
+        assistant_only_loss=False,
+        gradient_checkpointing=cuda and not fsdp,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cuda and not fsdp else None,
+        fsdp=True if fsdp else None,
+        fsdp_config={
+            "version": 2,
+            "reshard_after_forward": True,  # full_shard
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # the model's decoder layers
+            "activation_checkpointing": True,
+            "state_dict_type": "FULL_STATE_DICT",  # rank 0 writes whole checkpoints: uploadable, resumable
+        } if fsdp else None,
+        ddp_timeout=7200,  # rank 0 uploads checkpoints while the others wait
+        dataloader_num_workers=0,
+        torch_compile=False,
+        disable_tqdm=True,  # one log line per step instead of a progress bar in the job log
+        report_to=["wandb"] if config.wandb else "none",
+        run_name=os.environ.get("SKYPILOT_TASK_ID") or None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Final output
+# --------------------------------------------------------------------------------------------
+
+
+def merge_adapter(config: Config, adapter_dir: Path, out_dir: Path) -> None:
+    """Reload the base in 16-bit (float32 on CPU), merge the adapter into it, save full weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    log(f"merging the adapter into {config.base_model}")
+    import torch
+
+    base = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=compute_dtype(torch.cuda.is_available()))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    del base, merged
+    gc.collect()
+
+
+def publish(local: Path, output_uri: str) -> None:
+    """Put the final model at the top of OUTPUT_URI; on a bucket, delete its checkpoints."""
+    if is_bucket_uri(output_uri):
+        target = Bucket(output_uri)
+        count = target.upload_folder(local, last=("llm-atc.json",))
+        log(f"uploaded the model ({count} files) to {target}")
+        removed = target.child(CHECKPOINTS).delete()
+        if removed:
+            log(f"deleted {removed} checkpoint files under {target.child(CHECKPOINTS)}")
+        return
+    dest = Path(output_uri).expanduser()
+    if dest.resolve() != local.resolve():
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(local, dest, dirs_exist_ok=True)
+    log(f"wrote the model to {dest}")
+
+
+def save_trained(config: Config, trainer) -> None:
+    """Save the trained weights (all ranks take part): full weights into WORK_DIR/final, or the
+    adapter into WORK_DIR/final (MERGE=0; adapter_config.json names the base) or WORK_DIR/adapter."""
+    final, adapter = config.work / "final", config.work / "adapter"
+    if trainer.args.process_index == 0:
+        for folder in (final, adapter):
+            shutil.rmtree(folder, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(adapter if config.peft and config.merge else final))
+    trainer.accelerator.wait_for_everyone()
+
+
+def finish_output(config: Config, tokenizer, train_loss: float, steps: int) -> Path:
+    """Main process: merge the adapter when asked, add the tokenizer and llm-atc.json; the folder."""
+    final, adapter = config.work / "final", config.work / "adapter"
+    if config.peft and config.merge:
+        merge_adapter(config, adapter, final)
+        shutil.rmtree(adapter, ignore_errors=True)
+    tokenizer.save_pretrained(str(final))
+    (final / "training_args.bin").unlink(missing_ok=True)
+    info = {
+        "model_type": config.model_type,
+        "base_model": config.base_model,
+        "merged": config.model_type == "full" or config.merge,
+        "train_loss": train_loss,
+        "steps": steps,
+    }
+    (final / "llm-atc.json").write_text(json.dumps(info, indent=2) + "\n")
+    return final
+
+
+def mean_train_loss(trainer, result) -> float:
+    """The mean logged step loss over the whole run, resumed parts included."""
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return float(sum(losses) / len(losses)) if losses else float(result.training_loss)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    config = read_config()
+    check_qlora(config)
+
+    import datasets
+    import torch
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    datasets.disable_progress_bars()  # TRL's dataset preparation bars only clutter the job log
+
+    cuda = torch.cuda.is_available()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    config.work.mkdir(parents=True, exist_ok=True)
+    args = training_args(config, cuda=cuda, world_size=world_size)  # also sets up torch.distributed
+    log(
+        f"{config.model_type} fine-tuning of {config.base_model} on {config.data} "
+        f"({'CUDA x%d' % world_size if cuda else 'CPU'}, output {config.output_uri})"
+    )
+
+    with args.main_process_first(local=True, desc="data download"):
+        data_path = fetch_data(config)
+    try:
+        conversations = load_conversations(str(data_path))
+    except DataError as exc:
+        raise SystemExit(f"llm-atc: DATA {config.data}: {exc}") from None
+    counts = summarize(conversations)
+    log(f"data: {counts['conversations']} conversations, {counts['turns']} turns "
+        f"({counts['assistant_turns']} assistant turns)")
+
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    if ensure_chat_template(tokenizer):
+        log("the tokenizer has no chat template: using Vicuna v1.1's")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = build_dataset(tokenizer, conversations, config.max_seq_len)
+
+    resume = resume_checkpoint(config, args)
+    model, peft_config = load_model(config, cuda=cuda, world_size=world_size, local_rank=local_rank)
+    callbacks = [make_upload_callback(config)] if is_bucket_uri(config.output_uri) else []
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    if peft_config is not None and trainer.args.process_index == 0:
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        log(f"LoRA r={config.lora_r} alpha={config.lora_alpha}: {trainable:,} of {total:,} parameters trainable")
+
+    result = trainer.train(resume_from_checkpoint=resume)
+    steps = int(trainer.state.global_step)
+    train_loss = mean_train_loss(trainer, result)
+    rate = result.metrics.get("train_steps_per_second")
+    if rate is not None:
+        log(f"trained to step {steps} ({rate:.2f} steps/s over {result.metrics.get('train_runtime', 0):.1f}s)")
+
+    save_trained(config, trainer)
+    del trainer, model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    if not _is_main_process():
+        return
+    final = finish_output(config, tokenizer, train_loss, steps)
+    publish(final, config.output_uri)
+    print(f"{FINISHED_MARKER} steps={steps} train_loss={train_loss:.4f} output={config.output_uri}", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr, flush=True)
+            sys.exit(1)
+        raise
