@@ -38,7 +38,7 @@ class ModelRef:
 
 
 def check_run_name(run: str, *, option: str = "--name") -> str:
-    if not RUN_NAME_RE.match(run):
+    if not RUN_NAME_RE.fullmatch(run):
         raise UserError(
             f"{option} {run!r} is not a valid run name: letters, digits, '.', '_' and '-', "
             "starting with a letter or digit (at most 63 characters)"
@@ -59,7 +59,7 @@ def resolve_model(name: str, source: str | None = None, registry: Registry | Non
         bucket = BucketURI.parse(source)
         if name.startswith(RUN_PREFIX + "/"):
             check_run_name(name.split("/", 1)[1])
-        elif not HUB_ID_RE.match(name):
+        elif not HUB_ID_RE.fullmatch(name):
             raise UserError(f"--name {name!r} is not a valid model name to serve {source} under")
         return ModelRef(name=name, bucket=bucket)
     if name.startswith(RUN_PREFIX + "/"):
@@ -80,7 +80,7 @@ def resolve_model(name: str, source: str | None = None, registry: Registry | Non
         if not any((path / marker).is_file() for marker in ("config.json", "adapter_config.json")):
             raise UserError(f"--name {name!r}: the folder holds no config.json or adapter_config.json")
         return ModelRef(name=name, path=path.resolve())
-    if not HUB_ID_RE.match(name):
+    if not HUB_ID_RE.fullmatch(name):
         raise UserError(
             f"--name {name!r} is not a Hugging Face model id (org/model), llm-atc/<run> or a model folder"
         )

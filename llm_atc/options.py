@@ -43,7 +43,7 @@ def parse_env_pairs(values: tuple[str, ...] | list[str], *, option: str) -> dict
             raise UserError(f"{option} needs KEY=VALUE or KEY, got an empty value")
         for item in items:
             key, sep, value = item.partition("=")
-            if not ENV_KEY_RE.match(key):
+            if not ENV_KEY_RE.fullmatch(key):
                 raise UserError(
                     f"{option} {item!r}: {key!r} is not a valid variable name "
                     "(letters, digits and _, not starting with a digit)"
@@ -97,7 +97,7 @@ def parse_accelerators(value: str, known: list[str] | None = None) -> tuple[Acce
                 f"--accelerator {part!r}: missing GPU name; use NAME[:COUNT] such as A100:1"
             )
         if sep:
-            if not count_text.strip().isdigit():
+            if not count_text.strip().isdecimal():
                 raise UserError(
                     f"--accelerator {part!r}: count {count_text!r} is not a whole number"
                 )
@@ -166,7 +166,7 @@ def cluster_name_for(model: str, prefix: str = "llm-atc") -> str:
 
 def check_cluster_name(name: str) -> str:
     """Validate a user-given ``--cluster`` name."""
-    if len(name) > 63 or not CLUSTER_NAME_RE.match(name):
+    if len(name) > 63 or not CLUSTER_NAME_RE.fullmatch(name):
         raise UserError(
             f"--cluster {name!r} is not a valid cluster name: use lowercase letters, digits and "
             "'-', starting with a letter (at most 63 characters)"

@@ -111,7 +111,7 @@ class Registry:
     def _migrate(self) -> None:
         conn = self._connect()
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
             if conn.execute("PRAGMA user_version").fetchone()[0] >= len(MIGRATIONS):
                 return
             conn.execute("BEGIN IMMEDIATE")
@@ -203,6 +203,23 @@ class Registry:
             data = dict(row)
             data["details"] = json.loads(data.get("details") or "{}")
             yield Record(**data)
+
+
+def _retry_locked(statement, timeout: float = 30.0) -> None:
+    """Run ``statement``, retrying while another process holds the database lock.
+
+    Switching to WAL does not wait for the busy timeout, so processes creating the
+    registry at the same moment would otherwise fail at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _row_values(record: Record) -> dict:

@@ -256,7 +256,7 @@ def build_train_spec(
     elif not Path(finetune_data).is_file():
         raise UserError(f"--finetune_data {finetune_data!r}: no such file")
     base = base_model or DEFAULT_BASE_MODEL
-    if not (HUB_ID_RE.match(base) or Path(base).expanduser().is_dir()):
+    if not (HUB_ID_RE.fullmatch(base) or Path(base).expanduser().is_dir()):
         raise UserError(f"--base_model {base!r} is not a Hugging Face model id or a model folder")
     if Path(base).expanduser().is_dir():
         base = str(Path(base).expanduser().resolve())

@@ -35,7 +35,7 @@ class BucketURI:
         if not sep or scheme not in ("s3", "gs"):
             raise UserError(f"{option} {uri!r} must be an s3://BUCKET/PATH or gs://BUCKET/PATH URI")
         bucket, _, prefix = rest.partition("/")
-        if not _BUCKET_RE.match(bucket):
+        if not _BUCKET_RE.fullmatch(bucket):
             raise UserError(f"{option} {uri!r}: {bucket!r} is not a valid bucket name")
         return cls(scheme, bucket, prefix.strip("/"))
 
@@ -91,7 +91,7 @@ class ObjectStore:
                     if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
                         return False
                     raise
-            return self.client.bucket(bucket).exists()
+            return self.client.bucket(bucket).exists(**_gcs_call())
 
     def list_objects(self, uri: BucketURI) -> Iterator[tuple[str, int, str]]:
         """``(key relative to uri.prefix, size, etag)`` for every object under the prefix."""
@@ -103,7 +103,7 @@ class ObjectStore:
                     for obj in page.get("Contents", []):
                         yield obj["Key"][len(prefix):], obj["Size"], obj.get("ETag", "").strip('"')
             else:
-                for blob in self.client.list_blobs(uri.bucket, prefix=prefix):
+                for blob in self.client.list_blobs(uri.bucket, prefix=prefix, **_gcs_call()):
                     yield blob.name[len(prefix):], blob.size, blob.etag or blob.md5_hash or ""
 
     def list_children(self, uri: BucketURI) -> list[str]:
@@ -118,7 +118,7 @@ class ObjectStore:
                 for page in pages:
                     names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
                 return sorted(names)
-            iterator = self.client.list_blobs(uri.bucket, prefix=prefix, delimiter="/")
+            iterator = self.client.list_blobs(uri.bucket, prefix=prefix, delimiter="/", **_gcs_call())
             list(iterator)  # prefixes are filled in while pages are consumed
             return sorted(p[len(prefix):].rstrip("/") for p in iterator.prefixes)
 
@@ -126,7 +126,7 @@ class ObjectStore:
         with _translate_errors(self.scheme, uri.bucket):
             if self.scheme == "s3":
                 return self.client.get_object(Bucket=uri.bucket, Key=uri.prefix)["Body"].read().decode()
-            return self.client.bucket(uri.bucket).blob(uri.prefix).download_as_text()
+            return self.client.bucket(uri.bucket).blob(uri.prefix).download_as_text(**_gcs_call())
 
     def download(self, uri: BucketURI, dest: Path, callback: Callable[[int], None]) -> None:
         with _translate_errors(self.scheme, uri.bucket):
@@ -134,7 +134,7 @@ class ObjectStore:
                 self.client.download_file(uri.bucket, uri.prefix, str(dest), Callback=callback)
             else:
                 blob = self.client.bucket(uri.bucket).blob(uri.prefix)
-                blob.download_to_filename(str(dest))
+                blob.download_to_filename(str(dest), **_gcs_call(transfer=True))
                 callback(dest.stat().st_size)
 
     def upload(self, path: Path, uri: BucketURI, callback: Callable[[int], None]) -> None:
@@ -142,7 +142,8 @@ class ObjectStore:
             if self.scheme == "s3":
                 self.client.upload_file(str(path), uri.bucket, uri.prefix, Callback=callback)
             else:
-                self.client.bucket(uri.bucket).blob(uri.prefix).upload_from_filename(str(path))
+                blob = self.client.bucket(uri.bucket).blob(uri.prefix)
+                blob.upload_from_filename(str(path), **_gcs_call(transfer=True))
                 callback(path.stat().st_size)
 
 
@@ -162,6 +163,16 @@ def check_checkpoint(uri: BucketURI, store: ObjectStore | None = None) -> Checkp
             uri, is_adapter=True, base_model=config.get("base_model_name_or_path"), rank=config.get("r")
         )
     raise UserError(f"{uri} holds no config.json or adapter_config.json; it is not a model checkpoint")
+
+
+def _gcs_call(*, transfer: bool = False) -> dict:
+    """Bounded timeouts and retries for google-cloud-storage calls (its default retries for 120 s)."""
+    from google.api_core.retry import Retry
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    deadline = 600.0 if transfer else 20.0
+    retry: Retry = DEFAULT_RETRY.with_deadline(deadline).with_timeout(deadline)
+    return {"timeout": (5, deadline), "retry": retry}
 
 
 def _s3_client():
@@ -197,7 +208,8 @@ class _translate_errors:
         name = type(exc).__name__
         if name in ("NoCredentialsError", "DefaultCredentialsError"):
             raise UserError(f"no credentials for {where}: {_first_line(exc)}") from None
-        if name in ("EndpointConnectionError", "ConnectionError", "ConnectTimeoutError", "TransportError"):
+        if name in ("EndpointConnectionError", "ConnectionError", "ConnectTimeoutError", "TransportError",
+                    "RetryError"):
             raise UserError(f"cannot reach the object store for {where}: {_first_line(exc)}") from None
         if name in ("NotFound", "NoSuchKey"):
             raise NotFoundError(f"{where}: not found ({_first_line(exc)})") from None

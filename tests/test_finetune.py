@@ -352,14 +352,15 @@ def finished(text: str) -> tuple[int, float, str]:
     return steps, loss, output
 
 
-def wait_until(predicate, process: subprocess.Popen, log: Path, what: str, timeout: float = 150) -> None:
+def wait_until(predicate, process: subprocess.Popen, log: Path, what: str, timeout: float = 150,
+               interval: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         if process.poll() is not None:
             pytest.fail(f"training exited ({process.returncode}) before {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.05)
+        time.sleep(interval)
     stop(process)
     pytest.fail(f"no {what} within {timeout}s:\n{log.read_text()[-4000:]}")
 
@@ -448,10 +449,18 @@ def test_lora_adapter_only(local_runs, tiny_model):
     assert model.peft_config["default"].r == 16
 
 
+# A tiny-model step is a few tens of milliseconds; the kill tests make each optimizer step 16
+# micro-batches so that the run is still between checkpoint-2 and checkpoint-4 (about a second)
+# when the test sees checkpoint-2 and kills it.
+RESUME_CONVERSATIONS = 48
+RESUME_GRAD_ACCUM = 16
+
+
 def test_resume_after_kill(tiny_model, tmp_path):
-    data = write_sharegpt(tmp_path / "chats.json")
+    data = write_sharegpt(tmp_path / "chats.json", RESUME_CONVERSATIONS)
     work, out = tmp_path / "work", tmp_path / "out"
-    env = train_env(tiny_model, data, out, work, MODEL_TYPE="lora", SAVE_STEPS=2, MAX_STEPS=6, GRAD_ACCUM=2)
+    env = train_env(tiny_model, data, out, work, MODEL_TYPE="lora", SAVE_STEPS=2, MAX_STEPS=6,
+                    GRAD_ACCUM=RESUME_GRAD_ACCUM)
     log = tmp_path / "first.log"
     process = start(env, log)
     try:
@@ -474,11 +483,11 @@ def test_resume_after_kill(tiny_model, tmp_path):
 def test_s3_data_output_and_remote_resume(tiny_model, tmp_path, s3):
     bucket = unique("ft-s3")
     s3.create_bucket(Bucket=bucket)
-    s3.upload_file(str(write_sharegpt(tmp_path / "chats.json")), bucket, "data/chats.json")
+    s3.upload_file(str(write_sharegpt(tmp_path / "chats.json", RESUME_CONVERSATIONS)), bucket, "data/chats.json")
     output = f"s3://{bucket}/llm-atc/run1"
     work = tmp_path / "work"
     env = train_env(tiny_model, f"s3://{bucket}/data/chats.json", output, work,
-                    MODEL_TYPE="full", SAVE_STEPS=2, MAX_STEPS=6, GRAD_ACCUM=2)
+                    MODEL_TYPE="full", SAVE_STEPS=2, MAX_STEPS=6, GRAD_ACCUM=RESUME_GRAD_ACCUM)
 
     def keys(prefix="llm-atc/run1/"):
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)

@@ -67,7 +67,6 @@ def test_parse_accelerators_without_catalog_keeps_names():
     assert parse_accelerators("my-gpu:3") == (Accelerator("my-gpu", 3),)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: str.isdigit() accepts '²', then int() raises ValueError")
 def test_parse_accelerators_superscript_count():
     """A count that is a digit-like character but not a number is a UserError."""
     raises_one_line(lambda: parse_accelerators("A100:²", KNOWN), "whole number")
@@ -126,7 +125,6 @@ def test_cluster_name_for_long_model_is_truncated_with_digest():
     assert a != b and a == cluster_name_for("org/" + "a" * 80)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: CLUSTER_NAME_RE's and RUN_NAME_RE's '$' accept a trailing newline")
 @pytest.mark.parametrize("check", [check_cluster_name, check_run_name])
 def test_names_with_trailing_newline(check):
     """A newline is never part of a cluster or run name."""

@@ -204,8 +204,6 @@ def test_concurrent_writers(llm_atc_home, tmp_path):
     assert Registry().schema_version == len(MIGRATIONS)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: PRAGMA journal_mode = WAL fails at once on a locked db, "
-                   "ignoring the busy timeout, so processes creating the registry together can crash")
 def test_first_open_waits_for_a_locked_db(tmp_path):
     """Creating the registry while another writer briefly holds the file waits instead of failing."""
     path = tmp_path / "reg.db"

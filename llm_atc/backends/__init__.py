@@ -29,6 +29,6 @@ def lookup(ref: str, registry: Registry | None = None, *, port: int = 8000) -> R
     except NotFoundError:
         from llm_atc.options import CLUSTER_NAME_RE
 
-        if not CLUSTER_NAME_RE.match(ref):
+        if not CLUSTER_NAME_RE.fullmatch(ref):
             raise
         return Record(name=ref, kind="serve", model="", cluster=ref, status="UNKNOWN", port=port)

@@ -68,10 +68,6 @@ def sky_errors(cluster: str | None = None) -> Iterator[None]:
         if "not found" in str(exc).lower():
             raise NotFoundError(f"cluster {cluster!r} does not exist; see `llm-atc status`") from None
         raise LaunchError(_one_line(exc)) from None
-    except sky.exceptions.ClusterNotUpError as exc:
-        if "not found" in str(exc).lower():
-            raise NotFoundError(f"cluster {cluster!r} does not exist; see `llm-atc status`") from None
-        raise LaunchError(_one_line(exc)) from None
     except sky.exceptions.NotSupportedError as exc:
         raise UserError(_one_line(exc)) from None
     except sky.exceptions.ApiServerConnectionError as exc:
