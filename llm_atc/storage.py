@@ -43,7 +43,9 @@ class BucketURI:
     def for_run(cls, store: str, bucket: str, run: str) -> "BucketURI":
         """Where run ``run`` keeps its checkpoint: ``<bucket>/llm-atc/<run>``."""
         scheme = {"S3": "s3", "GCS": "gs"}[store.upper()]
-        return cls.parse(f"{scheme}://{bucket}/{RUN_PREFIX}/{run}", option="--checkpoint_bucket")
+        if not _BUCKET_RE.fullmatch(bucket):
+            raise UserError(f"--checkpoint_bucket {bucket!r} is not a valid bucket name")
+        return cls(scheme, bucket, f"{RUN_PREFIX}/{run}")
 
     def child(self, *parts: str) -> "BucketURI":
         return BucketURI(self.scheme, self.bucket, "/".join(p.strip("/") for p in (self.prefix, *parts) if p))

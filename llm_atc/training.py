@@ -121,7 +121,9 @@ def _record(prepared: PreparedTrain, registry: Registry) -> Record:
 
 def upload_data(prepared: PreparedTrain) -> None:
     if prepared.spec.data_is_local and prepared.data_uri != prepared.spec.data:
-        upload_path(Path(prepared.spec.data), BucketURI.parse(prepared.data_uri))
+        target = BucketURI.parse(prepared.data_uri)
+        folder = BucketURI(target.scheme, target.bucket, target.prefix.rsplit("/", 1)[0])
+        upload_path(Path(prepared.spec.data), folder)
         ui.info(f"Uploaded {prepared.spec.data} to {prepared.data_uri}")
 
 

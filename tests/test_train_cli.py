@@ -91,7 +91,7 @@ def test_training_recipes_parse_with_their_envs():
 
 
 BAD_DATA = [
-    ("not json at all", "invalid JSON"),
+    ("not json at all", "line 1: not JSON"),
     (json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}]), "record 0"),
     (json.dumps(sharegpt(3) + [{"id": "x", "conversations": [{"from": "robot", "value": "beep"}]}]), "record 3"),
 ]
@@ -117,9 +117,11 @@ def test_bad_data_is_reported_before_launch(cli, s3, tmp_path, content, fragment
         (["--checkpoint_bucket", "b", "--checkpoint_store", "local"], "--cloud local"),
         (["--checkpoint_bucket", "no-such-bucket", "--checkpoint_store", "S3", "--accelerator", "L4"],
          "no-such-bucket"),
-        (["--checkpoint_bucket", "b", "--checkpoint_store", "S3"], "--accelerator is required"),
-        (["--checkpoint_bucket", "b", "--checkpoint_store", "S3", "--accelerator", "L4", "--name", "a b"],
+        (["--checkpoint_bucket", "bkt", "--checkpoint_store", "S3"], "--accelerator is required"),
+        (["--checkpoint_bucket", "bkt", "--checkpoint_store", "S3", "--accelerator", "L4", "--name", "a b"],
          "not a valid run name"),
+        (["--checkpoint_bucket", "b", "--checkpoint_store", "S3", "--accelerator", "L4"],
+         "--checkpoint_bucket 'b' is not a valid bucket name"),
     ],
 )
 def test_missing_or_bad_options(cli, s3, data_file, args, fragment):
