@@ -242,6 +242,25 @@ def test_mask_with_default_template(tiny_model):
     assert "curious user" not in unmasked_text(tokenizer, with_system)
 
 
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_mask_with_a_chatml_template(tiny_model):
+    """No {% generation %} markers, an end-of-turn token other than eos, a newline after it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    encoded = ft.tokenize_conversation(tokenizer, CONVERSATION, 512)
+    runs = masked_runs(tokenizer, encoded)
+    assert runs == [m["content"] + "<|im_end|>" for m in CONVERSATION if m["role"] == "assistant"]
+    assert tokenizer.decode(encoded["input_ids"]) == tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+
+
 def test_mask_truncates(tokenizer):
     encoded = ft.tokenize_conversation(tokenizer, CONVERSATION, 20)
     assert len(encoded["input_ids"]) == len(encoded["assistant_masks"]) == 20
@@ -449,11 +468,11 @@ def test_lora_adapter_only(local_runs, tiny_model):
     assert model.peft_config["default"].r == 16
 
 
-# A tiny-model step is a few tens of milliseconds; the kill tests make each optimizer step 16
-# micro-batches so that the run is still between checkpoint-2 and checkpoint-4 (about a second)
+# A tiny-model micro-batch takes ~10 ms on CPU; the kill tests make each optimizer step 48
+# micro-batches, so the run is still short of checkpoint-6 (seconds away; checkpoint-4 is fine too)
 # when the test sees checkpoint-2 and kills it.
-RESUME_CONVERSATIONS = 48
-RESUME_GRAD_ACCUM = 16
+RESUME_CONVERSATIONS = 96
+RESUME_GRAD_ACCUM = 48
 
 
 def test_resume_after_kill(tiny_model, tmp_path):
@@ -500,11 +519,12 @@ def test_s3_data_output_and_remote_resume(tiny_model, tmp_path, s3):
     log = tmp_path / "first.log"
     process = start(env, log)
     try:
-        wait_until(lambda: 2 in uploaded_steps(), process, log, "an uploaded checkpoint-2")
+        wait_until(lambda: "llm-atc: uploaded checkpoint-2 " in log.read_text(), process, log,
+                   "an uploaded checkpoint-2")
     finally:
         stop(process)
-    first = log.read_text()
-    assert not FINISHED.search(first) and "uploaded checkpoint-2" in first
+    assert not FINISHED.search(log.read_text())
+    assert 2 in uploaded_steps()
     newest = max(uploaded_steps())
     assert newest < 6
     shutil.rmtree(work)  # a fresh VM: nothing local

@@ -83,10 +83,6 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _is_local_main_process() -> bool:
-    return os.environ.get("LOCAL_RANK", "0") == "0"
-
-
 # --------------------------------------------------------------------------------------------
 # Data: load and check
 # --------------------------------------------------------------------------------------------
@@ -553,12 +549,16 @@ def resume_checkpoint(config: Config, args) -> str | None:
     import torch.distributed as dist
 
     remote = Bucket(config.output_uri).child(CHECKPOINTS) if is_bucket_uri(config.output_uri) else None
+    multi_node = int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     name = None
     if args.process_index == 0:
-        local = latest_local_checkpoint(config.checkpoints)
-        name = local.name if local else None
-        if name is None and remote is not None:
-            name = latest_remote_checkpoint(remote)
+        if multi_node and remote is not None:
+            name = latest_remote_checkpoint(remote)  # what every node can download
+        else:
+            local = latest_local_checkpoint(config.checkpoints)
+            name = local.name if local else None
+            if name is None and remote is not None:
+                name = latest_remote_checkpoint(remote)
     if dist.is_available() and dist.is_initialized():
         box = [name]
         dist.broadcast_object_list(box, src=0)
@@ -593,15 +593,20 @@ def make_upload_callback(config: Config):
                 return
             start = time.monotonic()
             marker = folder / UPLOADED_MARKER
-            marker.write_text(json.dumps({"step": state.global_step, "time": time.time()}))
-            count = remote.child(name).upload_folder(folder, last=(UPLOADED_MARKER,))
-            marker.unlink(missing_ok=True)
+            try:
+                marker.write_text(json.dumps({"step": state.global_step, "time": time.time()}))
+                count = remote.child(name).upload_folder(folder, last=(UPLOADED_MARKER,))
+                # Mirror the local rotation (save_total_limit): drop uploaded checkpoints no longer kept here.
+                kept = {p.name for p in Path(args.output_dir).iterdir() if _step(p.name) >= 0}
+                for old in {key.split("/", 1)[0] for key in remote.list()} - kept:
+                    if _step(old) >= 0:
+                        remote.child(old).delete()
+            except Exception as exc:  # noqa: BLE001 - a failed upload must not stop training
+                log(f"warning: could not upload {name} to {remote.child(name)}: {exc}")
+                return
+            finally:
+                marker.unlink(missing_ok=True)
             log(f"uploaded {name} ({count} files) to {remote.child(name)} in {time.monotonic() - start:.1f}s")
-            # Mirror the local rotation (save_total_limit): drop uploaded checkpoints no longer kept here.
-            kept = {p.name for p in Path(args.output_dir).iterdir() if _step(p.name) >= 0}
-            for old in {key.split("/", 1)[0] for key in remote.list()} - kept:
-                if _step(old) >= 0:
-                    remote.child(old).delete()
 
     return UploadCheckpoints()
 
@@ -677,9 +682,8 @@ def check_qlora(config: Config) -> None:
 
 
 def load_model(config: Config, *, cuda: bool, world_size: int, local_rank: int):
-    from transformers import AutoModelForCausalLM
-
     import torch
+    from transformers import AutoModelForCausalLM
 
     bf16 = cuda and torch.cuda.is_bf16_supported()
     kwargs, peft_config = model_setup(config, cuda=cuda, bf16=bf16, world_size=world_size, local_rank=local_rank)
@@ -766,12 +770,11 @@ def training_args(config: Config, *, cuda: bool, world_size: int):
 
 def merge_adapter(config: Config, adapter_dir: Path, out_dir: Path) -> None:
     """Reload the base in 16-bit (float32 on CPU), merge the adapter into it, save full weights."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     log(f"merging the adapter into {config.base_model}")
-    import torch
-
     base = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=compute_dtype(torch.cuda.is_available()))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(out_dir), safe_serialization=True)
@@ -907,6 +910,8 @@ def main() -> None:
         return
     final = finish_output(config, tokenizer, train_loss, steps)
     publish(final, config.output_uri)
+    # Done: a later run in this WORK_DIR must start afresh, not resume from this run's last checkpoint.
+    shutil.rmtree(config.checkpoints, ignore_errors=True)
     print(f"{FINISHED_MARKER} steps={steps} train_loss={train_loss:.4f} output={config.output_uri}", flush=True)
 
 
