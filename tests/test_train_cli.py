@@ -218,3 +218,33 @@ def test_train_locally_then_serve_the_run(cli, tiny_model, data_file, llm_atc_ho
         assert reply.choices[0].message.content is not None
     finally:
         cli("stop", "llm-atc/tiny-lora")
+
+
+def test_gcs_upload_and_remote_listing(cli, gcs, data_file):
+    """The same upload and --remote listing against the GCS emulator."""
+    from llm_atc import training
+    from llm_atc.spec import build_train_spec
+
+    bucket = gcs.create_bucket("gcs-runs")
+    bucket.blob("llm-atc/elsewhere/config.json").upload_from_string("{}")
+    spec = build_train_spec(model_type="qlora", finetune_data=str(data_file), checkpoint_bucket="gcs-runs",
+                            checkpoint_store="GCS", name="g1", accelerator="L4:1", use_spot=True)
+    managed = []
+
+    class Boundary:
+        def launch_managed(self, task, **kwargs):
+            managed.append((task, kwargs))
+            return 11
+
+    record = training.launch_train(training.prepare_train(spec), backend=Boundary())
+    assert json.loads(bucket.blob("llm-atc/g1/data/chats.json").download_as_bytes()) == sharegpt()
+    (task, kwargs), = managed
+    assert kwargs == {"name": "g1", "stream": True}
+    (resources,) = task.resources
+    assert resources.use_spot and task.envs["MODEL_TYPE"] == "qlora"
+    assert record.details["managed_job_id"] == 11
+
+    result = cli("list", "--remote", "--checkpoint_bucket", "gcs-runs", "--checkpoint_store", "GCS")
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
+    assert "bucket only" in lines["elsewhere"]
+    assert "registry + bucket" in lines["g1"]  # its data is there already
