@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from llm_atc.backends import LiveState, backend_for
+from llm_atc.ui import escape
 from llm_atc.registry import Record, Registry, Status
 
 _STYLES = {Status.RUNNING: "green", Status.FAILED: "red", Status.LAUNCHING: "yellow"}
@@ -46,13 +47,14 @@ def current_rows(*, show_all: bool = False, registry: Registry | None = None) ->
         if state and state.detail and state.detail != record.status:
             shown = f"{record.status} ({state.detail})"
         style = _STYLES.get(record.status)
+        shown = escape(shown)
         rows.append(
             (
-                record.name,
+                escape(record.name),
                 record.kind,
                 record.cluster,
-                infra,
-                record.accelerator or "-",
+                escape(infra),
+                escape(record.accelerator or "-"),
                 f"[{style}]{shown}[/{style}]" if style else shown,
                 (record.endpoint or "-") if record.status == Status.RUNNING else "-",
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at)),
