@@ -205,6 +205,9 @@ def test_train_locally_then_serve_the_run(cli, tiny_model, data_file, llm_atc_ho
     record = Registry().find("tiny-lora", kind="train")
     assert record.status == "SUCCEEDED" and record.checkpoint_uri == str(output)
     assert "training finished" in (llm_atc_home / "local" / "llm-atc-train-tiny-lora" / "train.log").read_text()
+    assert "training finished" in cli("logs", "tiny-lora").stdout
+    listed = cli("list")
+    assert "tiny-lora" in listed.stdout and "SUCCEEDED" in listed.stdout
 
     served = cli("serve", "--name", "llm-atc/tiny-lora", "--cloud", "local", "--port", "0")
     try:

@@ -19,13 +19,13 @@ def backend_for(record: Record) -> Backend:
 
 
 def lookup(ref: str, registry: Registry | None = None, *, port: int = 8000) -> Record:
-    """The serve record for ``ref`` (a name or cluster); a SkyPilot cluster we did not launch
-    is looked up as such."""
+    """The newest record (deployment or training run) named ``ref`` or on cluster ``ref``;
+    a SkyPilot cluster we did not launch is looked up as such."""
     from llm_atc.errors import NotFoundError
 
     registry = registry or Registry()
     try:
-        return registry.find(ref, kind="serve")
+        return registry.find(ref)
     except NotFoundError:
         from llm_atc.options import CLUSTER_NAME_RE
 
