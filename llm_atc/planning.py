@@ -49,8 +49,14 @@ MAX_MODEL_LEN_CAP = 32768
 TRAIN_SEQ_LEN = 2048
 TRAIN_BATCH_SIZE = 4
 LORA_RANK = 16
+# Full fine-tune state per parameter: on one GPU the recipe trains in bf16 (weights, grads, Adam m
+# and v: 2+2+2+2 B); under FSDP it keeps fp32 master weights, grads and Adam m, v (4+4+4+4 B).
+FULL_SINGLE_GPU_BYTES_PER_PARAM = 8.0
+FULL_FSDP_BYTES_PER_PARAM = 16.0
 # Most nodes a plan may span (vLLM pipeline stages, or FSDP nodes for a full fine-tune).
 MAX_NODES = 8
+# Only full nodes (this many GPUs or more) are stretched over several nodes.
+MULTI_NODE_MIN_GPUS = 8
 
 _NON_GATED_MLP = frozenset({
     "gpt2", "gpt_bigcode", "gptj", "gpt_neo", "gpt_neox", "opt", "falcon", "bloom", "phi", "starcoder2",
@@ -570,8 +576,8 @@ class MemoryEstimate:
             kv_share = 1.0 if self.arch.mla else math.ceil(kv_heads / count) / kv_heads
             return int(self.weight_bytes / gpus + self.kv_cache_bytes * kv_share / nodes + overhead)
         if self.mode == "full":
-            if gpus == 1:
-                state = self.params * self.optimizer_bytes_per_param
+            if gpus == 1:  # bf16 weights, grads and Adam m, v (the recipe keeps bf16 on one GPU)
+                state = self.params * FULL_SINGLE_GPU_BYTES_PER_PARAM
             else:  # FSDP full shard of fp32 weights, grads and Adam; two bf16 layers gathered at a time
                 state = self.params * self.optimizer_bytes_per_param / gpus \
                     + 2 * 2 * self.arch.largest_layer_parameters()
@@ -733,11 +739,11 @@ def estimate_memory(
             model=info.name, mode=mode, arch=arch, params=params, params_source=params_source,
             params_from_config=from_config, dtype=dtype_name, dtype_bytes=2, quantization=None,
             weight_bytes=weights, weight_formula=f"{_fmt_count(params)} params × 2 B (bfloat16)",
-            max_model_len=seq, trainable_params=params, optimizer_bytes_per_param=16.0,
+            max_model_len=seq, trainable_params=params, optimizer_bytes_per_param=FULL_FSDP_BYTES_PER_PARAM,
             state_formula="1 GPU: bf16 weights + bf16 grads + bf16 Adam m, v = 8 B/param; "
                           "FSDP on N GPUs: (fp32 weights + fp32 grads + fp32 Adam m, v) 16 B/param / N",
             activation_bytes=activations, batch_size=batch_size, memory_fraction=TRAIN_MEMORY_FRACTION,
-        )._single_gpu_full()
+        )
     trainable = arch.lora_parameters(lora_rank)
     if mode == "lora":
         weights = params * 2
@@ -755,13 +761,6 @@ def estimate_memory(
                       "= 16 B per trainable param",
         activation_bytes=activations, batch_size=batch_size, memory_fraction=TRAIN_MEMORY_FRACTION,
     )
-
-
-def _single_gpu_full(self: MemoryEstimate) -> MemoryEstimate:
-    return self  # the 8 vs 16 B/param split is applied in need_per_gpu
-
-
-MemoryEstimate._single_gpu_full = _single_gpu_full  # type: ignore[attr-defined]
 
 
 def _activation_bytes(arch: Architecture, tokens: int) -> int:
@@ -903,15 +902,17 @@ def list_offers(clouds: list[str], region: str | None = None) -> list[Offer]:
         spot = [(p, i.region) for i in infos if (p := _number(i.spot_price)) is not None]
         price, price_region = min(priced) if priced else (None, None)
         spot_price, spot_region = min(spot) if spot else (None, None)
-        gib, source = memory.get(name, (None, None))
+        own = [m for i in infos if (m := _number(i.device_memory))]
+        gib, source = (min(own), "catalog GpuInfo") if own else memory.get(name, (None, None))
         offers.append(Offer(str(cloud), instance_type, name, count, gib, source, price, price_region,
                             spot_price, spot_region))
     return sorted(offers, key=lambda o: (o.accelerator, o.count, o.cloud, o.price or math.inf))
 
 
 def _device_memory(listing: Mapping[str, list]) -> dict[str, tuple[float, str]]:
-    """GPU memory (GiB) per accelerator name: the catalog's GpuInfo (any cloud listed), else the
-    catalog's common/metadata.csv, else ``sky.utils.gpu_names``."""
+    """GPU memory (GiB) per accelerator name, for offers whose own row has none (GCP's GpuInfo is
+    just the name): the catalog's GpuInfo of that GPU on another cloud listed, else the catalog's
+    ``common/metadata.csv``, else ``sky.utils.gpu_names`` (which SkyPilot uses for memory variants)."""
     import csv
 
     from sky.utils import gpu_names
@@ -920,7 +921,7 @@ def _device_memory(listing: Mapping[str, list]) -> dict[str, tuple[float, str]]:
     for name, infos in listing.items():
         sizes = [m for i in infos if (m := _number(i.device_memory))]
         if sizes:
-            found[name] = (min(sizes), "catalog GpuInfo")
+            found[name] = (min(sizes), "catalog GpuInfo (another cloud)")
     metadata = catalog_dir() / "common" / "metadata.csv"
     table: dict[str, float] = {}
     if metadata.is_file():
@@ -953,6 +954,7 @@ class Option:
     usable_bytes: int
     hourly: float  # for all nodes, spot or on-demand as asked
     region: str | None
+    mode: str = "serve"
 
     @property
     def accelerator(self) -> str:
@@ -974,8 +976,9 @@ class Option:
             "accelerator": o.accelerator,
             "count": o.count,
             "nodes": self.nodes,
-            "tensor_parallel": o.count,
-            "pipeline_parallel": self.nodes,
+            **({"tensor_parallel": o.count, "pipeline_parallel": self.nodes} if self.mode == "serve" else
+               {"gpus": o.count * self.nodes, "sharding": "fsdp" if self.mode == "full" and
+                o.count * self.nodes > 1 else ("ddp" if o.count * self.nodes > 1 else None)}),
             "cloud": o.cloud,
             "instance_type": o.instance_type,
             "region": self.region,
@@ -1073,7 +1076,7 @@ def plan_offers(estimate: MemoryEstimate, offers: list[Offer], *, use_spot: bool
 
     Each offer is tried on one node; past one node only the largest count per node of that GPU
     on that cloud is stretched over more nodes, and only where more nodes lower the memory per
-    GPU (serve: pipeline stages; full: FSDP).
+    GPU (serve: pipeline stages; full: FSDP), and only for nodes of 8 GPUs or more.
     """
     largest: dict[tuple[str, str], int] = {}
     for offer in offers:
@@ -1088,12 +1091,13 @@ def plan_offers(estimate: MemoryEstimate, offers: list[Offer], *, use_spot: bool
         if offer.gpu_memory_gib is None:
             reasons.setdefault(offer.accelerator, (0, "its memory per GPU is unknown to SkyPilot's catalog"))
             continue
-        stretch = estimate.multi_node and offer.count == largest[(offer.cloud, offer.accelerator)]
+        stretch = (estimate.multi_node and offer.count >= MULTI_NODE_MIN_GPUS
+                   and offer.count == largest[(offer.cloud, offer.accelerator)])
         for nodes in range(1, (max_nodes if stretch else 1) + 1):
             fit = estimate.fit(offer.gpu_memory_gib, offer.count, nodes)
             if fit.ok:
                 option = Option(offer, nodes, fit.need_bytes, fit.usable_bytes, price * nodes,
-                                offer.region(use_spot))
+                                offer.region(use_spot), estimate.mode)
                 key = (offer.cloud, offer.accelerator)
                 if key not in best or _rank(option) < _rank(best[key]):
                     best[key] = option

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from llm_atc.backends import LiveState, backend_for
+from llm_atc import ui
 from llm_atc.ui import escape
 from llm_atc.registry import Record, Registry, Status
 
@@ -18,8 +19,12 @@ def refresh(records: list[Record], registry: Registry) -> dict[int, LiveState]:
         if record.kind == "serve" and record.status not in (Status.DOWN,):
             by_backend.setdefault("local" if record.is_local else "skypilot", []).append(record)
     states: dict[int, LiveState] = {}
-    for group in by_backend.values():
-        states.update(backend_for(group[0]).states(group))
+    for kind, group in by_backend.items():
+        if kind == "local":
+            states.update(backend_for(group[0]).states(group))
+            continue
+        with ui.spinner("Asking SkyPilot about the clusters (starts its API server the first time)"):
+            states.update(backend_for(group[0]).states(group))
     for record in records:
         state = states.get(record.id)
         if state is not None and state.status != record.status:
