@@ -19,6 +19,7 @@ COMMANDS = {
     "serve": ("serve", "Serve a model behind an OpenAI-compatible endpoint."),
     "train": ("train", "Fine-tune a model; the result is served as llm-atc/<run>."),
     "list": ("list", "List fine-tuning runs."),
+    "plan": ("plan", "Size a model: which GPUs fit, and what they cost."),
     "endpoint": ("endpoint", "Print a deployment's base URL."),
     "status": ("status", "Show deployments and training runs."),
     "logs": ("logs", "Show a deployment's engine logs."),

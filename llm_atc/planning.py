@@ -218,8 +218,8 @@ def _hub_file(repo_id: str, filename: str) -> str:
         reason = f"the Hub answered {_first_line(exc)}"
     except (errors.HFValidationError, ValueError) as exc:
         reason = _first_line(exc)
-    except OSError as exc:
-        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    except Exception as exc:  # noqa: BLE001 - httpx/OSError/RuntimeError("client has been closed") when unreachable
+        reason = f"the Hugging Face Hub cannot be reached ({type(exc).__name__}: {_first_line(exc)})"
     raise UserError(f"cannot read config for {repo_id}: {reason}; {_FIX_HUB}")
 
 
@@ -673,6 +673,8 @@ def estimate_memory(
     info = load_model_info(model)
     arch = Architecture.from_config(info.config, where=f"config.json of {info.name}")
     if mode != "serve":
+        if dtype not in (None, "auto"):
+            raise UserError(f"--dtype applies to --mode serve; --mode {mode} trains in bfloat16")
         if quantization:
             raise UserError(f"--quantization applies to --mode serve; --mode {mode} loads the weights in "
                             "bfloat16" + (" and quantizes them to 4-bit NF4 itself" if mode == "qlora" else ""))
@@ -895,7 +897,7 @@ def list_offers(clouds: list[str], region: str | None = None) -> list[Offer]:
                 continue  # fractional GPUs
             key = (info.cloud, info.instance_type, name, int(count))
             grouped.setdefault(key, []).append(info)
-    memory = _device_memory({name: infos for name, infos in listing.items()})
+    memory = _device_memory(listing, _other_catalogs(listing, clouds))
     offers = []
     for (cloud, instance_type, name, count), infos in grouped.items():
         priced = [(p, i.region) for i in infos if (p := _number(i.price)) is not None]
@@ -909,17 +911,39 @@ def list_offers(clouds: list[str], region: str | None = None) -> list[Offer]:
     return sorted(offers, key=lambda o: (o.accelerator, o.count, o.cloud, o.price or math.inf))
 
 
-def _device_memory(listing: Mapping[str, list]) -> dict[str, tuple[float, str]]:
+def _other_catalogs(listing: Mapping[str, list], clouds: list[str]) -> Mapping[str, list]:
+    """GPUs whose rows carry no memory (GCP's GpuInfo is just the name), as listed by the catalogs
+    of the other clouds already on disk (never downloaded); empty when there are none."""
+    import re
+
+    from sky import catalog
+
+    missing = [name for name, infos in listing.items() if not any(_number(i.device_memory) for i in infos)]
+    others = [c for c in catalog_clouds() if c not in {x.lower() for x in clouds}]
+    if not missing or not others:
+        return {}
+    try:
+        with _quiet_sky():
+            return catalog.list_accelerators(gpus_only=True, clouds=others, case_sensitive=False,
+                                             name_filter="^(?:" + "|".join(map(re.escape, missing)) + ")$")
+    except Exception:  # noqa: BLE001 - only a memory hint; metadata.csv and gpu_names come next
+        return {}
+
+
+def _device_memory(listing: Mapping[str, list],
+                   elsewhere: Mapping[str, list] | None = None) -> dict[str, tuple[float, str]]:
     """GPU memory (GiB) per accelerator name, for offers whose own row has none (GCP's GpuInfo is
-    just the name): the catalog's GpuInfo of that GPU on another cloud listed, else the catalog's
-    ``common/metadata.csv``, else ``sky.utils.gpu_names`` (which SkyPilot uses for memory variants)."""
+    just the name): the catalog's GpuInfo of that GPU on another cloud (listed, or on disk), else
+    the catalog's ``common/metadata.csv``, else ``sky.utils.gpu_names`` (which SkyPilot uses for
+    memory variants)."""
     import csv
 
     from sky.utils import gpu_names
 
     found: dict[str, tuple[float, str]] = {}
-    for name, infos in listing.items():
-        sizes = [m for i in infos if (m := _number(i.device_memory))]
+    elsewhere = elsewhere or {}
+    for name in listing:
+        sizes = [m for i in [*listing[name], *elsewhere.get(name, [])] if (m := _number(i.device_memory))]
         if sizes:
             found[name] = (min(sizes), "catalog GpuInfo (another cloud)")
     metadata = catalog_dir() / "common" / "metadata.csv"
@@ -1104,7 +1128,7 @@ def plan_offers(estimate: MemoryEstimate, offers: list[Offer], *, use_spot: bool
                 break
             tried = offer.count * nodes
             if tried >= reasons.get(offer.accelerator, (-1, ""))[0]:
-                where = f"{offer.count} x {offer.gpu_memory_gib:g} GiB" + (f" x {nodes} nodes" if nodes > 1 else "")
+                where = f"{offer.count} x {round(offer.gpu_memory_gib, 1):g} GiB" + (f" x {nodes} nodes" if nodes > 1 else "")
                 reasons[offer.accelerator] = (tried, f"{where}: {fit.reason}")
             if fit.reason and "tensor parallel" in fit.reason:
                 break
@@ -1217,10 +1241,6 @@ def _hint(e: MemoryEstimate) -> str:
     if e.mode in ("full", "lora"):
         return "; try --mode qlora" if e.mode == "lora" else "; try --mode lora or --mode qlora"
     return ""
-
-
-def gib(n: float) -> float:
-    return n / GIB
 
 
 def iter_terms(e: MemoryEstimate) -> Iterator[tuple[str, str]]:

@@ -106,6 +106,20 @@ def parse_placement(
     return Placement(cloud, region, zone, accelerators, use_spot, disk_size)
 
 
+AUTO = "auto"
+
+
+def _auto(model, **options):
+    """``--accelerator auto``: the GPUs that fit the model, from SkyPilot's catalog (see ``llm-atc plan``)."""
+    from llm_atc import planning, ui
+
+    with ui.spinner("Sizing the model against SkyPilot's GPU catalog"):
+        choice = planning.auto_accelerators(model, **options)
+    ui.info(f"--accelerator auto: {choice.accelerator_text}"
+            + (f" on {choice.num_nodes} nodes" if choice.num_nodes > 1 else ""))
+    return choice
+
+
 def _placement_and_envs(
     *, cloud, region, zone, accelerator, use_spot, disk_size, envs, secrets, example: str
 ) -> tuple[Placement, dict[str, str], dict[str, str]]:
@@ -160,11 +174,16 @@ def build_serve_spec(
         raise UserError("--port 0 (pick a free port) only works with --cloud local")
     if is_local and (region or zone):
         raise UserError("--region and --zone do not apply to --cloud local")
+    model = resolve_model(name, source, registry)
+    if not is_local and (accelerator or "").strip().lower() == AUTO:
+        choice = _auto(model, mode="serve", max_model_len=max_model_len, dtype=dtype, quantization=quantization,
+                       cloud=cloud, region=region, use_spot=use_spot, registry=registry)
+        accelerator = choice.accelerator_text
+        max_model_len = max_model_len or choice.max_model_len
     placement, plain, secret_values = _placement_and_envs(
         cloud=cloud, region=region, zone=zone, accelerator=accelerator, use_spot=use_spot,
         disk_size=disk_size, envs=envs, secrets=secrets, example="A100:1",
     )
-    model = resolve_model(name, source, registry)
     if engine == "auto" and not is_local:
         engine = "vllm"
     return ServeSpec(
@@ -260,6 +279,11 @@ def build_train_spec(
         raise UserError(f"--base_model {base!r} is not a Hugging Face model id or a model folder")
     if Path(base).expanduser().is_dir():
         base = str(Path(base).expanduser().resolve())
+    if not is_local and (accelerator or "").strip().lower() == AUTO:
+        choice = _auto(base, mode=MODEL_TYPES[model_type], cloud=cloud, region=region, use_spot=use_spot,
+                       max_nodes=8 if model_type == "vicuna" else 1)
+        accelerator = choice.accelerator_text
+        num_nodes = max(num_nodes, choice.num_nodes)
     placement, plain, secret_values = _placement_and_envs(
         cloud=cloud, region=region, zone=zone, accelerator=accelerator, use_spot=use_spot,
         disk_size=disk_size, envs=envs, secrets=secrets, example="A100-80GB:8 or L4:1",
