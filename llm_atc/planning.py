@@ -10,8 +10,8 @@ Three steps, each usable on its own:
 3. :func:`make_plan` reads GPU offers and prices from SkyPilot's own catalog
    (``sky.catalog.list_accelerators``), finds for each GPU type the smallest
    count per node (and, past one node, the pipeline stages) that fits, and sorts
-   the offers by $/h. :func:`auto_accelerators` / :func:`feasible_accelerators`
-   give ``--accelerator auto`` the feasible set, cheapest first.
+   the offers by $/h. :func:`auto_accelerators`
+   gives ``--accelerator auto`` the feasible set, cheapest first.
 
 Nothing here imports SkyPilot or huggingface_hub until a step needs it.
 """
@@ -1206,26 +1206,6 @@ def auto_accelerators(
         raise UserError(f"--accelerator auto: no GPU in SkyPilot's catalog ({', '.join(plan.clouds)}) fits "
                         f"{plan.model.name} ({_summary(plan.estimate)}){_hint(plan.estimate)}")
     return AutoChoice(tuple(plan.auto), plan.num_nodes or 1, plan.estimate.max_model_len, plan)
-
-
-def feasible_accelerators(
-    model: "str | ModelRef | ModelInfo | Mapping",
-    *,
-    mode: str = "serve",
-    max_model_len: int | None = None,
-    dtype: str | None = None,
-    quantization: str | None = None,
-    cloud: str | None = None,
-    region: str | None = None,
-    use_spot: bool = False,
-    source: str | None = None,
-    registry: "Registry | None" = None,
-) -> list[str]:
-    """SkyPilot accelerator strings that fit on one node, cheapest first, e.g.
-    ``["L4:1", "A10G:1", "A100:1"]``; raises a one-line :class:`UserError` when none does."""
-    return list(auto_accelerators(model, mode=mode, max_model_len=max_model_len, dtype=dtype,
-                                  quantization=quantization, cloud=cloud, region=region, use_spot=use_spot,
-                                  max_nodes=1, source=source, registry=registry).accelerators)
 
 
 def _summary(e: MemoryEstimate) -> str:

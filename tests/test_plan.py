@@ -337,13 +337,20 @@ def test_past_one_node_plans_pipeline_stages(catalog):
     assert single.options == [] and "A100-80GB" in single.infeasible
 
 
+def feasible(model, **options) -> list[str]:
+    """What `--accelerator auto` offers SkyPilot on one node, cheapest first."""
+    from llm_atc.planning import auto_accelerators
+
+    return list(auto_accelerators(model, max_nodes=1, **options).accelerators)
+
+
 def test_feasible_accelerators_for_accelerator_auto(catalog, tmp_path):
     from llm_atc.errors import UserError
-    from llm_atc.planning import auto_accelerators, feasible_accelerators
+    from llm_atc.planning import auto_accelerators
 
-    assert feasible_accelerators(str(model_folder(tmp_path, "Qwen2.5-0.5B-Instruct")))[:3] == [
+    assert feasible(str(model_folder(tmp_path, "Qwen2.5-0.5B-Instruct")))[:3] == [
         "T4:1", "L4:1", "A10:1"]
-    assert feasible_accelerators(config("Llama-2-70b-hf"), cloud="gcp") == ["L4:8", "A100-80GB:2", "A100:4",
+    assert feasible(config("Llama-2-70b-hf"), cloud="gcp") == ["L4:8", "A100-80GB:2", "A100:4",
                                                                             "H100:8"]
     choice = auto_accelerators(config("Mistral-7B-v0.1"), use_spot=True)
     assert choice.num_nodes == 1 and choice.max_model_len == 32768
@@ -351,7 +358,7 @@ def test_feasible_accelerators_for_accelerator_auto(catalog, tmp_path):
     full = auto_accelerators(config("Llama-2-70b-hf"), mode="full", max_nodes=8)
     assert full.num_nodes > 1
     with pytest.raises(UserError) as error:
-        feasible_accelerators(config("Llama-2-70b-hf"), cloud="lambda", mode="lora")
+        feasible(config("Llama-2-70b-hf"), cloud="lambda", mode="lora")
     assert "no GPU" in str(error.value) and "\n" not in str(error.value)
 
 
@@ -457,13 +464,12 @@ def test_serve_accelerator_auto_renders_only_what_fits(cli, catalog, tmp_path):
     import yaml
 
     from llm_atc.backends.skypilot import import_sky
-    from llm_atc.planning import feasible_accelerators
 
     folder = model_folder(tmp_path, "Llama-2-70b-hf")
     result = cli("serve", "--name", str(folder), "--accelerator", "auto", "--cloud", "gcp", "--dryrun")
     assert result.exit_code == 0, result
     config = yaml.safe_load(result.stdout)
-    expected = feasible_accelerators(str(folder), cloud="gcp")
+    expected = feasible(str(folder), cloud="gcp")
     assert [a["accelerators"] for a in config["resources"]["any_of"]] == expected
     assert "A100:1" not in expected and "A100-80GB:1" not in expected  # 70B fp16 does not fit on one
     assert config["envs"]["MAX_MODEL_LEN"] == 4096  # what the plan was sized for
