@@ -107,6 +107,6 @@ def snippets(base_url: str, model: str, engine: str = "vllm") -> str:
   from openai import OpenAI
   client = OpenAI(base_url="{api}", api_key="EMPTY")
   reply = client.chat.completions.create(
-      model={json.dumps(model)}, messages=[{{"role": "user", "content": "Hello!"}}])
+      model={json.dumps(model)}, messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=64)
   print(reply.choices[0].message.content)
 """
