@@ -10,14 +10,14 @@ from __future__ import annotations
 from llm_atc import ui
 from llm_atc.deployment import Deployment
 from llm_atc.registry import Registry
-from llm_atc.spec import DEFAULT_ACCELERATOR, build_serve_spec
+from llm_atc.spec import build_serve_spec
 
 
 def serve(
     name: str,
     *,
     cloud: str | None = None,
-    accelerator: str | None = DEFAULT_ACCELERATOR,
+    accelerator: str | None = None,
     timeout: float | None = None,
     quiet: bool = True,
     **options,

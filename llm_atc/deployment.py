@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
+from typing import Iterator
 
 from llm_atc.backends import backend_for
 from llm_atc.readiness import wait_ready
@@ -65,6 +67,19 @@ class Deployment:
             timeout=timeout,
             message=f"Waiting for {self.name}",
         )
+
+    @contextmanager
+    def forward(self, local_port: int | None = None) -> Iterator[str]:
+        """An SSH tunnel to the engine, for nodes this machine cannot reach directly; yields the
+        local OpenAI base URL (``http://127.0.0.1:PORT/v1``) and closes the tunnel on exit.
+
+            with dep.forward() as base_url:
+                OpenAI(base_url=base_url, api_key="-").chat.completions.create(...)
+        """
+        from llm_atc.tunnel import forward
+
+        with forward(self.record, local_port=local_port) as tunnel:
+            yield tunnel.base_url
 
     def stop(self) -> None:
         """Stop the engine (idempotent)."""

@@ -19,10 +19,13 @@ def end_deployment(name: str, *, action: str, yes: bool, registry: Registry | No
     registry = registry or Registry()
     record = lookup(name, registry)
     where = "this machine" if record.is_local else f"cluster {record.cluster}"
+    backend = backend_for(record)
+    if action == "stop":
+        backend.check_stoppable(record)
     if not record.is_local and not ui.confirm(f"{ask} {record.name} on {where}?", yes=yes):
         raise SystemExit(1)
     with ui.spinner(f"{doing} {record.name} on {where}"):
-        getattr(backend_for(record), action)(record)
+        getattr(backend, action)(record)
     # A stop keeps FAILED visible; a teardown ends every record of the cluster.
     keep = {Status.DOWN} if action == "down" else {Status.DOWN, Status.FAILED}
     for stored in registry.records(kind="serve"):

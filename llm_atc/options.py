@@ -174,6 +174,20 @@ def check_cluster_name(name: str) -> str:
     return name
 
 
+RESOURCE_AMOUNT_RE = re.compile(r"^(\d+(\.\d+)?)\+?$")
+
+
+def check_resource_amount(value: str | None, *, option: str, unit: str) -> str | None:
+    """A SkyPilot cpus/memory request: ``4`` (exactly) or ``4+`` (at least); None passes through."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    match = RESOURCE_AMOUNT_RE.fullmatch(text)
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"{option} {value!r}: give a positive number of {unit}, e.g. 4 (exactly) or 4+ (at least)")
+    return text
+
+
 def check_port(port: int) -> int:
     """A TCP port for an engine (0 means: pick a free one, local mode only)."""
     if not 0 <= port <= 65535:

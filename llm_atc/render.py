@@ -8,27 +8,48 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 from llm_atc.errors import UserError
-from llm_atc.recipes_catalog import get_recipe
+from llm_atc.recipes_catalog import get_recipe, recipes_dir
 from llm_atc.spec import Placement, ServeSpec, TrainSpec
 from llm_atc.storage import Checkpoint
 
+# A bucket checkpoint mounted by SkyPilot (COPY mode).
 NODE_MODEL_DIR = "/llm-atc/model"
+# A local folder synced by SkyPilot (rsync), or a bucket fetched by the recipe: under the
+# node's home, which is per cluster on Slurm (several clusters can share one machine).
+NODE_HOME_MODEL_DIR = "~/llm-atc/model"
+# The recipes' bucket helper, mounted where they look for it.
+NODE_BUCKETS_SCRIPT = "~/.llm-atc/buckets.py"
+# Env vars that point object-store clients elsewhere than AWS/GCS proper; SkyPilot's own
+# bucket mounting does not follow them, so with one of these the node fetches by itself.
+CUSTOM_STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST")
 # Recipe envs that llm-atc's own options control; --envs may not override them.
 SERVE_RESERVED_ENVS = frozenset(
-    {"MODEL_NAME", "SERVED_MODEL_NAME", "HOST", "PORT", "MAX_MODEL_LEN", "DTYPE", "QUANTIZATION", "VLLM_ARGS"}
+    {"MODEL_NAME", "MODEL_SOURCE", "SERVED_MODEL_NAME", "HOST", "PORT", "MAX_MODEL_LEN", "DTYPE", "QUANTIZATION",
+     "VLLM_ARGS"}
 )
+
+
+@dataclass(frozen=True)
+class NodeFeatures:
+    """What the target infra can do for a task (SkyPilot's feature support, see backends.skypilot)."""
+
+    open_ports: bool = True
+    storage_mounting: bool = True
 # vLLM accepts these values for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def overlay_resources(resources: dict, placement: Placement, *, port: int | None) -> dict:
     """Apply placement and port to a recipe's ``resources`` section."""
-    merged = {k: v for k, v in resources.items() if k not in ("cloud", "region", "zone", "infra", "ports")}
+    # The recipe's accelerators are a default for `sky launch`: llm-atc always says what it wants
+    # (no accelerators at all for CPU serving or training).
+    dropped = ("cloud", "region", "zone", "infra", "ports", "accelerators", "any_of")
+    merged = {k: v for k, v in resources.items() if k not in dropped}
     if placement.accelerators:
-        merged.pop("accelerators", None)
         if len(placement.accelerators) == 1:
             merged["accelerators"] = str(placement.accelerators[0])
         else:
@@ -39,6 +60,10 @@ def overlay_resources(resources: dict, placement: Placement, *, port: int | None
         merged["use_spot"] = True
     if placement.disk_size:
         merged["disk_size"] = placement.disk_size
+    if placement.cpus:
+        merged["cpus"] = placement.cpus
+    if placement.memory:
+        merged["memory"] = placement.memory
     if port is not None:
         merged["ports"] = port
     return merged
@@ -53,23 +78,33 @@ def check_user_envs(envs: dict[str, str], secrets: dict[str, str], reserved: fro
 
 
 def render_serve_task(
-    spec: ServeSpec, checkpoint: Checkpoint | None = None, *, local_dir: Path | None = None
+    spec: ServeSpec,
+    checkpoint: Checkpoint | None = None,
+    *,
+    local_dir: Path | None = None,
+    features: NodeFeatures = NodeFeatures(),
 ) -> dict:
     """The SkyPilot task config for ``spec`` (``checkpoint``: what its bucket holds).
 
     ``local_dir`` is set for ``--cloud local``: the weights are already on this
     machine there, so nothing is mounted and the engine binds 127.0.0.1.
+    ``features``: on infra that cannot open ports the task asks for none (the
+    endpoint is the head node's address); where buckets cannot be mounted, or a
+    custom endpoint is in ``--envs``, the recipe fetches the checkpoint itself.
     """
     check_user_envs(spec.envs, spec.secrets, SERVE_RESERVED_ENVS)
     _check_engine_options(spec)
     config = get_recipe(f"serve/{spec.engine}").load()
     config["name"] = spec.cluster
-    config["resources"] = overlay_resources(config.get("resources", {}), spec.placement, port=spec.port)
+    port = spec.port if features.open_ports and local_dir is None else None
+    config["resources"] = overlay_resources(config.get("resources", {}), spec.placement, port=port)
 
-    model_dir = str(local_dir) if local_dir else NODE_MODEL_DIR
-    model_arg, served_name, lora_args = _model_args(spec, checkpoint, model_dir)
+    placement = _model_placement(spec, features, local_dir)
+    model_arg, served_name, lora_args = _model_args(spec, checkpoint, placement.model_dir)
     envs = config.setdefault("envs", {})
     envs.update(MODEL_NAME=model_arg, SERVED_MODEL_NAME=served_name, PORT=spec.port)
+    if placement.source:
+        envs["MODEL_SOURCE"] = placement.source
     if spec.dtype:
         envs["DTYPE"] = spec.dtype
     if spec.engine == "vllm":
@@ -89,10 +124,39 @@ def render_serve_task(
     if secrets:
         config["secrets"] = secrets
 
-    mount = None if local_dir else _model_mount(spec)
-    if mount is not None:
-        config.setdefault("file_mounts", {})[NODE_MODEL_DIR] = mount
+    if placement.mounts:
+        config.setdefault("file_mounts", {}).update(placement.mounts)
     return config
+
+
+@dataclass(frozen=True)
+class _ModelPlacement:
+    model_dir: str  # where the engine finds the weights on the node
+    mounts: dict  # SkyPilot file_mounts that put them there
+    source: str = ""  # a bucket the recipe fetches into model_dir
+
+
+def _model_placement(spec: ServeSpec, features: NodeFeatures, local_dir: Path | None) -> _ModelPlacement:
+    if local_dir is not None:
+        return _ModelPlacement(str(local_dir), {})
+    model = spec.model
+    if model.path is not None:
+        return _ModelPlacement(NODE_HOME_MODEL_DIR, {NODE_HOME_MODEL_DIR: str(model.path)})
+    if model.bucket is None:
+        return _ModelPlacement(NODE_MODEL_DIR, {})
+    if features.storage_mounting and not custom_store_env(spec.envs):
+        return _ModelPlacement(NODE_MODEL_DIR, {NODE_MODEL_DIR: {"source": str(model.bucket), "mode": "COPY"}})
+    return _ModelPlacement(NODE_HOME_MODEL_DIR, buckets_script_mount(), source=str(model.bucket))
+
+
+def custom_store_env(envs: dict[str, str]) -> str | None:
+    """The first env var in ``envs`` that points object-store clients at a custom endpoint."""
+    return next((key for key in CUSTOM_STORE_ENVS if envs.get(key)), None)
+
+
+def buckets_script_mount() -> dict[str, str]:
+    """The file mount that gives the recipes their bucket helper."""
+    return {NODE_BUCKETS_SCRIPT: str(recipes_dir() / "train" / "buckets.py")}
 
 
 def _check_engine_options(spec: ServeSpec) -> None:
@@ -111,30 +175,22 @@ def _check_engine_options(spec: ServeSpec) -> None:
         raise UserError(f"{given[0]} applies to --engine vllm only (this serve uses {spec.engine})")
 
 
-def _model_mount(spec: ServeSpec):
-    if spec.model.bucket is not None:
-        return {"source": str(spec.model.bucket), "mode": "COPY"}
-    if spec.model.path is not None:
-        return str(spec.model.path)
-    return None
-
-
 def _model_args(spec: ServeSpec, checkpoint: Checkpoint | None, model_dir: str) -> tuple[str, str, list[str]]:
     """(what the engine loads, the name it serves it under, extra LoRA flags)."""
     model = spec.model
     if model.hub_id:
-        return model.hub_id, model.name, []
+        return model.hub_id, spec.served_name, []
     adapter = _adapter_config(model.path) if model.path else None
     if checkpoint is not None and checkpoint.is_adapter:
         adapter = {"base_model_name_or_path": checkpoint.base_model, "r": checkpoint.rank}
     if adapter is None:
-        return model_dir, model.name, []
+        return model_dir, spec.served_name, []
     base = adapter.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{model.location} is a LoRA adapter that does not name its base model")
     rank = int(adapter.get("r") or 16)
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
-    lora = ["--enable-lora", "--lora-modules", f"{model.name}={model_dir}", "--max-lora-rank", str(max_rank)]
+    lora = ["--enable-lora", "--lora-modules", f"{spec.served_name}={model_dir}", "--max-lora-rank", str(max_rank)]
     return base, base, lora
 
 
@@ -145,14 +201,12 @@ def _adapter_config(path: Path) -> dict | None:
     return json.loads(config.read_text())
 
 
-NODE_BASE_DIR = "/llm-atc/base"
+NODE_BASE_DIR = "~/llm-atc/base"
 TRAIN_RESERVED_ENVS = frozenset({"MODEL_TYPE", "MODEL_BASE", "DATA", "OUTPUT_URI"})
 
 
 def render_train_task(spec: TrainSpec, *, data: str) -> dict:
     """The SkyPilot task config for a fine-tuning run; ``data`` is the URI the node reads."""
-    from llm_atc.recipes_catalog import recipes_dir
-
     check_user_envs(spec.envs, spec.secrets, TRAIN_RESERVED_ENVS)
     config = get_recipe(f"train/{spec.model_type}").load()
     config["name"] = spec.cluster

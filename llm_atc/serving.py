@@ -12,13 +12,14 @@ import yaml
 
 from llm_atc import ui
 from llm_atc.errors import LaunchError
-from llm_atc.readiness import wait_ready
+from llm_atc.readiness import EngineExited, wait_ready
 from llm_atc.registry import Record, Registry, Status, home
 from llm_atc.render import render_serve_task
 from llm_atc.spec import ServeSpec
-from llm_atc.storage import Checkpoint, check_checkpoint
+from llm_atc.storage import Checkpoint, check_checkpoint, store_env
 
 CLOUD_READY_TIMEOUT = 30 * 60
+LOG_TAIL_LINES = 20
 
 
 @dataclass
@@ -53,13 +54,13 @@ def task_yaml(config: dict) -> str:
 
 def prepare(spec: ServeSpec) -> Prepared:
     """Check the checkpoint, render the task and let SkyPilot validate it."""
-    checkpoint = None
-    if spec.model.bucket is not None:
-        with ui.spinner(f"Checking {spec.model.bucket}"):
-            checkpoint = check_checkpoint(spec.model.bucket)
-    config = render_serve_task(spec, checkpoint)
     from llm_atc.backends import skypilot
 
+    checkpoint = None
+    if spec.model.bucket is not None:
+        with ui.spinner(f"Checking {spec.model.bucket}"), store_env(spec.envs, spec.secrets):
+            checkpoint = check_checkpoint(spec.model.bucket)
+    config = render_serve_task(spec, checkpoint, features=skypilot.node_features(spec.placement))
     skypilot.build_task(config, spec.secrets)
     return Prepared(spec, config, checkpoint)
 
@@ -92,7 +93,7 @@ def launch_on_skypilot(
     registry = registry or Registry()
     record = registry.add(
         Record(
-            name=spec.model.name,
+            name=spec.served_name,
             kind="serve",
             model=spec.model.location,
             cluster=spec.cluster,
@@ -104,10 +105,12 @@ def launch_on_skypilot(
             task_yaml=save_task(prepared.config, spec.cluster),
             engine=spec.engine,
             port=spec.port,
+            # Without opened ports the endpoint is the head node's address (see SkyPilotBackend.endpoint).
+            details={"open_ports": "ports" in prepared.config.get("resources", {})},
         )
     )
     task = build_task(prepared.config, spec.secrets)
-    ui.info(f"Launching {spec.model.name} on cluster {spec.cluster} ({spec.placement.accelerator_text})")
+    ui.info(f"Launching {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text})")
     try:
         job_id = backend.launch(task, cluster=spec.cluster, stream=not spec.detach_setup, no_setup=spec.no_setup)
     except KeyboardInterrupt:
@@ -134,12 +137,29 @@ def launch_on_skypilot(
             check_alive=_throttled(lambda: backend.job_failed(record), every=15.0),
             interval=5.0,
         )
+    except EngineExited as exc:
+        registry.update(record, status=Status.FAILED)
+        raise LaunchError(_failure_report(str(exc), record, backend, keep=spec.keep_on_failure)) from None
     except LaunchError:
         registry.update(record, status=Status.FAILED)
         raise
     registry.update(record, status=Status.RUNNING, endpoint=backend.endpoint(record))
     ui.info(f"Ready after {waited:.0f}s of waiting.")
     return record
+
+
+def _failure_report(reason: str, record: Record, backend, *, keep: bool) -> str:
+    """What went wrong, the end of the engine's log, and what became of the cluster."""
+    tail = backend.log_tail(record, LOG_TAIL_LINES)
+    lines = [f"{reason}.", f"Last lines of its log:\n{tail}" if tail else "Its log is empty."]
+    if keep:
+        lines.append(f"The cluster is kept (--keep_on_failure): llm-atc logs {record.cluster}; "
+                     f"llm-atc down {record.cluster}")
+    else:
+        with ui.spinner(f"Tearing down {record.cluster}"):
+            backend.down(record)
+        lines.append(f"Tore down {record.cluster} (--keep_on_failure keeps it for debugging).")
+    return "\n".join(lines)
 
 
 def still_up_message(cluster: str) -> str:

@@ -11,6 +11,7 @@ from llm_atc.options import (
     Accelerator,
     check_cluster_name,
     check_port,
+    check_resource_amount,
     cluster_name_for,
     parse_accelerators,
     parse_env_pairs,
@@ -36,6 +37,8 @@ class Placement:
     accelerators: tuple[Accelerator, ...] = ()
     use_spot: bool = False
     disk_size: int | None = None
+    cpus: str | None = None
+    memory: str | None = None
 
     @property
     def infra(self) -> str | None:
@@ -47,6 +50,13 @@ class Placement:
     @property
     def accelerator_text(self) -> str:
         return ",".join(str(a) for a in self.accelerators)
+
+    @property
+    def resources_text(self) -> str:
+        """What is asked for, for messages: ``A100:1``, ``cpus=1, memory=8+`` or ``default resources``."""
+        asked = [self.accelerator_text] if self.accelerators else []
+        asked += [f"{key}={value}" for key, value in (("cpus", self.cpus), ("memory", self.memory)) if value]
+        return ", ".join(asked) or "the recipe's default resources"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +87,22 @@ class ServeSpec(LaunchSpec):
     dtype: str | None = None
     quantization: str | None = None
     engine_args: tuple[str, ...] = ()
+    keep_on_failure: bool = False
+
+    @property
+    def served_name(self) -> str:
+        """The ``model`` clients send: ``--name``, except that a folder named by an absolute,
+        ``~`` or ``..`` path is served on a cluster under its folder name (the path means
+        nothing on the node)."""
+        from pathlib import PurePosixPath
+
+        name = self.model.name
+        if self.model.path is None or self.is_local:
+            return name
+        parts = PurePosixPath(name).parts
+        if name.startswith(("/", "~")) or ".." in parts:
+            return self.model.path.name
+        return name
 
 
 def parse_placement(
@@ -87,8 +113,10 @@ def parse_placement(
     accelerator: str | None,
     use_spot: bool = False,
     disk_size: int | None = None,
+    cpus: str | None = None,
+    memory: str | None = None,
 ) -> Placement:
-    """Validate cloud/region/zone and the accelerator request."""
+    """Validate cloud/region/zone and the resources request."""
     if zone and not region:
         raise UserError("--zone needs --region (and --cloud)")
     if region and not cloud:
@@ -103,7 +131,11 @@ def parse_placement(
         raise UserError(f"--disk_size {disk_size}: must be a positive number of GB")
     known = None if cloud in gpus.CUSTOM_GPU_INFRA else gpus.known_gpus()
     accelerators = parse_accelerators(accelerator, known) if accelerator else ()
-    return Placement(cloud, region, zone, accelerators, use_spot, disk_size)
+    return Placement(
+        cloud, region, zone, accelerators, use_spot, disk_size,
+        cpus=check_resource_amount(cpus, option="--cpus", unit="vCPUs"),
+        memory=check_resource_amount(memory, option="--memory", unit="GB"),
+    )
 
 
 AUTO = "auto"
@@ -121,16 +153,23 @@ def _auto(model, **options):
 
 
 def _placement_and_envs(
-    *, cloud, region, zone, accelerator, use_spot, disk_size, envs, secrets, example: str
+    *, cloud, region, zone, accelerator, use_spot, disk_size, cpus, memory, envs, secrets,
+    needs_accelerator: str | None,
 ) -> tuple[Placement, dict[str, str], dict[str, str]]:
-    """The placement (an accelerator is required off ``local``) and the envs split from secrets."""
+    """The placement and the envs split from secrets.
+
+    ``needs_accelerator``: an example accelerator when one is required off ``local``
+    (None when CPUs alone are fine).
+    """
     is_local = (cloud or "").strip().lower() == LOCAL
+    if is_local and (cpus or memory):
+        raise UserError("--cpus and --memory do not apply to --cloud local")
     placement = parse_placement(
         cloud=cloud, region=region, zone=zone, accelerator=None if is_local else accelerator,
-        use_spot=use_spot, disk_size=disk_size,
+        use_spot=use_spot, disk_size=disk_size, cpus=cpus, memory=memory,
     )
-    if not is_local and not placement.accelerators:
-        raise UserError(f"--accelerator is required on a cloud, e.g. {example}")
+    if not is_local and needs_accelerator and not placement.accelerators:
+        raise UserError(f"--accelerator is required on a cloud, e.g. {needs_accelerator}")
     plain, secret_values = split_envs_and_secrets(
         parse_env_pairs(envs, option="--envs"), parse_env_pairs(secrets, option="--secret")
     )
@@ -141,7 +180,7 @@ def build_serve_spec(
     name: str,
     *,
     source: str | None = None,
-    accelerator: str | None = DEFAULT_ACCELERATOR,
+    accelerator: str | None = None,
     cluster: str | None = None,
     cloud: str | None = None,
     region: str | None = None,
@@ -150,6 +189,8 @@ def build_serve_spec(
     secrets: tuple[str, ...] | list[str] = (),
     use_spot: bool = False,
     disk_size: int | None = None,
+    cpus: str | None = None,
+    memory: str | None = None,
     max_model_len: int | None = None,
     dtype: str | None = None,
     quantization: str | None = None,
@@ -159,9 +200,14 @@ def build_serve_spec(
     detach_setup: bool = False,
     detach_run: bool = False,
     no_setup: bool = False,
+    keep_on_failure: bool = False,
     registry: Registry | None = None,
 ) -> ServeSpec:
-    """Turn raw option values into a validated :class:`ServeSpec`; raises UserError."""
+    """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
+
+    Off ``local``, ``engine="auto"`` means vLLM, which gets ``A100:1`` unless
+    ``accelerator`` says otherwise; ``transformers`` asks for no GPU unless given one.
+    """
     if engine not in ENGINES:
         raise UserError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if dtype is not None and dtype not in DTYPES:
@@ -175,6 +221,10 @@ def build_serve_spec(
     if is_local and (region or zone):
         raise UserError("--region and --zone do not apply to --cloud local")
     model = resolve_model(name, source, registry)
+    if engine == "auto" and not is_local:
+        engine = "vllm"
+    if engine == "vllm" and not is_local and not accelerator:
+        accelerator = DEFAULT_ACCELERATOR
     if not is_local and (accelerator or "").strip().lower() == AUTO:
         choice = _auto(model, mode="serve", max_model_len=max_model_len, dtype=dtype, quantization=quantization,
                        cloud=cloud, region=region, use_spot=use_spot, registry=registry)
@@ -182,10 +232,11 @@ def build_serve_spec(
         max_model_len = max_model_len or choice.max_model_len
     placement, plain, secret_values = _placement_and_envs(
         cloud=cloud, region=region, zone=zone, accelerator=accelerator, use_spot=use_spot,
-        disk_size=disk_size, envs=envs, secrets=secrets, example="A100:1",
+        disk_size=disk_size, cpus=cpus, memory=memory, envs=envs, secrets=secrets,
+        needs_accelerator="A100:1" if engine == "vllm" else None,
     )
-    if engine == "auto" and not is_local:
-        engine = "vllm"
+    if keep_on_failure and is_local:
+        raise UserError("--keep_on_failure applies to clusters; locally a failed engine has already exited")
     return ServeSpec(
         model=model,
         cluster=check_cluster_name(cluster) if cluster else cluster_name_for(model.name),
@@ -198,6 +249,7 @@ def build_serve_spec(
         dtype=dtype,
         quantization=quantization,
         engine_args=parse_extra_args(vllm_args, option="--vllm_args"),
+        keep_on_failure=keep_on_failure,
         detach_setup=detach_setup,
         detach_run=detach_run,
         no_setup=no_setup,
@@ -243,6 +295,8 @@ def build_train_spec(
     num_nodes: int = 1,
     use_spot: bool = False,
     disk_size: int | None = None,
+    cpus: str | None = None,
+    memory: str | None = None,
     envs: tuple[str, ...] | list[str] = (),
     secrets: tuple[str, ...] | list[str] = (),
     detach_setup: bool = False,
@@ -286,7 +340,9 @@ def build_train_spec(
         num_nodes = max(num_nodes, choice.num_nodes)
     placement, plain, secret_values = _placement_and_envs(
         cloud=cloud, region=region, zone=zone, accelerator=accelerator, use_spot=use_spot,
-        disk_size=disk_size, envs=envs, secrets=secrets, example="A100-80GB:8 or L4:1",
+        disk_size=disk_size, cpus=cpus, memory=memory, envs=envs, secrets=secrets,
+        # CPU-only training is allowed when asked for explicitly with --cpus.
+        needs_accelerator=None if cpus else "A100-80GB:8 or L4:1 (or --cpus N to train on CPUs)",
     )
     return TrainSpec(
         run=run,

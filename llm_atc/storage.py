@@ -177,6 +177,33 @@ def _gcs_call(*, transfer: bool = False) -> dict:
     return {"timeout": (5, deadline), "retry": retry}
 
 
+# Settings a task passes to the node that also tell this machine's clients where the store is.
+STORE_ENV_KEYS = frozenset({
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_REGION", "AWS_DEFAULT_REGION", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT",
+})
+
+
+@contextmanager
+def store_env(*settings: dict[str, str]) -> Iterator[None]:
+    """Use the store settings given with ``--envs``/``--secret`` for our own bucket calls too.
+
+    The checkpoint a node reads from a MinIO or emulator endpoint is checked (and
+    data uploaded) at that same endpoint, not at AWS.
+    """
+    chosen = {k: v for values in settings for k, v in values.items() if k in STORE_ENV_KEYS}
+    saved = {k: os.environ.get(k) for k in chosen}
+    os.environ.update(chosen)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _s3_client():
     import boto3
 

@@ -22,7 +22,7 @@ from llm_atc.recipes_catalog import recipes_dir
 from llm_atc.registry import Record, Registry, Status, home
 from llm_atc.render import render_train_task
 from llm_atc.spec import TrainSpec
-from llm_atc.storage import BucketURI, ObjectStore, upload_path
+from llm_atc.storage import BucketURI, ObjectStore, store_env, upload_path
 
 FINISHED_MARKER = "llm-atc: training finished:"
 
@@ -71,7 +71,11 @@ class PreparedTrain:
 
 def prepare_train(spec: TrainSpec, registry: Registry | None = None) -> PreparedTrain:
     """Check the name, the bucket and the data; render the task; let SkyPilot validate it."""
-    registry = registry or Registry()
+    with store_env(spec.envs, spec.secrets):
+        return _prepare_train(spec, registry or Registry())
+
+
+def _prepare_train(spec: TrainSpec, registry: Registry) -> PreparedTrain:
     if registry.find_run(spec.run) is not None or any(r.name == spec.run for r in registry.records(kind="train")):
         raise UserError(f"a training run named {spec.run!r} already exists; pick another --name")
     output = None if "://" not in spec.output_uri else BucketURI.parse(spec.output_uri)
@@ -120,10 +124,12 @@ def _record(prepared: PreparedTrain, registry: Registry) -> Record:
 
 
 def upload_data(prepared: PreparedTrain) -> None:
-    if prepared.spec.data_is_local and prepared.data_uri != prepared.spec.data:
+    spec = prepared.spec
+    if spec.data_is_local and prepared.data_uri != spec.data:
         target = BucketURI.parse(prepared.data_uri)
         folder = BucketURI(target.scheme, target.bucket, target.prefix.rsplit("/", 1)[0])
-        upload_path(Path(prepared.spec.data), folder)
+        with store_env(spec.envs, spec.secrets):
+            upload_path(Path(spec.data), folder)
         ui.info(f"Uploaded {prepared.spec.data} to {prepared.data_uri}")
 
 
@@ -157,6 +163,10 @@ def launch_train(
         return record
     code = backend.logs(record, follow=True)
     registry.update(record, status=Status.SUCCEEDED if code == 0 else Status.FAILED)
+    if not keep_cluster:
+        # SkyPilot's autodown would get there too, a minute or so later (still billing).
+        with ui.spinner(f"Tearing down {spec.cluster}"):
+            backend.down(record)
     if code != 0:
         raise LaunchError(f"training run {spec.run} failed (job exit code {code}); see `llm-atc logs {spec.cluster}`")
     return record

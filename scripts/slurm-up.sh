@@ -220,7 +220,8 @@ chmod 600 /root/.slurm/config
 # downloads uv and Python itself.
 step "offline shims"
 if [ "$SLURM_OFFLINE" = auto ]; then
-  if curl -fsS -o /dev/null --connect-timeout 3 --max-time 5 https://astral.sh/uv/install.sh 2>/dev/null; then
+  # /usr/bin/curl, not `curl`: in a login shell of an earlier run, `curl` is the shim itself.
+  if /usr/bin/curl -fsS -o /dev/null --connect-timeout 3 --max-time 5 https://astral.sh/uv/install.sh 2>/dev/null; then
     SLURM_OFFLINE=0; echo "  https://astral.sh is reachable: no shims"
   else
     SLURM_OFFLINE=1; echo "  https://astral.sh is unreachable: installing the offline shims"

@@ -83,6 +83,7 @@ def test_recipes_ship_inside_the_installed_package(installed_venv, tmp_path):
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    command = "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest"
+    command = ("python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && bash scripts/slurm-up.sh && "
+               ".venv/bin/python -m pytest")
     assert f"```bash\n{command}\n```" in readme
     assert command in ci

@@ -275,9 +275,22 @@ def test_serve_spec_bad_accelerator(accelerator, fragments):
 
 
 @pytest.mark.parametrize("accelerator", [None, ""])
-def test_serve_spec_needs_an_accelerator_on_a_cloud(accelerator):
-    """Without an accelerator a cloud serve is refused."""
-    raises_one_line(lambda: build_serve_spec(MODEL, accelerator=accelerator), "--accelerator is required", "A100:1")
+def test_serve_spec_vllm_defaults_to_one_a100(accelerator):
+    """vLLM needs a GPU: without --accelerator a cluster serve asks for A100:1."""
+    spec = build_serve_spec(MODEL, accelerator=accelerator, cloud="gcp")
+    assert spec.engine == "vllm" and spec.placement.accelerators == (Accelerator("A100", 1),)
+
+
+def test_serve_spec_transformers_asks_for_no_gpu_unless_given():
+    """--engine transformers runs on CPUs: no accelerator unless one is given; --cpus/--memory pass through."""
+    spec = build_serve_spec(MODEL, engine="transformers", cloud="slurm", region="localcluster", cpus="1",
+                            memory="8+")
+    assert spec.placement.accelerators == ()
+    assert (spec.placement.cpus, spec.placement.memory) == ("1", "8+")
+    assert spec.placement.infra == "slurm/localcluster"
+    assert spec.placement.resources_text == "cpus=1, memory=8+"
+    with_gpu = build_serve_spec(MODEL, engine="transformers", cloud="gcp", accelerator="L4:1")
+    assert with_gpu.placement.accelerators == (Accelerator("L4", 1),)
 
 
 @pytest.mark.parametrize(
@@ -338,6 +351,13 @@ def test_serve_spec_cloud_names():
         (dict(engine="tgi"), ["--engine 'tgi'", "vllm"]),
         (dict(disk_size=0), ["--disk_size 0", "positive"]),
         (dict(vllm_args="serve x"), ["--vllm_args", "must start with a flag"]),
+        (dict(cpus="four"), ["--cpus 'four'", "4+ (at least)"]),
+        (dict(cpus="0"), ["--cpus '0'", "positive number of vCPUs"]),
+        (dict(cpus="4++"), ["--cpus '4++'"]),
+        (dict(memory="-1"), ["--memory '-1'", "GB"]),
+        (dict(cloud="local", cpus="2"), ["--cpus and --memory do not apply to --cloud local"]),
+        (dict(cloud="local", keep_on_failure=True), ["--keep_on_failure", "clusters"]),
+        (dict(cloud="slurmm"), ["'slurmm'", "slurm"]),
     ],
 )
 def test_serve_spec_bad_options(kwargs, fragments):

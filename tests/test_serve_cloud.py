@@ -241,6 +241,11 @@ class FakeSky:
     def down(self, cluster):
         self.downs.append(cluster)
 
+    def tail_logs(self, cluster, job_id, follow, tail=0, output_stream=None):
+        lines = [f"engine line {i}" for i in range(30)] + ["\x1b[31mValueError: not a model\x1b[0m"]
+        output_stream.write("\n".join(lines[-tail:] if tail else lines) + "\n")
+        return 1
+
 
 @pytest.fixture
 def fake_sky(monkeypatch):
@@ -303,9 +308,24 @@ def test_engine_job_that_ends_is_reported_failed(cli, fake_sky, monkeypatch):
     monkeypatch.setattr(FakeSky, "launch", lambda self, task, **kw: self.launches.append(task) or (1, None))
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "dead-srv", "-y", "--timeout", "60")
     assert_one_line_error(result, "ended (FAILED)")
+    assert "ValueError: not a model" in result.stderr and "engine line 10" not in result.stderr
+    assert "\x1b[" not in result.stderr
+    assert "Tore down dead-srv" in result.stderr and sky.downs == ["dead-srv"]
     from llm_atc.registry import Registry
 
     assert Registry().find("dead-srv").status == "FAILED"
+
+
+def test_keep_on_failure_leaves_the_cluster_up(cli, fake_sky, monkeypatch):
+    from llm_atc import serving
+
+    monkeypatch.setattr(serving, "_throttled", lambda check, every: check)
+    sky = fake_sky(job_status="FAILED")
+    sky.engine.ready.clear()
+    monkeypatch.setattr(FakeSky, "launch", lambda self, task, **kw: self.launches.append(task) or (1, None))
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "kept-srv", "-y", "--keep_on_failure")
+    assert_one_line_error(result, "ended (FAILED)")
+    assert sky.downs == [] and "llm-atc down kept-srv" in result.stderr
 
 
 def test_no_confirmation_without_a_terminal_launches_nothing(cli, fake_sky):

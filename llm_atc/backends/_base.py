@@ -37,6 +37,9 @@ class Backend(Protocol):
     def logs(self, record: Record, *, follow: bool, output: TextIO | None = None) -> int:
         """Write the engine's logs to ``output`` (default stdout); returns an exit code."""
 
+    def check_stoppable(self, record: Record) -> None:
+        """Raise a UserError, before anything changes, when ``stop`` cannot work there."""
+
     def stop(self, record: Record) -> None:
         """Stop the deployment, keeping what it needs to restart (disks, files)."""
 

@@ -26,7 +26,7 @@ from llm_atc.readiness import EngineExited, wait_ready
 from llm_atc.registry import Record, Registry, Status, home
 from llm_atc.render import render_serve_task
 from llm_atc.spec import ServeSpec
-from llm_atc.storage import check_checkpoint, download_checkpoint
+from llm_atc.storage import check_checkpoint, download_checkpoint, store_env
 
 LOCAL_READY_TIMEOUT = 600
 STOP_GRACE_SECONDS = 10
@@ -53,13 +53,15 @@ def _cuda_visible() -> bool:
     return listed.returncode == 0 and "GPU" in listed.stdout
 
 
-def pick_port(port: int) -> int:
+def pick_port(port: int, *, option: str = "--port") -> int:
     """``port`` if free on 127.0.0.1 (any free port for 0); a clear error if busy."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
-            raise UserError(f"port {port} is already in use on 127.0.0.1; pass --port N, or --port 0 for a free one") from None
+            raise UserError(
+                f"port {port} is already in use on 127.0.0.1; pass {option} N, or {option} 0 for a free one"
+            ) from None
         return sock.getsockname()[1]
 
 
@@ -70,10 +72,11 @@ def local_weights(spec: ServeSpec) -> Path | None:
     if spec.model.bucket is None:
         return None
     uri = spec.model.bucket
-    with ui.spinner(f"Checking {uri}"):
-        check_checkpoint(uri)
-    dest = home() / "cache" / uri.scheme / uri.bucket / uri.prefix
-    return download_checkpoint(uri, dest)
+    with store_env(spec.envs, spec.secrets):
+        with ui.spinner(f"Checking {uri}"):
+            check_checkpoint(uri)
+        dest = home() / "cache" / uri.scheme / uri.bucket / uri.prefix
+        return download_checkpoint(uri, dest)
 
 
 def serve_locally(spec: ServeSpec, *, timeout: float | None = None, registry: Registry | None = None) -> Record:
@@ -91,8 +94,6 @@ def serve_locally(spec: ServeSpec, *, timeout: float | None = None, registry: Re
     config = render_serve_task(spec, local_dir=weights)
     workdir = home() / "local" / spec.cluster
     workdir.mkdir(parents=True, exist_ok=True)
-    if engine == "transformers" and weights is not None:
-        config["envs"]["MODEL_NAME"] = _path_named(spec.model.name, weights, workdir)
     log_path = workdir / "server.log"
     endpoint = f"http://127.0.0.1:{port}"
     record = registry.add(
@@ -154,25 +155,6 @@ def _replace(spec: ServeSpec, **changes) -> ServeSpec:
 def _engine_path() -> str:
     """PATH with this interpreter's bin folder first, so a venv's engines are found unactivated."""
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-
-
-def _path_named(name: str, weights: Path, workdir: Path) -> str:
-    """A path spelt exactly as ``name`` (relative to ``workdir``) that leads to ``weights``.
-
-    `transformers serve` answers only requests whose ``model`` is the string it
-    loaded, so loading ``llm-atc/<run>`` through a symlink makes clients use the
-    name the user gave, as vLLM's ``--served-model-name`` does.
-    """
-    if Path(name).is_absolute():
-        return name
-    if ".." in Path(name).parts:
-        return str(weights)
-    link = workdir / name
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(weights.resolve(), target_is_directory=True)
-    return name
 
 
 def _start(
@@ -264,6 +246,9 @@ class LocalBackend:
             output.write(handle.read())
         output.flush()
         return 0
+
+    def check_stoppable(self, record: Record) -> None:
+        """A local engine can always be stopped."""
 
     def stop(self, record: Record) -> None:
         """SIGTERM to the process group, then SIGINT, then SIGKILL; idempotent.

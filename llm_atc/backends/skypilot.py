@@ -7,8 +7,12 @@ SkyPilot is imported on first use only; every process we start gets
 from __future__ import annotations
 
 import copy
+import functools
+import io
 import os
+import re
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, TextIO
 
 from llm_atc.backends._base import LiveState
@@ -38,6 +42,43 @@ def infra_names() -> list[str]:
 def canonical_infra(name: str) -> str:
     """``name`` spelt as SkyPilot spells it, or a one-line error with close matches."""
     return closest(name, infra_names(), "cloud")
+
+
+@functools.lru_cache(maxsize=None)
+def unsupported_feature(cloud: str | None, region: str | None, feature: str) -> str | None:
+    """SkyPilot's reason why ``cloud`` (``region``) cannot do ``feature``, or None.
+
+    ``feature`` is a ``CloudImplementationFeatures`` value: ``open_ports``,
+    ``storage_mounting``, ``stop``, ... Unknown (SkyPilot picks the cloud, or the
+    cloud's own check cannot run here) counts as supported.
+    """
+    if not cloud:
+        return None
+    sky = import_sky()
+    from sky import clouds
+    from sky.utils import registry
+
+    cloud_obj = registry.CLOUD_REGISTRY.from_str(cloud)
+    if cloud_obj is None:
+        return None
+    try:
+        resources = sky.Resources(infra="/".join(p for p in (cloud, region) if p))
+        cloud_obj.check_features_are_supported(resources, {clouds.CloudImplementationFeatures(feature)}, region)
+    except sky.exceptions.NotSupportedError as exc:
+        return _one_line(exc)
+    except Exception:  # noqa: BLE001 - e.g. a cloud SDK that is not installed: let SkyPilot decide at launch
+        return None
+    return None
+
+
+def node_features(placement):
+    """:class:`~llm_atc.render.NodeFeatures` of the placement's infra, from SkyPilot's feature support."""
+    from llm_atc.render import NodeFeatures
+
+    return NodeFeatures(
+        open_ports=unsupported_feature(placement.cloud, placement.region, "open_ports") is None,
+        storage_mounting=unsupported_feature(placement.cloud, placement.region, "storage_mounting") is None,
+    )
 
 
 def build_task(config: dict, secrets: dict[str, str]):
@@ -72,12 +113,37 @@ def sky_errors(cluster: str | None = None) -> Iterator[None]:
         raise UserError(_one_line(exc)) from None
     except sky.exceptions.ApiServerConnectionError as exc:
         raise LaunchError(f"cannot reach the SkyPilot API server: {_one_line(exc)}") from None
-    except (sky.exceptions.ResourcesUnavailableError, sky.exceptions.NoCloudAccessError) as exc:
+    except (sky.exceptions.ResourcesUnavailableError, sky.exceptions.NoCloudAccessError,
+            sky.exceptions.CloudError) as exc:
         raise LaunchError(_one_line(exc)) from None
     except ValueError as exc:
         if cluster and "not found" in str(exc).lower():
             raise NotFoundError(f"cluster {cluster!r} does not exist; see `llm-atc status`") from None
         raise UserError(_one_line(exc)) from None
+
+
+def ssh_config(cluster: str) -> Path:
+    """An ssh_config file for ``ssh -F FILE <cluster>``: the one SkyPilot generates for the
+    cluster (as `sky status` does), with ``~`` spelt out so it does not depend on ssh's idea of home."""
+    import_sky()
+    from sky.client.cli import command  # the function SkyPilot's CLI uses to write ~/.sky/generated/ssh/
+
+    from llm_atc.registry import home
+
+    with sky_errors(cluster):
+        found = command._get_cluster_records_and_set_ssh_config([cluster])
+    if not found:
+        raise NotFoundError(f"cluster {cluster!r} does not exist; see `llm-atc status`")
+    generated = Path.home() / ".sky" / "generated" / "ssh" / cluster
+    if not generated.is_file():
+        raise LaunchError(f"SkyPilot has no SSH access to {cluster} yet (is it UP? see `llm-atc status`)")
+    text = re.sub(r"(?m)(\s)~/", lambda m: f"{m.group(1)}{Path.home()}/", generated.read_text())
+    folder = home() / "ssh"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / f"{cluster}.config"
+    path.touch(mode=0o600)
+    path.write_text(text)
+    return path
 
 
 class SkyPilotBackend:
@@ -129,13 +195,31 @@ class SkyPilotBackend:
         return None
 
     def endpoint(self, record: Record) -> str:
+        """The engine's URL: SkyPilot's endpoint for the port, or (on infra that opens no
+        ports, such as Slurm) the head node's address and the port."""
         port = record.port or 8000
-        with sky_errors(record.cluster):
-            urls = self.sdk.get(self.sdk.endpoints(record.cluster, port))
-        url = (urls or {}).get(port) or (urls or {}).get(str(port))
-        if not url:
-            raise LaunchError(f"SkyPilot has no endpoint for port {port} on {record.cluster}")
-        return url if "://" in url else f"http://{url}"
+        if record.details.get("open_ports", True):
+            try:
+                with sky_errors(record.cluster):
+                    urls = self.sdk.get(self.sdk.endpoints(record.cluster, port))
+            except UserError as exc:  # "Querying endpoints is not supported ... on Slurm."
+                if "not supported" not in str(exc):
+                    raise
+            else:
+                url = (urls or {}).get(port) or (urls or {}).get(str(port))
+                if not url:
+                    raise LaunchError(f"SkyPilot has no endpoint for port {port} on {record.cluster}")
+                return url if "://" in url else f"http://{url}"
+        return f"http://{self.head_ip(record.cluster)}:{port}"
+
+    def head_ip(self, cluster: str) -> str:
+        with sky_errors(cluster):
+            found = self.sdk.get(self.sdk.status(cluster_names=[cluster]))
+        handle = found[0].handle if found else None
+        ip = getattr(handle, "head_ip", None)
+        if not ip:
+            raise LaunchError(f"cluster {cluster} has no head node address yet (is it UP? see `llm-atc status`)")
+        return ip
 
     def states(self, records: list[Record]) -> dict[int, LiveState]:
         if not records:
@@ -169,9 +253,39 @@ class SkyPilotBackend:
         with sky_errors(record.cluster):
             return self.sdk.tail_logs(record.cluster, record.details.get("job_id"), follow, output_stream=output)
 
+    def log_tail(self, record: Record, lines: int) -> str:
+        """The last ``lines`` lines of the job's log (best effort: empty when unavailable)."""
+        buffer = io.StringIO()
+        try:
+            with sky_errors(record.cluster):
+                self.sdk.tail_logs(record.cluster, record.details.get("job_id"), False, tail=lines,
+                                   output_stream=buffer)
+        except (UserError, LaunchError):
+            return ""
+        text = re.sub(r"\x1b\[[0-9;]*m", "", buffer.getvalue())
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def check_stoppable(self, record: Record) -> None:
+        """A one-line error, before anything changes, when SkyPilot cannot stop clusters there."""
+        reason = unsupported_feature(record.cloud, record.region, "stop")
+        if reason:
+            raise UserError(self._cannot_stop(record, reason))
+
     def stop(self, record: Record) -> None:
-        with sky_errors(record.cluster):
-            self.sdk.get(self.sdk.stop(record.cluster))
+        self.check_stoppable(record)
+        try:
+            with sky_errors(record.cluster):
+                self.sdk.get(self.sdk.stop(record.cluster))
+        except UserError as exc:  # SkyPilot's NotSupportedError, for a cloud we did not know
+            if "not supported" in str(exc).lower():
+                raise UserError(self._cannot_stop(record, str(exc))) from None
+            raise
+
+    @staticmethod
+    def _cannot_stop(record: Record, reason: str) -> str:
+        where = record.cloud or "this infra"
+        return (f"clusters on {where} cannot be stopped ({reason.rstrip('.')}); nothing was changed. "
+                f"Tear it down instead: llm-atc down {record.cluster}")
 
     def down(self, record: Record) -> None:
         with sky_errors(record.cluster):
@@ -179,5 +293,6 @@ class SkyPilotBackend:
 
 
 def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # SkyPilot colours some messages
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return " ".join(lines[:3]) if lines else type(exc).__name__

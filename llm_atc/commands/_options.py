@@ -15,7 +15,7 @@ def _apply(options):
 
 
 def placement_options(*, accelerator_default: str | None, accelerator_help: str):
-    """--accelerator --cloud --region --zone --use_spot --disk_size -c/--cluster."""
+    """--accelerator --cloud --region --zone --cpus --memory --use_spot --disk_size -c/--cluster."""
     return _apply(
         [
             click.option("--accelerator", default=accelerator_default, show_default=bool(accelerator_default),
@@ -25,6 +25,8 @@ def placement_options(*, accelerator_default: str | None, accelerator_help: str)
                                          "or `local` for this machine."),
             click.option("--region", help="Region (needs --cloud); for slurm, the cluster's name."),
             click.option("--zone", help="Zone (needs --region)."),
+            click.option("--cpus", help="vCPUs per node, SkyPilot syntax: 4 (exactly) or 4+ (at least)."),
+            click.option("--memory", help="Memory per node in GB, SkyPilot syntax: 16 or 16+."),
             click.option("--use_spot", is_flag=True, help="Use spot instances."),
             click.option("--disk_size", type=int, help="Disk size in GB."),
         ]

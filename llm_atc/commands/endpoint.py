@@ -1,4 +1,4 @@
-"""llm-atc endpoint: print a deployment's base URL, optionally checking what it serves."""
+"""llm-atc endpoint: print a deployment's base URL, optionally checking it or tunnelling to it."""
 
 from __future__ import annotations
 
@@ -7,18 +7,38 @@ import click
 
 @click.command()
 @click.argument("name")
-@click.option("--check", is_flag=True, help="Query /v1/models and print the served model ids.")
+@click.option("--check", is_flag=True, help="Query the engine and print the served model ids.")
 @click.option("--port", type=int, default=8000, show_default=True,
               help="Engine port, for clusters llm-atc did not launch.")
-def endpoint(name, check, port):
+@click.option("--forward", is_flag=True,
+              help="Open an SSH tunnel to the engine (for nodes you cannot reach directly), print its local "
+                   "URL and keep it open until Ctrl-C.")
+@click.option("--local_port", type=int, help="Local port of the --forward tunnel (default: a free one).")
+def endpoint(name, check, port, forward, local_port):
     """Print the base URL (http://HOST:PORT/v1) of deployment or cluster NAME."""
     from llm_atc import ui
     from llm_atc.backends import backend_for, lookup
     from llm_atc.readiness import served_models
 
+    if local_port is not None and not forward:
+        raise click.UsageError("--local_port goes with --forward")
     record = lookup(name, port=port)
-    base = backend_for(record).endpoint(record)
-    ui.out(base.rstrip("/") + "/v1")
-    if check:
-        for model in served_models(base, record.engine or "vllm", record.name):
-            ui.out(f"  {model}")
+
+    def show(base: str) -> None:
+        ui.out(base.rstrip("/") + "/v1")
+        if check:
+            for model in served_models(base, record.engine or "vllm", record.name):
+                ui.out(f"  {model}")
+
+    if not forward:
+        show(backend_for(record).endpoint(record))
+        return
+    from llm_atc.tunnel import forward as open_tunnel
+
+    with open_tunnel(record, local_port=local_port) as tunnel:
+        show(tunnel.endpoint)
+        ui.info(f"Forwarding {tunnel.endpoint} to port {record.port or port} on {record.cluster}; Ctrl-C closes it.")
+        try:
+            tunnel.wait()
+        except KeyboardInterrupt:
+            ui.info("Tunnel closed.")

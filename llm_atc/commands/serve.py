@@ -11,17 +11,21 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
 @click.option("-n", "--name", required=True,
               help="Model: a Hugging Face id, llm-atc/<run> (a checkpoint we trained) or a local folder.")
 @click.option("--source", help="s3:// or gs:// URI of the checkpoint to serve under --name (wins over the registry).")
-@placement_options(accelerator_default="A100:1",
-                   accelerator_help="GPUs: NAME[:COUNT] such as A100-80GB:2, or a comma list meaning any of them.")
+@placement_options(accelerator_default=None,
+                   accelerator_help="GPUs: NAME[:COUNT] such as A100-80GB:2, a comma list meaning any of them, or "
+                                    "auto. Default: A100:1 for vLLM, none for transformers.")
 @env_options()
 @click.option("--max_model_len", type=int, help="Context length the engine allocates for.")
 @click.option("--dtype", help="Weights dtype: auto, half, float16, bfloat16, float32.")
 @click.option("--quantization", help="vLLM quantization method, e.g. awq, gptq, fp8.")
 @click.option("--vllm_args", metavar="'FLAGS'", help="Extra vLLM engine flags, e.g. \"--enable-prefix-caching\".")
 @click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default="auto", show_default=True,
-              help="Serving engine. auto: vLLM on clouds; locally vLLM with a CUDA GPU, else transformers.")
+              help="Serving engine. auto: vLLM on clusters; locally vLLM with a CUDA GPU, else transformers. "
+                   "transformers runs on CPUs (small models, CPU-only clusters).")
 @click.option("--port", type=int, default=8000, show_default=True,
-              help="Engine port (0 picks a free one, local only).")
+              help="Engine port on the node (0 picks a free one, local only).")
+@click.option("--keep_on_failure", is_flag=True,
+              help="Leave the cluster up when the engine fails to start (default: torn down).")
 @click.option("--timeout", type=float, help="Seconds to wait for readiness (default 1800 on a cloud, 600 locally).")
 @launch_options()
 def serve(**options):
@@ -53,7 +57,7 @@ def serve(**options):
         ui.raw_out(prepared.yaml)
         return
     where = spec.placement.infra or "the cheapest infra SkyPilot finds"
-    question = f"Launch {spec.model.name} on cluster {spec.cluster} ({spec.placement.accelerator_text}, {where})?"
+    question = f"Launch {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text}, {where})?"
     if not ui.confirm(question, yes=yes):
         raise SystemExit(1)
     try:
@@ -65,4 +69,7 @@ def serve(**options):
         ui.info(f"Submitted; the engine is starting on {spec.cluster}.")
         ui.out(serving.still_up_message(spec.cluster))
         return
-    ui.out(snippets(record.endpoint, spec.model.name, record.engine or "vllm"))
+    ui.out(snippets(record.endpoint, spec.served_name, record.engine or "vllm"))
+    if not record.details.get("open_ports", True):
+        ui.info(f"{spec.placement.cloud} opens no ports: {record.endpoint} is the node's own address. Where that "
+                f"is unreachable, tunnel to it with: llm-atc endpoint {spec.cluster} --forward")

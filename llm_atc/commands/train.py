@@ -47,7 +47,7 @@ def train(**options):
         training.train_locally(prepared)
     else:
         where = spec.placement.infra or "the cheapest infra SkyPilot finds"
-        question = (f"Train {spec.run} ({spec.model_type}, {spec.placement.accelerator_text} x{spec.num_nodes}, "
+        question = (f"Train {spec.run} ({spec.model_type}, {spec.placement.resources_text} x{spec.num_nodes}, "
                     f"{where})?")
         if not ui.confirm(question, yes=yes):
             raise SystemExit(1)

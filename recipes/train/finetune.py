@@ -35,6 +35,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # buckets.py sits next to this file
+from buckets import Bucket, is_bucket_uri  # noqa: E402  (stdlib-only at import time)
+
 FINISHED_MARKER = "llm-atc: training finished:"
 CHECKPOINTS = "checkpoints"
 UPLOADED_MARKER = ".llm-atc-uploaded"  # written last into an uploaded checkpoint: the upload is complete
@@ -332,6 +335,10 @@ class Config:
         return self.work / CHECKPOINTS
 
 
+def _expand_home(value: str) -> str:
+    return os.path.expanduser(value) if value.startswith("~/") else value
+
+
 def read_config(env=None) -> Config:
     """The run's settings from environment variables; empty values mean the default."""
     env = os.environ if env is None else env
@@ -353,7 +360,8 @@ def read_config(env=None) -> Config:
     work_dir = get("WORK_DIR", "~/llm-atc-work")
     config = Config(
         model_type=model_type,
-        base_model=get("MODEL_BASE", Config.base_model),
+        # "~/..." is a folder on the node (llm-atc syncs a local base model there).
+        base_model=_expand_home(get("MODEL_BASE", Config.base_model)),
         data=get("DATA", ""),
         output_uri=get("OUTPUT_URI", ""),
         work_dir=work_dir,
@@ -381,108 +389,6 @@ def read_config(env=None) -> Config:
         if value < 1:
             raise SystemExit(f"llm-atc: {name}={value} must be at least 1")
     return config
-
-
-# --------------------------------------------------------------------------------------------
-# Buckets (s3:// via boto3, gs:// via google-cloud-storage)
-# --------------------------------------------------------------------------------------------
-
-
-def is_bucket_uri(uri: str) -> bool:
-    return uri.startswith(("s3://", "gs://"))
-
-
-class Bucket:
-    """``s3://bucket/prefix`` or ``gs://bucket/prefix``: the few operations training needs."""
-
-    def __init__(self, uri: str):
-        scheme, _, rest = uri.partition("://")
-        self.scheme = scheme
-        self.bucket, _, prefix = rest.partition("/")
-        self.prefix = prefix.strip("/")
-        if not self.bucket:
-            raise SystemExit(f"llm-atc: {uri!r} names no bucket")
-        self._client = None
-
-    def __str__(self) -> str:
-        return f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/")
-
-    def child(self, *parts: str) -> "Bucket":
-        return Bucket(f"{self.scheme}://{self.bucket}/" + "/".join(p.strip("/") for p in (self.prefix, *parts) if p))
-
-    @property
-    def client(self):
-        if self._client is None:
-            if self.scheme == "s3":
-                import boto3
-
-                self._client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-            else:
-                from google.cloud import storage
-
-                if os.environ.get("STORAGE_EMULATOR_HOST"):
-                    from google.auth.credentials import AnonymousCredentials
-
-                    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or "llm-atc-local"
-                    self._client = storage.Client(project=project, credentials=AnonymousCredentials())
-                else:
-                    self._client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT") or None)
-        return self._client
-
-    def _key(self, relative: str = "") -> str:
-        return "/".join(p for p in (self.prefix, relative.strip("/")) if p)
-
-    def list(self) -> list[str]:
-        """Keys under the prefix (as a folder), relative to it."""
-        folder = self._key() + "/" if self.prefix else ""
-        if self.scheme == "s3":
-            keys = []
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
-                keys += [item["Key"] for item in page.get("Contents", [])]
-        else:
-            keys = [blob.name for blob in self.client.list_blobs(self.bucket, prefix=folder)]
-        return [key[len(folder):] for key in keys if not key.endswith("/")]
-
-    def download_file(self, relative: str, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        key = self._key(relative)
-        if self.scheme == "s3":
-            self.client.download_file(self.bucket, key, str(dest))
-        else:
-            self.client.bucket(self.bucket).blob(key).download_to_filename(str(dest))
-
-    def upload_file(self, path: Path, relative: str) -> None:
-        key = self._key(relative)
-        if self.scheme == "s3":
-            self.client.upload_file(str(path), self.bucket, key)
-        else:
-            self.client.bucket(self.bucket).blob(key).upload_from_filename(str(path))
-
-    def download_folder(self, dest: Path) -> int:
-        keys = self.list()
-        for relative in keys:
-            self.download_file(relative, dest / relative)
-        return len(keys)
-
-    def upload_folder(self, folder: Path, last: tuple[str, ...] = ()) -> int:
-        """Upload every file under ``folder``; the names in ``last`` go after all others."""
-        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name in last, str(p)))
-        for path in files:
-            self.upload_file(path, path.relative_to(folder).as_posix())
-        return len(files)
-
-    def delete(self) -> int:
-        """Delete everything under the prefix (as a folder)."""
-        keys = [self._key(relative) for relative in self.list()]
-        if self.scheme == "s3":
-            for start in range(0, len(keys), 1000):
-                chunk = keys[start:start + 1000]
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk]})
-        else:
-            bucket = self.client.bucket(self.bucket)
-            for key in keys:
-                bucket.blob(key).delete()
-        return len(keys)
 
 
 def fetch_data(config: Config) -> Path:

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Install the training stack unless an adequate one is already importable (SkyPilot runs this on
 # every launch and every spot recovery, so it must be quick when there is nothing to do).
+# Uses uv when the node has it (SkyPilot installs it in ~/.local/bin), else pip; both honour their
+# usual variables (UV_FIND_LINKS, UV_EXTRA_INDEX_URL, PIP_EXTRA_INDEX_URL, ...).
+# TORCH_SPEC overrides the torch requirement, e.g. torch==2.13.0+cpu on CPU-only nodes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 # "import name|pip requirement|minimum version|exact major.minor (optional)"
 REQUIREMENTS=(
-  "torch|torch>=2.6|2.6"
+  "torch|${TORCH_SPEC:-torch>=2.6}|2.6"
   "transformers|transformers>=5.17,<6|5.17"
   "trl|trl==1.16.0|1.16.0|1.16"
   "peft|peft==0.21.2|0.21.2|0.21"
@@ -54,5 +57,10 @@ if [ -z "$missing" ]; then
   exit 0
 fi
 echo "llm-atc: installing:" $missing
+UV="$(command -v uv || echo "$HOME/.local/bin/uv")"
 # shellcheck disable=SC2086  # one requirement per word
-python3 -m pip install --quiet --upgrade-strategy only-if-needed $missing
+if [ -x "$UV" ]; then
+  "$UV" pip install --python "$(command -v python3)" $missing
+else
+  python3 -m pip install --quiet --upgrade-strategy only-if-needed $missing
+fi

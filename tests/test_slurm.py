@@ -1,0 +1,276 @@
+"""End to end on a real Slurm cluster, through real SkyPilot launches: no test doubles.
+
+Needs the single-node cluster of ``scripts/slurm-up.sh`` (``.ci/run`` brings it up and
+down). Without it these tests fail, saying so; deselect them with ``-m "not slurm"``.
+
+Every scenario uses the ``transformers`` recipe on CPU (no GPU here), the tiny model,
+moto on 127.0.0.1 as the bucket, and tears its clusters down; the session's SkyPilot
+API server runs in the test HOME on its own port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, assert_one_line_error, free_port, unique
+
+pytestmark = pytest.mark.slurm
+
+TORCH_CPU_WHEELS = Path("/opt/wheels")
+LAUNCH_TIMEOUT = 600  # seconds for one serve to become ready (provisioning + setup + load)
+ENGINE = "transformers"
+
+
+def _real_home() -> Path:
+    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+
+
+def _slurm_cluster_name(config: Path) -> str:
+    match = re.search(r"(?m)^Host\s+(\S+)", config.read_text())
+    assert match, f"no Host entry in {config}"
+    return match.group(1)
+
+
+@pytest.fixture(scope="session")
+def slurm(sky_api_server):
+    """The local Slurm cluster's name, with ``~/.slurm/config`` visible to SkyPilot in the test HOME.
+
+    At the end, every cluster the session left behind is torn down.
+    """
+    config = _real_home() / ".slurm" / "config"
+    if not config.is_file() or shutil.which("sinfo") is None:
+        pytest.fail("no local Slurm cluster: run `sudo bash scripts/slurm-up.sh` first, or deselect with -m 'not slurm'")
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        pytest.fail(f"Slurm does not answer (sinfo: {probe.stderr.strip()}); run `sudo bash scripts/slurm-up.sh`")
+    target = Path.home() / ".slurm" / "config"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(config, target)
+    yield _slurm_cluster_name(config)
+    sky = sky_api_server
+    for cluster in sky.get(sky.status()):
+        sky.get(sky.down(cluster.name))
+
+
+def node_install_envs() -> str:
+    """How the node installs torch: a CPU build (the local wheel where this machine has one)."""
+    if list(TORCH_CPU_WHEELS.glob("torch-2.13.0+cpu-*.whl")):
+        return f"TORCH_SPEC=torch==2.13.0+cpu UV_FIND_LINKS={TORCH_CPU_WHEELS}"
+    return "TORCH_SPEC=torch==2.13.0+cpu UV_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"
+
+
+@pytest.fixture
+def store_envs(s3, moto_endpoint, monkeypatch) -> str:
+    """``--envs`` that point the node (and llm-atc's own checks) at moto.
+
+    The test process forgets moto's settings, so llm-atc must take them from ``--envs``.
+    """
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    return (f"AWS_ENDPOINT_URL={moto_endpoint} AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing "
+            "AWS_DEFAULT_REGION=us-east-1")
+
+
+def slurm_options(slurm: str, cluster: str, port: int, *envs: str) -> list[str]:
+    return ["--cloud", "slurm", "--region", slurm, "--engine", ENGINE, "--cpus", "1", "--port", str(port),
+            "-c", cluster, "-y", "--timeout", str(LAUNCH_TIMEOUT), "--envs", " ".join([node_install_envs(), *envs])]
+
+
+def chat(base_url: str, model: str, *, stream: bool = False) -> str:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key="unused", timeout=120, max_retries=0)
+    messages = [{"role": "user", "content": "Say hi"}]
+    if stream:
+        parts = client.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True)
+        return "".join(chunk.choices[0].delta.content or "" for chunk in parts if chunk.choices)
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8)
+    assert reply.choices[0].message.role == "assistant"
+    return reply.choices[0].message.content or ""
+
+
+def slurm_jobs_of(cluster: str) -> list[str]:
+    """Names of the Slurm jobs that back ``cluster`` (SkyPilot names them ``<cluster>-<hash>``)."""
+    names = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True, timeout=30).stdout.split()
+    return [name for name in names if name.startswith(cluster + "-")]
+
+
+def engine_processes(port: int) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "transformers serve" in cmdline and f"--port {port}" in cmdline:
+            found.append(proc.info["pid"])
+    return found
+
+
+def assert_gone(cli, cluster: str, port: int) -> None:
+    """``down`` tears it down: no cluster, no Slurm job, no engine process left."""
+    result = cli("down", cluster, "-y")
+    assert result.exit_code == 0, result
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (slurm_jobs_of(cluster) or engine_processes(port)):
+        time.sleep(1)
+    assert slurm_jobs_of(cluster) == []
+    assert engine_processes(port) == []
+
+
+def test_serve_bucket_checkpoint_on_slurm(cli, slurm, s3_checkpoint, store_envs):
+    """llm-atc/<run> from moto → a real SkyPilot launch on Slurm → chat, stream, status, logs,
+    stop refused, a forwarded tunnel, down."""
+    cluster, port = unique("e2e-serve"), free_port()
+    result = cli("serve", "--name", "llm-atc/tiny", "--source", s3_checkpoint,
+                 *slurm_options(slurm, cluster, port, store_envs))
+    assert result.exit_code == 0, result
+    url = f"http://127.0.0.1:{port}/v1"
+    assert url in result.stdout
+    assert "llm-atc endpoint" in result.stderr and "--forward" in result.stderr  # no ports opened on Slurm
+    try:
+        shown = cli("endpoint", cluster)
+        assert (shown.exit_code, shown.stdout.strip()) == (0, url), shown
+        assert chat(url, "llm-atc/tiny")
+        assert chat(url, "llm-atc/tiny", stream=True)
+
+        status = cli("status")
+        row = next(line for line in status.stdout.splitlines() if cluster in line)
+        assert "RUNNING" in row and f"slurm/{slurm}" in row, status.stdout
+
+        logs = cli("logs", cluster)
+        assert logs.exit_code == 0, logs
+        assert "fetched" in logs.stdout  # the recipe fetched the checkpoint itself (no FUSE here)
+        assert "/v1/chat/completions" in logs.stdout  # the engine's own access log
+
+        stop = cli("stop", cluster, "-y")
+        assert_one_line_error(stop, "cannot be stopped", f"llm-atc down {cluster}")
+        assert stop.exit_code == 2
+        assert cli("endpoint", cluster, "--check").exit_code == 0  # still up, untouched
+
+        forward_and_chat(cluster)
+    finally:
+        assert_gone(cli, cluster, port)
+
+
+def forward_and_chat(cluster: str) -> None:
+    """``endpoint --forward``: a local URL through SkyPilot's SSH config, closed by Ctrl-C."""
+    local_port = free_port()
+    proc = subprocess.Popen([str(BIN / "llm-atc"), "endpoint", cluster, "--forward", "--local_port", str(local_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()  # printed once the engine answers through the tunnel
+        assert line.strip() == f"http://127.0.0.1:{local_port}/v1", (line, proc.poll())
+        assert chat(line.strip(), "llm-atc/tiny")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert "Tunnel closed" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    import socket
+
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", local_port)) != 0  # the tunnel is gone
+
+
+def sharegpt(n: int = 8) -> list[dict]:
+    return [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
+                                              {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."}]}
+            for i in range(n)]
+
+
+def test_train_then_serve_on_slurm(cli, slurm, s3, tiny_model, store_envs, tmp_path):
+    """train --model_type lora on Slurm → the checkpoint in the bucket → serve llm-atc/<run> on Slurm."""
+    bucket = unique("e2e-train")
+    s3.create_bucket(Bucket=bucket)
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps(sharegpt()))
+    run, train_cluster = unique("e2e-run"), unique("e2e-train")
+    result = cli("train", "--model_type", "lora", "--finetune_data", str(data), "--checkpoint_bucket", bucket,
+                 "--checkpoint_store", "S3", "--name", run, "--base_model", str(tiny_model),
+                 "--cloud", "slurm", "--region", slurm, "--cpus", "1", "-c", train_cluster, "-y",
+                 "--envs", f"{node_install_envs()} {store_envs} MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2")
+    assert result.exit_code == 0, result.stdout[-3000:] + result.stderr
+    assert "training finished" in result.stdout + result.stderr
+    keys = {item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=f"llm-atc/{run}/")["Contents"]}
+    assert f"llm-atc/{run}/config.json" in keys and f"llm-atc/{run}/model.safetensors" in keys
+    listed = cli("list")
+    assert run in listed.stdout and "SUCCEEDED" in listed.stdout, listed
+
+    cluster, port = unique("e2e-trained"), free_port()
+    served = cli("serve", "--name", f"llm-atc/{run}", *slurm_options(slurm, cluster, port, store_envs))
+    try:
+        assert served.exit_code == 0, served
+        assert chat(f"http://127.0.0.1:{port}/v1", f"llm-atc/{run}")
+    finally:
+        assert_gone(cli, cluster, port)
+        assert slurm_jobs_of(train_cluster) == []  # the training cluster took itself down
+
+
+def test_local_folder_ctrl_c_then_python_api(slurm, tiny_model):
+    """A folder synced by rsync; Ctrl-C while waiting leaves the cluster up with the commands to
+    check on it; the Python API then waits for it, tunnels to it and tears it down."""
+    import llm_atc
+
+    cluster, port = unique("e2e-folder"), free_port()
+    args = [str(BIN / "llm-atc"), "serve", "--name", str(tiny_model), *slurm_options(slurm, cluster, port)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stderr = []
+    try:
+        for line in proc.stderr:
+            stderr.append(line)
+            if line.startswith("Waiting for"):
+                break
+        assert any(line.startswith("Waiting for") for line in stderr), "".join(stderr)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+        stderr.append(proc.stderr.read())
+        told = "".join(stderr)
+        assert f"The cluster {cluster} is left up" in told
+        for command in ("llm-atc status", f"llm-atc endpoint {cluster} --check", f"llm-atc down {cluster}"):
+            assert command in told
+
+        deployment = llm_atc.get(cluster)
+        deployment.wait_ready(timeout=LAUNCH_TIMEOUT)
+        assert deployment.endpoint == f"http://127.0.0.1:{port}"
+        assert deployment.name == tiny_model.name  # a folder given by its absolute path: served as its name
+        assert chat(deployment.base_url, tiny_model.name)
+        with deployment.forward() as base_url:
+            assert base_url != deployment.base_url
+            assert chat(base_url, tiny_model.name)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        llm_atc.get(cluster).down()
+    assert slurm_jobs_of(cluster) == [] and engine_processes(port) == []
+
+
+def test_engine_that_dies_on_the_node(cli, slurm, tmp_path):
+    """A folder that is not a loadable model: one line saying the engine's job ended, its log
+    tail, FAILED in the registry, non-zero exit, and the cluster torn down."""
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))  # and no weights, no tokenizer
+    cluster, port = unique("e2e-dead"), free_port()
+    result = cli("serve", "--name", str(broken), *slurm_options(slurm, cluster, port))
+    assert_one_line_error(result, f"the engine's job on {cluster} ended")
+    assert result.exit_code == 1
+    assert "Last lines of its log" in result.stderr, result.stderr
+    assert "ValueError: Unrecognized processing class in not-a-model" in result.stderr, result.stderr
+    assert f"Tore down {cluster}" in result.stderr
+    from llm_atc.registry import Registry
+
+    assert Registry().find(cluster).status == "FAILED"
+    assert slurm_jobs_of(cluster) == [] and engine_processes(port) == []
+
