@@ -2,27 +2,38 @@
 
 The Python API mirrors the CLI::
 
-    from llm_atc import serve
-    with serve("Qwen/Qwen2.5-0.5B-Instruct", cloud="local") as dep:
+    import llm_atc
+    with llm_atc.serve("Qwen/Qwen2.5-0.5B-Instruct", cloud="local") as dep:
         print(dep.base_url)
+    run = llm_atc.train("lora", "./chats.json", base_model="./my-model", cloud="local")
+    llm_atc.list()  # deployments and training runs, newest first
 
 Heavy modules (SkyPilot, torch, transformers) load only when used.
 """
 
 __version__ = "0.2.0"
 
-__all__ = ["serve", "get", "list_deployments", "Deployment", "UserError", "__version__"]
+__all__ = ["serve", "train", "get", "list", "list_deployments", "Deployment", "TrainingRun", "UserError",
+           "__version__"]
 
 
 def __getattr__(name):
-    if name in ("serve", "get", "list_deployments"):
+    if name in ("serve", "train", "get", "list_deployments"):
         from llm_atc import api
 
         return getattr(api, name)
+    if name == "list":  # llm_atc.list(): deployments and runs (the module keeps the builtin for itself)
+        from llm_atc import api
+
+        return api.list_all
     if name == "Deployment":
         from llm_atc.deployment import Deployment
 
         return Deployment
+    if name == "TrainingRun":
+        from llm_atc.training_run import TrainingRun
+
+        return TrainingRun
     if name == "UserError":
         from llm_atc.errors import UserError
 

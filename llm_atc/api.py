@@ -1,8 +1,10 @@
 """The Python API: the same operations as the CLI, returning objects instead of printing.
 
-    from llm_atc import serve
+    from llm_atc import serve, train
     with serve("./my-model", cloud="local") as dep:
         print(dep.base_url)
+    run = train("lora", "./chats.json", base_model="./my-model", cloud="local")
+    run.status()  # "SUCCEEDED"
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from llm_atc import ui
 from llm_atc.deployment import Deployment
 from llm_atc.registry import Registry
 from llm_atc.spec import build_serve_spec
+from llm_atc.training_run import TrainingRun
 
 
 def serve(
@@ -45,10 +48,58 @@ def serve(
     return Deployment(record, registry)
 
 
-def get(name: str) -> Deployment:
-    """The newest deployment called ``name`` (or on cluster ``name``)."""
+def train(
+    model_type: str,
+    finetune_data: str,
+    *,
+    checkpoint_bucket: str | None = None,
+    checkpoint_store: str | None = None,
+    cloud: str | None = None,
+    keep_cluster: bool = False,
+    quiet: bool = True,
+    **options,
+) -> TrainingRun:
+    """Fine-tune (``vicuna``, ``lora`` or ``qlora``) on ``finetune_data`` and wait for the run to end
+    (unless ``detach_run=True``); returns its :class:`TrainingRun`.
+
+    ``options`` are the CLI's ``train`` options by their Python names (``name``, ``base_model``,
+    ``accelerator``, ``cpus``, ``region``, ``envs``, ``secrets``, ...). Raises
+    :class:`llm_atc.UserError` (a failed run raises its subclass ``LaunchError``).
+    """
+    from llm_atc import training
+    from llm_atc.spec import build_train_spec
+
     registry = Registry()
-    return Deployment(registry.find(name, kind="serve"), registry)
+    with ui.quiet(quiet):
+        spec = build_train_spec(model_type=model_type, finetune_data=finetune_data, cloud=cloud,
+                                checkpoint_bucket=checkpoint_bucket, checkpoint_store=checkpoint_store, **options)
+        prepared = training.prepare_train(spec, registry)
+        if spec.is_local:
+            record = training.train_locally(prepared, registry)
+        else:
+            record = training.launch_train(prepared, keep_cluster=keep_cluster, registry=registry)
+    return TrainingRun(record, registry)
+
+
+def get(name: str) -> Deployment | TrainingRun:
+    """The newest deployment called ``name`` (or on cluster ``name``), else the training run ``name``."""
+    from llm_atc.errors import NotFoundError
+
+    registry = Registry()
+    try:
+        return Deployment(registry.find(name, kind="serve"), registry)
+    except NotFoundError:
+        pass
+    try:
+        return TrainingRun(registry.find(name, kind="train"), registry)
+    except NotFoundError:
+        raise NotFoundError(f"no deployment or training run named {name!r}; see `llm-atc status`") from None
+
+
+def list_all() -> list[Deployment | TrainingRun]:
+    """Every recorded deployment and training run, newest first (``llm_atc.list()``)."""
+    registry = Registry()
+    return [Deployment(r, registry) if r.kind == "serve" else TrainingRun(r, registry) for r in registry.records()]
 
 
 def list_deployments() -> list[Deployment]:

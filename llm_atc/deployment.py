@@ -7,32 +7,18 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from llm_atc.backends import backend_for
+from llm_atc.handle import RecordHandle
 from llm_atc.readiness import wait_ready
-from llm_atc.registry import Record, Registry, Status
+from llm_atc.registry import Status
 
 
-class Deployment:
-    """A served model: its endpoint, live status, logs and lifecycle.
+class Deployment(RecordHandle):
+    """A served model: its endpoint, live status, logs and lifecycle. ``name`` is what
+    clients send as ``model``.
 
     As a context manager it stops a local deployment on exit and tears a cloud
     one down (so nothing keeps billing).
     """
-
-    def __init__(self, record: Record, registry: Registry | None = None):
-        self.record = record
-        self._registry = registry or Registry()
-
-    def __repr__(self) -> str:
-        return f"Deployment(name={self.name!r}, cluster={self.cluster!r}, status={self.record.status!r})"
-
-    @property
-    def name(self) -> str:
-        """The name clients send as ``model``."""
-        return self.record.name
-
-    @property
-    def cluster(self) -> str:
-        return self.record.cluster
 
     @property
     def endpoint(self) -> str:

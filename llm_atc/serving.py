@@ -122,11 +122,15 @@ def launch_on_skypilot(
     if spec.detach_run:
         return record
 
+    known: list[str] = []  # the endpoint does not change while the cluster is up: ask SkyPilot once
+
     def endpoint_or_none() -> str | None:
-        try:
-            return backend.endpoint(record)
-        except LaunchError:
-            return None
+        if not known:
+            try:
+                known.append(backend.endpoint(record))
+            except LaunchError:
+                return None
+        return known[0]
 
     try:
         waited = wait_ready(
@@ -135,7 +139,7 @@ def launch_on_skypilot(
             timeout=timeout,
             message=f"Waiting for {spec.engine} on {spec.cluster}",
             check_alive=_throttled(lambda: backend.job_failed(record), every=15.0),
-            interval=5.0,
+            interval=1.0,
         )
     except EngineExited as exc:
         registry.update(record, status=Status.FAILED)
@@ -143,7 +147,7 @@ def launch_on_skypilot(
     except LaunchError:
         registry.update(record, status=Status.FAILED)
         raise
-    registry.update(record, status=Status.RUNNING, endpoint=backend.endpoint(record))
+    registry.update(record, status=Status.RUNNING, endpoint=known[0])
     ui.info(f"Ready after {waited:.0f}s of waiting.")
     return record
 

@@ -333,3 +333,132 @@ def test_no_confirmation_without_a_terminal_launches_nothing(cli, fake_sky):
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "ask-srv")
     assert result.exit_code == 1
     assert "-y" in result.stderr and sky.launches == []
+
+
+# --- infra without open ports or bucket mounting (e.g. Slurm), CPU serving --------------------------
+
+
+def render(spec_options: dict, **render_options) -> dict:
+    from llm_atc.render import render_serve_task
+    from llm_atc.spec import build_serve_spec
+
+    return render_serve_task(build_serve_spec(**spec_options), **render_options)
+
+
+def test_infra_without_open_ports_gets_no_ports():
+    """SkyPilot's feature table decides: Slurm cannot open ports, GCP can; the task stays valid."""
+    from llm_atc.backends.skypilot import node_features
+    from llm_atc.spec import parse_placement
+
+    slurm = node_features(parse_placement(cloud="slurm", region=None, zone=None, accelerator=None))
+    gcp = node_features(parse_placement(cloud="gcp", region=None, zone=None, accelerator=None))
+    assert slurm.open_ports is False and gcp.open_ports is True
+    config = render(dict(name="Qwen/Qwen2.5-0.5B-Instruct", engine="transformers", cloud="slurm", cpus="2",
+                         memory="4+", port=8123), features=slurm)
+    task = sky_task(config)
+    (resources,) = task.resources
+    assert resources.ports is None and "ports" not in config["resources"]
+    assert resources.accelerators is None  # CPU serving asks for no GPU
+    assert (config["resources"]["cpus"], config["resources"]["memory"]) == ("2", "4+")
+    assert task.envs["PORT"] == "8123"
+
+
+def test_bucket_is_fetched_by_the_recipe_where_skypilot_cannot_mount_it(s3_checkpoint):
+    """No bucket mounting (or a custom endpoint in --envs): MODEL_SOURCE plus the bucket helper."""
+    from llm_atc.render import NODE_HOME_MODEL_DIR, NodeFeatures
+
+    no_fuse = NodeFeatures(open_ports=False, storage_mounting=False)
+    for features, envs in ((no_fuse, ()), (NodeFeatures(), ("AWS_ENDPOINT_URL=http://127.0.0.1:9",))):
+        config = render(dict(name="llm-atc/tiny", source=s3_checkpoint, engine="transformers", cloud="aws",
+                             envs=envs), features=features)
+        task = sky_task(config)
+        assert task.envs["MODEL_SOURCE"] == s3_checkpoint
+        assert task.envs["MODEL_NAME"] == NODE_HOME_MODEL_DIR
+        helper = config["file_mounts"]["~/.llm-atc/buckets.py"]
+        assert Path(helper).is_file() and set(config["file_mounts"]) == {"~/.llm-atc/buckets.py"}
+    mounted = render(dict(name="llm-atc/tiny", source=s3_checkpoint, cloud="aws"))
+    assert mounted["file_mounts"] == {"/llm-atc/model": {"source": s3_checkpoint, "mode": "COPY"}}
+    assert "MODEL_SOURCE" not in mounted["envs"] or not mounted["envs"]["MODEL_SOURCE"]
+
+
+def test_local_folder_is_synced_under_the_node_home(tiny_model):
+    """A folder on this machine goes to ~/llm-atc/model (per cluster on Slurm); an absolute name
+    is served under the folder's own name, which is what clients then send."""
+    config = render(dict(name=str(tiny_model), engine="transformers", cloud="slurm"))
+    task = sky_task(config)
+    assert config["file_mounts"] == {"~/llm-atc/model": str(tiny_model)}
+    assert task.envs["MODEL_NAME"] == "~/llm-atc/model"
+    assert task.envs["SERVED_MODEL_NAME"] == tiny_model.name
+
+
+def test_serve_recipes_resolve_node_paths_and_fetch(tmp_path, s3_checkpoint):
+    """The recipes' own shell: `~/` is the node's home, MODEL_SOURCE is fetched with buckets.py,
+    and a folder is loaded through a link spelt like the served name (run here in bash)."""
+    from llm_atc.recipes_catalog import get_recipe, recipes_dir
+
+    node_home = tmp_path / "node-home"
+    (node_home / ".llm-atc").mkdir(parents=True)
+    (node_home / ".llm-atc" / "buckets.py").write_text((recipes_dir() / "train" / "buckets.py").read_text())
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "transformers").write_text('#!/bin/sh\necho "cwd=$(pwd) args=$*"\nls "$2"\n')
+    (fake_bin / "transformers").chmod(0o755)
+    run = get_recipe("serve/transformers").load()["run"]
+    env = dict(os.environ, HOME=str(node_home), PATH=f"{fake_bin}:{os.environ['PATH']}",
+               MODEL_NAME="~/llm-atc/model", MODEL_SOURCE=s3_checkpoint, SERVED_MODEL_NAME="llm-atc/tiny",
+               HOST="0.0.0.0", PORT="8000", DEVICE="cpu", DTYPE="auto")
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    done = subprocess.run(["bash", "-c", run], env=env, cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"{s3_checkpoint} -> {node_home}/llm-atc/model" in done.stdout
+    assert f"cwd={workdir}/served args=serve llm-atc/tiny --host 0.0.0.0 --port 8000" in done.stdout
+    assert "config.json" in done.stdout and (node_home / "llm-atc" / "model" / "model.safetensors").is_file()
+    again = subprocess.run(["bash", "-c", run], env=env, cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert "(0 files fetched)" in again.stdout  # incremental: nothing changed
+
+
+def test_train_on_cpus_asks_for_no_gpu(tmp_path, tiny_model, cli, s3):
+    """--cpus without --accelerator trains on CPUs; the base folder is synced under the node home."""
+    s3.create_bucket(Bucket="cpu-train")
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "hi"},
+                                                              {"from": "gpt", "value": "hello"}]}]))
+    common = ["train", "--model_type", "lora", "--finetune_data", str(data), "--checkpoint_bucket", "cpu-train",
+              "--checkpoint_store", "S3", "--base_model", str(tiny_model), "--cloud", "slurm", "--dryrun"]
+    refused = cli(*common)
+    assert_one_line_error(refused, "--accelerator is required", "--cpus")
+    assert refused.exit_code == 2
+    result = cli(*common, "--cpus", "1")
+    assert result.exit_code == 0, result
+    config = yaml.safe_load(result.stdout)
+    (resources,) = sky_task(config).resources
+    assert resources.accelerators is None and config["resources"]["cpus"] == "1"
+    assert config["file_mounts"] == {"~/llm-atc/base": str(tiny_model)}
+    assert config["envs"]["MODEL_BASE"] == "~/llm-atc/base"
+
+
+def test_forward_options_are_checked(cli):
+    """--local_port needs --forward; a local deployment needs no tunnel."""
+    from llm_atc.errors import UserError
+    from llm_atc.registry import Record
+    from llm_atc.tunnel import forward
+
+    result = cli("endpoint", "some-cluster", "--local_port", "9000")
+    assert result.exit_code == 2 and "--local_port goes with --forward" in result.stderr
+    local = Record(name="m", kind="serve", model="m", cluster="c", status="RUNNING", cloud="local",
+                   endpoint="http://127.0.0.1:8000")
+    with pytest.raises(UserError, match="runs on this machine already"):
+        with forward(local):
+            pass
+
+
+def test_stop_where_skypilot_cannot_stop_changes_nothing(cli):
+    """Slurm clusters cannot be stopped: one line suggesting `down`, before anything is asked or changed."""
+    from llm_atc.registry import Record, Registry
+
+    registry = Registry()
+    registry.add(Record(name="m", kind="serve", model="m", cluster="on-slurm", status="RUNNING", cloud="slurm"))
+    result = cli("stop", "on-slurm")
+    assert_one_line_error(result, "cannot be stopped", "llm-atc down on-slurm")
+    assert registry.find("on-slurm").status == "RUNNING"

@@ -251,3 +251,26 @@ def test_gcs_upload_and_remote_listing(cli, gcs, data_file):
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
     assert "bucket only" in lines["elsewhere"]
     assert "registry + bucket" in lines["g1"]  # its data is there already
+
+
+def test_python_api_trains_lists_and_serves(tiny_model, data_file):
+    """llm_atc.train() → TrainingRun → run.serve() → a chat → stopped; llm_atc.list()/get() see both."""
+    import llm_atc
+    from openai import OpenAI
+
+    run = llm_atc.train("lora", str(data_file), cloud="local", base_model=str(tiny_model), name="api-lora",
+                        envs=["MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2 GRAD_ACCUM=1"])
+    assert isinstance(run, llm_atc.TrainingRun)
+    assert run.status() == "SUCCEEDED" and (Path(run.checkpoint_uri) / "config.json").is_file()
+    assert "training finished" in run.logs()
+    with run.serve(cloud="local", port=0) as deployment:
+        assert deployment.name == "llm-atc/api-lora" and deployment.status() == "RUNNING"
+        reply = OpenAI(base_url=deployment.base_url, api_key="x").chat.completions.create(
+            model=deployment.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.choices[0].message.role == "assistant"
+    assert deployment.status() == "STOPPED"
+    assert [type(item).__name__ for item in llm_atc.list()] == ["Deployment", "TrainingRun"]
+    assert isinstance(llm_atc.get("api-lora"), llm_atc.TrainingRun)
+    assert isinstance(llm_atc.get("llm-atc/api-lora"), llm_atc.Deployment)
+    with pytest.raises(llm_atc.UserError, match="no deployment or training run named 'nope'"):
+        llm_atc.get("nope")

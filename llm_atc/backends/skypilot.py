@@ -61,13 +61,15 @@ def unsupported_feature(cloud: str | None, region: str | None, feature: str) -> 
     cloud_obj = registry.CLOUD_REGISTRY.from_str(cloud)
     if cloud_obj is None:
         return None
+    wanted = clouds.CloudImplementationFeatures(feature)
     try:
         resources = sky.Resources(infra="/".join(p for p in (cloud, region) if p))
-        cloud_obj.check_features_are_supported(resources, {clouds.CloudImplementationFeatures(feature)}, region)
+        cloud_obj.check_features_are_supported(resources, {wanted}, region)
     except sky.exceptions.NotSupportedError as exc:
         return _one_line(exc)
-    except Exception:  # noqa: BLE001 - e.g. a cloud SDK that is not installed: let SkyPilot decide at launch
-        return None
+    except Exception:  # noqa: BLE001 - the cloud's own check cannot run here (SDK missing, cluster unreachable)
+        # What the cloud never supports, whatever the cluster: SkyPilot's static table.
+        return getattr(type(cloud_obj), "_CLOUD_UNSUPPORTED_FEATURES", {}).get(wanted)
     return None
 
 
@@ -179,8 +181,9 @@ class SkyPilotBackend:
         job_ids = result[0] if result else None
         return job_ids[0] if isinstance(job_ids, list) and job_ids else job_ids
 
-    def job_failed(self, record: Record) -> str | None:
-        """A reason when the serving job has ended (it should run forever), else None."""
+    def job_end(self, record: Record) -> str | None:
+        """The job's final status (SUCCEEDED, FAILED, ...) once it has ended; None while it runs,
+        or when SkyPilot cannot say (no job id, cluster gone)."""
         job_id = record.details.get("job_id")
         if job_id is None:
             return None
@@ -190,9 +193,12 @@ class SkyPilotBackend:
         except (UserError, LaunchError):
             return None
         status = (statuses or {}).get(job_id)
-        if status is not None and status.is_terminal():
-            return f"the engine's job on {record.cluster} ended ({status.value})"
-        return None
+        return status.value if status is not None and status.is_terminal() else None
+
+    def job_failed(self, record: Record) -> str | None:
+        """A reason when the serving job has ended (it should run forever), else None."""
+        ended = self.job_end(record)
+        return f"the engine's job on {record.cluster} ended ({ended})" if ended else None
 
     def endpoint(self, record: Record) -> str:
         """The engine's URL: SkyPilot's endpoint for the port, or (on infra that opens no
