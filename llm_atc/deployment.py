@@ -28,6 +28,13 @@ class Deployment(RecordHandle):
         return self.record.endpoint
 
     @property
+    def api_key(self) -> str | None:
+        """The endpoint's API key (send it as ``Authorization: Bearer``), or None when it has none."""
+        from llm_atc import credentials
+
+        return credentials.get(self.cluster)
+
+    @property
     def base_url(self) -> str:
         """The OpenAI base URL, ``http://HOST:PORT/v1``."""
         return self.endpoint.rstrip("/") + "/v1"
@@ -52,6 +59,7 @@ class Deployment(RecordHandle):
             engine=self.record.engine or "vllm",
             timeout=timeout,
             message=f"Waiting for {self.name}",
+            api_key=self.api_key,
         )
 
     @contextmanager
@@ -73,9 +81,12 @@ class Deployment(RecordHandle):
         self._registry.update(self.record, status=Status.STOPPED)
 
     def down(self) -> None:
-        """Tear the deployment down for good."""
+        """Tear the deployment down for good (its API key is forgotten)."""
+        from llm_atc import credentials
+
         backend_for(self.record).down(self.record)
         self._registry.update(self.record, status=Status.DOWN)
+        credentials.forget(self.cluster)
 
     def __enter__(self) -> "Deployment":
         return self

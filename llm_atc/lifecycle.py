@@ -26,6 +26,10 @@ def end_deployment(name: str, *, action: str, yes: bool, registry: Registry | No
         raise SystemExit(1)
     with ui.spinner(f"{doing} {record.name} on {where}"):
         getattr(backend, action)(record)
+    if action == "down":
+        from llm_atc import credentials
+
+        credentials.forget(record.cluster)
     # A stop keeps FAILED visible; a teardown ends every record of the cluster.
     keep = {Status.DOWN} if action == "down" else {Status.DOWN, Status.FAILED}
     for stored in registry.records(kind="serve"):

@@ -42,6 +42,7 @@ def wait_ready(
     message: str,
     check_alive: Callable[[], str | None] = lambda: None,
     interval: float = 1.0,
+    api_key: str | None = None,
 ) -> float:
     """Poll until the engine answers 200; returns the seconds waited.
 
@@ -59,9 +60,11 @@ def wait_ready(
                 raise EngineExited(dead)
             url = base_url() if callable(base_url) else base_url
             if url:
-                status, _ = probe(url.rstrip("/") + path, timeout=min(5.0, interval + 4))
+                status, _ = probe(url.rstrip("/") + path, timeout=min(5.0, interval + 4), api_key=api_key)
                 if status == 200:
                     return time.monotonic() - start
+                if status == 401:
+                    raise LaunchError(f"{url} is up but refuses {'our API key' if api_key else 'requests without an API key'} (401)")
                 spinner.update(elapsed, f"{path} -> {status or 'no answer'}")
             else:
                 spinner.update(elapsed, "waiting for the endpoint")
@@ -83,7 +86,9 @@ def served_models(base_url: str, engine: str = "vllm", name: str = "", api_key: 
         return [name]
     status, body = probe(base_url.rstrip("/") + "/v1/models", api_key=api_key)
     if status == 401:
-        raise LaunchError(f"{base_url} needs an API key (401 Unauthorized)")
+        what = "refuses the API key llm-atc has for it" if api_key else "needs its API key"
+        raise LaunchError(f"this endpoint {what} (401 Unauthorized): {base_url}; "
+                          "send `Authorization: Bearer <key>`, the key from `llm-atc endpoint NAME --show_key`")
     if status != 200:
         raise LaunchError(f"{base_url}/v1/models answered {status or 'nothing'}")
     try:
@@ -92,20 +97,31 @@ def served_models(base_url: str, engine: str = "vllm", name: str = "", api_key: 
         raise LaunchError(f"{base_url}/v1/models did not return an OpenAI model list") from None
 
 
-def snippets(base_url: str, model: str, engine: str = "vllm") -> str:
-    """The base URL, a curl and a 5-line openai snippet, as printed after serve."""
+API_KEY_ENV = "LLM_ATC_API_KEY"
+
+
+def snippets(base_url: str, model: str, engine: str = "vllm", *, key_for: str | None = None) -> str:
+    """The base URL, a curl and a 5-line openai snippet, as printed after serve.
+
+    ``key_for``: the cluster whose endpoint needs an API key; the snippets read it from
+    ``$LLM_ATC_API_KEY`` (never printed here) and say how to set it.
+    """
     api = base_url.rstrip("/") + "/v1"
+    header = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if key_for else ""
     if engine == "vllm":
-        curl = f"curl {api}/models"
+        curl = f"curl {api}/models{header}"
     else:  # `transformers serve` lists only its Hub cache under /v1/models
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
-        curl = f"curl {api}/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+        curl = f"curl {api}/chat/completions -H 'Content-Type: application/json'{header} -d '{body}'"
+    export = f"  export {API_KEY_ENV}=$(llm-atc endpoint {key_for} --show_key)\n" if key_for else ""
+    key = f'os.environ["{API_KEY_ENV}"]' if key_for else '"EMPTY"'
+    imports = "import os\n  from openai import OpenAI" if key_for else "from openai import OpenAI"
     return f"""Endpoint: {api}
 
-  {curl}
+{export}  {curl}
 
-  from openai import OpenAI
-  client = OpenAI(base_url="{api}", api_key="EMPTY")
+  {imports}
+  client = OpenAI(base_url="{api}", api_key={key})
   reply = client.chat.completions.create(
       model={json.dumps(model)}, messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=64)
   print(reply.choices[0].message.content)

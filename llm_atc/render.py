@@ -126,7 +126,36 @@ def render_serve_task(
 
     if placement.mounts:
         config.setdefault("file_mounts", {}).update(placement.mounts)
+    if spec.replicas is not None:
+        if port is None:
+            raise UserError(f"--replicas runs a SkyServe service, which needs open ports; "
+                            f"{spec.placement.cloud} cannot open them")
+        config["service"] = service_section(spec)
     return config
+
+
+# SkyServe waits this long before probing a new replica: provisioning, install and model loading.
+SERVICE_INITIAL_DELAY = 1800
+
+
+def service_section(spec: ServeSpec) -> dict:
+    """The task's ``service:`` section for SkyServe.
+
+    The readiness probe asks ``/health``, which both engines answer without the API key
+    once the model is loaded, so the key never enters the service spec SkyPilot stores.
+    """
+    policy = spec.replicas
+    replica_policy: dict = {"min_replicas": policy.min_replicas}
+    if policy.autoscales:
+        replica_policy.update(max_replicas=policy.max_replicas, target_qps_per_replica=policy.target_qps)
+    if policy.base_ondemand_fallback is not None:
+        replica_policy["base_ondemand_fallback_replicas"] = policy.base_ondemand_fallback
+    if policy.dynamic_ondemand_fallback:
+        replica_policy["dynamic_ondemand_fallback"] = True
+    return {
+        "readiness_probe": {"path": "/health", "initial_delay_seconds": SERVICE_INITIAL_DELAY},
+        "replica_policy": replica_policy,
+    }
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Shared by the CLI and the Python API; printing goes through :mod:`llm_atc.ui`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -19,6 +19,7 @@ from llm_atc.spec import ServeSpec
 from llm_atc.storage import Checkpoint, check_checkpoint, store_env
 
 CLOUD_READY_TIMEOUT = 30 * 60
+API_KEY_SECRET = "VLLM_API_KEY"  # vLLM's OpenAI server reads its --api-key from this variable
 LOG_TAIL_LINES = 20
 
 
@@ -29,10 +30,16 @@ class Prepared:
     spec: ServeSpec
     config: dict
     checkpoint: Checkpoint | None
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def yaml(self) -> str:
         return task_yaml(self.config)
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        """The secret values the task gets at launch (the API key included)."""
+        return {**self.spec.secrets, API_KEY_SECRET: self.api_key} if self.api_key else dict(self.spec.secrets)
 
 
 class _TaskDumper(yaml.SafeDumper):
@@ -61,8 +68,15 @@ def prepare(spec: ServeSpec) -> Prepared:
         with ui.spinner(f"Checking {spec.model.bucket}"), store_env(spec.envs, spec.secrets):
             checkpoint = check_checkpoint(spec.model.bucket)
     config = render_serve_task(spec, checkpoint, features=skypilot.node_features(spec.placement))
-    skypilot.build_task(config, spec.secrets)
-    return Prepared(spec, config, checkpoint)
+    api_key = None
+    if spec.auth:
+        from llm_atc import credentials
+
+        api_key = spec.secrets.get(API_KEY_SECRET) or credentials.new_key()
+        config.setdefault("secrets", {})[API_KEY_SECRET] = None
+    prepared = Prepared(spec, config, checkpoint, api_key)
+    skypilot.build_task(config, prepared.secrets)
+    return prepared
 
 
 def save_task(config: dict, cluster: str) -> str:
@@ -106,19 +120,30 @@ def launch_on_skypilot(
             engine=spec.engine,
             port=spec.port,
             # Without opened ports the endpoint is the head node's address (see SkyPilotBackend.endpoint).
-            details={"open_ports": "ports" in prepared.config.get("resources", {})},
+            details={"open_ports": "ports" in prepared.config.get("resources", {}), "auth": bool(prepared.api_key)},
         )
     )
-    task = build_task(prepared.config, spec.secrets)
-    ui.info(f"Launching {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text})")
+    if prepared.api_key:
+        from llm_atc import credentials
+
+        credentials.save(spec.cluster, prepared.api_key)
+    task = build_task(prepared.config, prepared.secrets)
     try:
-        job_id = backend.launch(task, cluster=spec.cluster, stream=not spec.detach_setup, no_setup=spec.no_setup)
+        if spec.replicas is not None:
+            ui.info(f"Starting service {spec.cluster} for {spec.served_name} on SkyServe ({spec.replicas.text}, "
+                    f"{spec.placement.resources_text} each)")
+            endpoint = backend.launch_service(task, name=spec.cluster)
+            registry.update(record, endpoint=endpoint, details={**record.details, "service": True})
+        else:
+            ui.info(f"Launching {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text})")
+            job_id = backend.launch(task, cluster=spec.cluster, stream=not spec.detach_setup,
+                                    no_setup=spec.no_setup)
+            registry.update(record, details={**record.details, "job_id": job_id})
     except KeyboardInterrupt:
         raise
     except Exception:
         registry.update(record, status=Status.FAILED)
         raise
-    registry.update(record, details={**record.details, "job_id": job_id})
     if spec.detach_run:
         return record
 
@@ -140,6 +165,7 @@ def launch_on_skypilot(
             message=f"Waiting for {spec.engine} on {spec.cluster}",
             check_alive=_throttled(lambda: backend.job_failed(record), every=15.0),
             interval=1.0,
+            api_key=prepared.api_key,
         )
     except EngineExited as exc:
         registry.update(record, status=Status.FAILED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from llm_atc import gpus
@@ -76,6 +77,27 @@ class LaunchSpec:
         return self.placement.cloud == LOCAL
 
 
+@dataclass(frozen=True)
+class ReplicaPolicy:
+    """A SkyServe service: how many replicas, and when to add or remove them."""
+
+    min_replicas: int
+    max_replicas: int
+    target_qps: float | None = None
+    base_ondemand_fallback: int | None = None
+    dynamic_ondemand_fallback: bool = False
+
+    @property
+    def autoscales(self) -> bool:
+        return self.max_replicas > self.min_replicas
+
+    @property
+    def text(self) -> str:
+        if not self.autoscales:
+            return f"{self.min_replicas} replica{'s' if self.min_replicas > 1 else ''}"
+        return f"{self.min_replicas}..{self.max_replicas} replicas at {self.target_qps:g} QPS each"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServeSpec(LaunchSpec):
     """Everything needed to render and launch one serving deployment."""
@@ -88,6 +110,8 @@ class ServeSpec(LaunchSpec):
     quantization: str | None = None
     engine_args: tuple[str, ...] = ()
     keep_on_failure: bool = False
+    auth: bool = False  # an API key guards the endpoint (vLLM on a cluster, unless --no_auth)
+    replicas: ReplicaPolicy | None = None  # a SkyServe service instead of one cluster
 
     @property
     def served_name(self) -> str:
@@ -103,6 +127,47 @@ class ServeSpec(LaunchSpec):
         if name.startswith(("/", "~")) or ".." in parts:
             return self.model.path.name
         return name
+
+
+REPLICAS_RE = re.compile(r"^(\d+)(?:\.\.(\d+))?$")
+
+
+def parse_replicas(
+    replicas: str | int | None,
+    *,
+    target_qps: float | None = None,
+    ondemand_fallback: int | None = None,
+    dynamic_ondemand_fallback: bool = False,
+    use_spot: bool = False,
+) -> ReplicaPolicy | None:
+    """``--replicas N`` or ``MIN..MAX`` (MIN may be 0) with the autoscaling and spot options."""
+    if replicas is None:
+        extra = [flag for flag, given in (("--target_qps", target_qps is not None),
+                                          ("--ondemand_fallback", ondemand_fallback is not None),
+                                          ("--dynamic_ondemand_fallback", dynamic_ondemand_fallback)) if given]
+        if extra:
+            raise UserError(f"{extra[0]} goes with --replicas (a SkyServe service)")
+        return None
+    match = REPLICAS_RE.fullmatch(str(replicas).strip())
+    if not match:
+        raise UserError(f"--replicas {replicas!r}: give N or MIN..MAX, e.g. 2 or 0..4")
+    low = int(match.group(1))
+    high = int(match.group(2)) if match.group(2) is not None else low
+    if high < low:
+        raise UserError(f"--replicas {replicas}: MIN must not exceed MAX")
+    if high < 1:
+        raise UserError(f"--replicas {replicas}: at least one replica must be allowed")
+    if high > low and target_qps is None:
+        raise UserError(f"--replicas {replicas} autoscales: give --target_qps (requests per second per replica)")
+    if target_qps is not None and high == low:
+        raise UserError(f"--target_qps needs a range to scale in, e.g. --replicas {max(low - 1, 0)}..{low + 2}")
+    if target_qps is not None and target_qps <= 0:
+        raise UserError(f"--target_qps {target_qps:g}: must be a positive number of requests per second")
+    if (ondemand_fallback is not None or dynamic_ondemand_fallback) and not use_spot:
+        raise UserError("--ondemand_fallback and --dynamic_ondemand_fallback go with --use_spot")
+    if ondemand_fallback is not None and not 0 <= ondemand_fallback <= high:
+        raise UserError(f"--ondemand_fallback {ondemand_fallback}: between 0 and the most replicas ({high})")
+    return ReplicaPolicy(low, high, target_qps, ondemand_fallback, dynamic_ondemand_fallback)
 
 
 def parse_placement(
@@ -201,6 +266,11 @@ def build_serve_spec(
     detach_run: bool = False,
     no_setup: bool = False,
     keep_on_failure: bool = False,
+    no_auth: bool = False,
+    replicas: str | int | None = None,
+    target_qps: float | None = None,
+    ondemand_fallback: int | None = None,
+    dynamic_ondemand_fallback: bool = False,
     registry: Registry | None = None,
 ) -> ServeSpec:
     """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
@@ -237,6 +307,10 @@ def build_serve_spec(
     )
     if keep_on_failure and is_local:
         raise UserError("--keep_on_failure applies to clusters; locally a failed engine has already exited")
+    policy = parse_replicas(replicas, target_qps=target_qps, ondemand_fallback=ondemand_fallback,
+                            dynamic_ondemand_fallback=dynamic_ondemand_fallback, use_spot=use_spot)
+    if policy is not None and is_local:
+        raise UserError("--replicas runs a SkyServe service on clusters; it does not apply to --cloud local")
     return ServeSpec(
         model=model,
         cluster=check_cluster_name(cluster) if cluster else cluster_name_for(model.name),
@@ -250,6 +324,9 @@ def build_serve_spec(
         quantization=quantization,
         engine_args=parse_extra_args(vllm_args, option="--vllm_args"),
         keep_on_failure=keep_on_failure,
+        # `transformers serve` has no API keys; locally the engine binds 127.0.0.1.
+        auth=engine == "vllm" and not is_local and not no_auth,
+        replicas=policy,
         detach_setup=detach_setup,
         detach_run=detach_run,
         no_setup=no_setup,

@@ -52,7 +52,7 @@ def test_dryrun_prints_only_a_task_skypilot_accepts(cli, llm_atc_home):
     assert task.envs["SERVED_MODEL_NAME"] == "lmsys/vicuna-13b-v1.3"
     assert task.envs["MAX_MODEL_LEN"] == "4096" and task.envs["DTYPE"] == "bfloat16"
     assert task.envs["MODEL_SIZE"] == "7"
-    assert config["secrets"] == {"HF_TOKEN": None}
+    assert config["secrets"] == {"HF_TOKEN": None, "VLLM_API_KEY": None}  # names only: values go in at launch
     assert config["name"] == "llm-atc-vicuna-13b-v1-3"
     assert "vllm serve" in config["run"] and "--tensor-parallel-size" in config["run"]
     assert SECRET not in result.stdout + result.stderr
@@ -179,15 +179,20 @@ def test_user_values_reach_bash_only_as_data(cli, tmp_path):
 
 
 class StubEngine:
-    """Answers GET /v1/models like vLLM once ``ready`` is set (the VM's side of the boundary)."""
+    """Answers GET /v1/models like vLLM once ``ready`` is set (the VM's side of the boundary);
+    with ``api_key`` set, like vLLM started with that key: 401 without it."""
 
     def __init__(self):
         self.ready = threading.Event()
+        self.api_key = None
         stub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                if self.path == "/v1/models" and stub.ready.is_set():
+                if stub.api_key and self.headers.get("Authorization") != f"Bearer {stub.api_key}":
+                    self.send_response(401)
+                    self.end_headers()
+                elif self.path == "/v1/models" and stub.ready.is_set():
                     body = json.dumps({"object": "list", "data": [{"id": "llm-atc/tiny"}]}).encode()
                     self.send_response(200)
                     self.end_headers()
@@ -220,6 +225,8 @@ class FakeSky:
 
     def launch(self, task, **kwargs):
         self.launches.append((task, kwargs))
+        key = task.secrets.get("VLLM_API_KEY")
+        self.engine.api_key = key.get_secret_value() if key is not None else None  # what vLLM reads
         self.engine.ready.set()
         return (1, None)
 
@@ -285,7 +292,7 @@ def test_launch_hands_skypilot_the_exact_task(cli, fake_sky, s3_checkpoint, llm_
     assert (record.status, record.cluster, record.cloud, record.accelerator) == ("RUNNING", "tiny-srv", "aws", "L4:1")
     assert record.endpoint == f"http://{sky.engine.url}" and record.checkpoint_uri == s3_checkpoint
     saved = Path(record.task_yaml).read_text()
-    assert yaml.safe_load(saved)["secrets"] == {"HF_TOKEN": None}
+    assert yaml.safe_load(saved)["secrets"] == {"HF_TOKEN": None, "VLLM_API_KEY": None}
     everything = saved + result.stdout + result.stderr + (llm_atc_home / "registry.db").read_bytes().decode("latin1")
     assert SECRET not in everything
 
@@ -462,3 +469,145 @@ def test_stop_where_skypilot_cannot_stop_changes_nothing(cli):
     result = cli("stop", "on-slurm")
     assert_one_line_error(result, "cannot be stopped", "llm-atc down on-slurm")
     assert registry.find("on-slurm").status == "RUNNING"
+
+
+# --- auth on by default ------------------------------------------------------------------------------
+
+
+def test_cloud_endpoint_gets_an_api_key_kept_only_in_credentials(cli, fake_sky, llm_atc_home):
+    """A key per deployment: handed to vLLM as a SkyPilot secret, used by readiness and --check,
+    printed only by --show_key, stored 0600, and nowhere else (registry, YAML, output)."""
+    sky = fake_sky()
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "auth-srv", "-y")
+    assert result.exit_code == 0, result
+    (task, _), = sky.launches
+    key = task.secrets["VLLM_API_KEY"].get_secret_value()
+    assert key.startswith("llm-atc-") and len(key) > 40
+    credentials = llm_atc_home / "credentials"
+    assert json.loads(credentials.read_text()) == {"auth-srv": key}
+    assert credentials.stat().st_mode & 0o777 == 0o600
+    assert "$LLM_ATC_API_KEY" in result.stdout and "llm-atc endpoint auth-srv --show_key" in result.stdout
+
+    shown = cli("endpoint", "auth-srv", "--show_key")
+    assert (shown.exit_code, shown.stdout.strip()) == (0, key)
+    checked = cli("endpoint", "auth-srv", "--check")
+    assert checked.exit_code == 0 and "llm-atc/tiny" in checked.stdout, checked
+    from llm_atc.registry import Registry
+
+    (record,) = Registry().records()
+    everything = (Path(record.task_yaml).read_text() + result.stdout + result.stderr + checked.stdout
+                  + (llm_atc_home / "registry.db").read_bytes().decode("latin1"))
+    assert key not in everything
+    assert cli("serve", "--name", "Qwen/Qwen2.5-7B", "--dryrun").stdout.count("VLLM_API_KEY: null") == 1
+
+    credentials.write_text(json.dumps({"auth-srv": "llm-atc-wrong"}))
+    refused = cli("endpoint", "auth-srv", "--check")
+    assert_one_line_error(refused, "refuses the API key", "401", "--show_key")
+    assert cli("down", "auth-srv", "-y").exit_code == 0
+    assert json.loads(credentials.read_text()) == {}
+
+
+def test_no_auth_and_transformers_serve_without_a_key(cli, fake_sky, llm_atc_home):
+    sky = fake_sky()
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "open-srv", "-y", "--no_auth")
+    assert result.exit_code == 0, result
+    (task, _), = sky.launches
+    assert task.secrets.get("VLLM_API_KEY") is None or task.secrets["VLLM_API_KEY"].get_secret_value() == ""
+    assert "LLM_ATC_API_KEY" not in result.stdout and not (llm_atc_home / "credentials").exists()
+    missing = cli("endpoint", "open-srv", "--show_key")
+    assert_one_line_error(missing, "has no API key")
+    spec_config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--engine", "transformers", "--cloud", "gcp")
+    assert "VLLM_API_KEY" not in (spec_config.get("secrets") or {})
+
+
+def test_a_401_while_waiting_is_explained(cli, fake_sky, monkeypatch):
+    """An engine that refuses our key (e.g. started with another one) fails the wait in one line."""
+    sky = fake_sky()
+    monkeypatch.setattr(FakeSky, "launch", lambda self, task, **kw: (self.launches.append(task),
+                                                                     setattr(self.engine, "api_key", "other"),
+                                                                     self.engine.ready.set(), (1, None))[-1])
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "other-srv", "-y", "--timeout", "30")
+    assert_one_line_error(result, "refuses our API key (401)")
+
+
+# --- SkyServe: replicas and autoscaling ----------------------------------------------------------------
+
+
+class FakeServe:
+    """Stands in for ``sky.serve`` (a controller and replicas on a cloud), backed by the StubEngine."""
+
+    def __init__(self, sky: FakeSky):
+        self.sky, self.ups, self.downs = sky, [], []
+
+    def up(self, task, service_name):
+        self.ups.append((task, service_name))
+        self.sky.launch(task)
+        return (service_name, self.sky.engine.url)
+
+    def status(self, names):
+        from sky.serve import ReplicaStatus, ServiceStatus
+
+        if not self.ups or names[0] in self.downs:
+            return []
+        replica = {"replica_id": 1, "status": ReplicaStatus.READY}
+        return [{"name": names[0], "status": ServiceStatus.READY, "endpoint": self.sky.engine.url,
+                 "replica_info": [replica], "requested_resources_str": "1x[L4:1]"}]
+
+    def tail_logs(self, name, target, replica_id, follow, output_stream):
+        import sys
+
+        (output_stream or sys.stdout).write(f"{target} {replica_id} of {name}: INFO Started server process\n")
+
+    def down(self, names):
+        self.downs.extend(names)
+
+
+def test_replicas_run_a_skyserve_service(cli, fake_sky, llm_atc_home):
+    """--replicas MIN..MAX --target_qps with spot fallback: a service section SkyPilot parses,
+    sky.serve.up, readiness through the load balancer with the key, status/logs/stop/down."""
+    sky = fake_sky()
+    sky.serve = FakeServe(sky)
+    args = ["--name", "Qwen/Qwen2.5-7B", "--accelerator", "L4:1", "--cloud", "aws", "-c", "svc",
+            "--replicas", "0..3", "--target_qps", "2.5", "--use_spot", "--ondemand_fallback", "1",
+            "--dynamic_ondemand_fallback"]
+    config, _ = dryrun(cli, *args)
+    task = sky_task(config)
+    assert config["service"]["replica_policy"] == {
+        "min_replicas": 0, "max_replicas": 3, "target_qps_per_replica": 2.5,
+        "base_ondemand_fallback_replicas": 1, "dynamic_ondemand_fallback": True}
+    assert task.service.readiness_path == "/health" and task.service.min_replicas == 0
+    assert task.service.max_replicas == 3 and task.service.target_qps_per_replica == 2.5
+    assert "Bearer" not in json.dumps(config)  # the key stays out of the service spec
+
+    result = cli("serve", *args, "-y")
+    assert result.exit_code == 0, result
+    (task, name), = sky.serve.ups
+    assert name == "svc" and task.secrets["VLLM_API_KEY"].get_secret_value() == sky.engine.api_key
+    assert f"http://{sky.engine.url}/v1" in result.stdout
+    status = cli("status")
+    assert "READY, 1/1 replicas ready" in status.stdout, status
+    assert "replica 1 of svc" in cli("logs", "svc").stdout
+    assert_one_line_error(cli("stop", "svc", "-y"), "service cannot be stopped")
+    assert cli("down", "svc", "-y").exit_code == 0 and sky.serve.downs == ["svc"]
+    assert sky.launches and not sky.downs  # no plain cluster was launched or torn down
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--replicas", "two"], "give N or MIN..MAX"),
+        (["--replicas", "3..1"], "MIN must not exceed MAX"),
+        (["--replicas", "0"], "at least one replica"),
+        (["--replicas", "1..4"], "give --target_qps"),
+        (["--replicas", "2", "--target_qps", "3"], "--target_qps needs a range"),
+        (["--replicas", "1..4", "--target_qps", "0"], "positive number"),
+        (["--target_qps", "3"], "--target_qps goes with --replicas"),
+        (["--replicas", "2", "--ondemand_fallback", "1"], "go with --use_spot"),
+        (["--replicas", "2", "--use_spot", "--ondemand_fallback", "3"], "between 0 and the most replicas (2)"),
+        (["--replicas", "2", "--cloud", "local"], "does not apply to --cloud local"),
+        (["--replicas", "2", "--cloud", "slurm", "--engine", "transformers"], "needs open ports"),
+    ],
+)
+def test_bad_replica_options_are_one_line(cli, args, fragment):
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun")
+    assert_one_line_error(result, fragment)

@@ -181,6 +181,21 @@ class SkyPilotBackend:
         job_ids = result[0] if result else None
         return job_ids[0] if isinstance(job_ids, list) and job_ids else job_ids
 
+    def launch_service(self, task, *, name: str) -> str:
+        """``sky.serve.up``: a SkyServe service (controller, load balancer, replicas); returns its endpoint."""
+        with sky_errors(name):
+            result = self.sdk.stream_and_get(self.sdk.serve.up(task, service_name=name))
+        endpoint = result[1] if result else None
+        if not endpoint:
+            raise LaunchError(f"SkyServe gave service {name} no endpoint")
+        return endpoint if "://" in endpoint else f"http://{endpoint}"
+
+    def service(self, name: str) -> dict | None:
+        """SkyServe's record of service ``name`` (status, endpoint, replica_info, ...), or None."""
+        with sky_errors(name):
+            found = self.sdk.get(self.sdk.serve.status([name]))
+        return found[0] if found else None
+
     def job_end(self, record: Record) -> str | None:
         """The job's final status (SUCCEEDED, FAILED, ...) once it has ended; None while it runs,
         or when SkyPilot cannot say (no job id, cluster gone)."""
@@ -196,7 +211,15 @@ class SkyPilotBackend:
         return status.value if status is not None and status.is_terminal() else None
 
     def job_failed(self, record: Record) -> str | None:
-        """A reason when the serving job has ended (it should run forever), else None."""
+        """A reason when the serving job (or service) has ended or failed (it should run forever), else None."""
+        if record.details.get("service"):
+            try:
+                found = self.service(record.cluster)
+            except (UserError, LaunchError):
+                return None
+            status = _status_name(found["status"]) if found else "gone"
+            return f"service {record.cluster} is {status}" if status.startswith("FAILED") or status in (
+                "CONTROLLER_FAILED", "gone") else None
         ended = self.job_end(record)
         return f"the engine's job on {record.cluster} ended ({ended})" if ended else None
 
@@ -204,6 +227,12 @@ class SkyPilotBackend:
         """The engine's URL: SkyPilot's endpoint for the port, or (on infra that opens no
         ports, such as Slurm) the head node's address and the port."""
         port = record.port or 8000
+        if record.details.get("service"):
+            found = self.service(record.cluster)
+            if not found or not found.get("endpoint"):
+                raise LaunchError(f"service {record.cluster} has no endpoint (see `llm-atc status`)")
+            url = found["endpoint"]
+            return url if "://" in url else f"http://{url}"
         if record.details.get("open_ports", True):
             try:
                 with sky_errors(record.cluster):
@@ -228,8 +257,32 @@ class SkyPilotBackend:
         return ip
 
     def states(self, records: list[Record]) -> dict[int, LiveState]:
+        services = [r for r in records if r.details.get("service")]
+        records = [r for r in records if not r.details.get("service")]
+        states = self._service_states(services) if services else {}
         if not records:
-            return {}
+            return states
+        return {**states, **self._cluster_states(records)}
+
+    def _service_states(self, records: list[Record]) -> dict[int, LiveState]:
+        with sky_errors():
+            found = {s["name"]: s for s in self.sdk.get(self.sdk.serve.status(sorted({r.cluster for r in records})))}
+        states = {}
+        for record in records:
+            service = found.get(record.cluster)
+            if service is None:
+                states[record.id] = _gone(record, "no service")
+                continue
+            status = _status_name(service["status"])
+            replicas = service.get("replica_info") or []
+            ready = sum(1 for r in replicas if _status_name(r["status"]) == "READY")
+            ours = (Status.FAILED if "FAILED" in status else Status.RUNNING if status in ("READY", "NO_REPLICA")
+                    else Status.LAUNCHING)
+            states[record.id] = LiveState(ours, f"{status}, {ready}/{len(replicas)} replicas ready",
+                                          resources=service.get("requested_resources_str"))
+        return states
+
+    def _cluster_states(self, records: list[Record]) -> dict[int, LiveState]:
         with sky_errors():
             clusters = self.sdk.get(self.sdk.status(cluster_names=sorted({r.cluster for r in records})))
         by_name = {c.name: c for c in clusters}
@@ -237,8 +290,7 @@ class SkyPilotBackend:
         for record in records:
             cluster = by_name.get(record.cluster)
             if cluster is None:
-                gone = Status.FAILED if record.status == Status.FAILED else Status.DOWN
-                states[record.id] = LiveState(gone, "no cluster")
+                states[record.id] = _gone(record, "no cluster")
                 continue
             sky_status = cluster.status.value
             status = {"UP": record.status, "STOPPED": Status.STOPPED, "INIT": Status.LAUNCHING}[sky_status]
@@ -256,6 +308,15 @@ class SkyPilotBackend:
         return states
 
     def logs(self, record: Record, *, follow: bool, output: TextIO | None = None) -> int:
+        if record.details.get("service"):  # the first replica's engine
+            found = self.service(record.cluster)
+            replicas = sorted((found or {}).get("replica_info") or [], key=lambda r: r["replica_id"])
+            if not replicas:
+                raise NotFoundError(f"service {record.cluster} has no replica yet; see `llm-atc status`")
+            with sky_errors(record.cluster):
+                self.sdk.serve.tail_logs(record.cluster, target="replica", replica_id=replicas[0]["replica_id"],
+                                         follow=follow, output_stream=output)
+            return 0
         with sky_errors(record.cluster):
             return self.sdk.tail_logs(record.cluster, record.details.get("job_id"), follow, output_stream=output)
 
@@ -273,6 +334,9 @@ class SkyPilotBackend:
 
     def check_stoppable(self, record: Record) -> None:
         """A one-line error, before anything changes, when SkyPilot cannot stop clusters there."""
+        if record.details.get("service"):
+            raise UserError(f"a SkyServe service cannot be stopped; nothing was changed. Scale it to zero with "
+                            f"--replicas 0..N, or tear it down: llm-atc down {record.cluster}")
         reason = unsupported_feature(record.cloud, record.region, "stop")
         if reason:
             raise UserError(self._cannot_stop(record, reason))
@@ -295,7 +359,20 @@ class SkyPilotBackend:
 
     def down(self, record: Record) -> None:
         with sky_errors(record.cluster):
-            self.sdk.get(self.sdk.down(record.cluster))
+            if record.details.get("service"):
+                self.sdk.get(self.sdk.serve.down([record.cluster]))
+            else:
+                self.sdk.get(self.sdk.down(record.cluster))
+
+
+def _gone(record: Record, detail: str) -> LiveState:
+    """The state of a record whose cluster or service SkyPilot no longer has (a failure stays FAILED)."""
+    return LiveState(Status.FAILED if record.status == Status.FAILED else Status.DOWN, detail)
+
+
+def _status_name(status) -> str:
+    """``ServiceStatus.READY`` / ``ReplicaStatus.READY`` / ``"READY"`` -> ``"READY"``."""
+    return getattr(status, "value", None) or str(status).rsplit(".", 1)[-1]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -14,20 +14,29 @@ import click
               help="Open an SSH tunnel to the engine (for nodes you cannot reach directly), print its local "
                    "URL and keep it open until Ctrl-C.")
 @click.option("--local_port", type=int, help="Local port of the --forward tunnel (default: a free one).")
-def endpoint(name, check, port, forward, local_port):
+@click.option("--show_key", is_flag=True, help="Print the deployment's API key (and nothing else).")
+def endpoint(name, check, port, forward, local_port, show_key):
     """Print the base URL (http://HOST:PORT/v1) of deployment or cluster NAME."""
-    from llm_atc import ui
+    from llm_atc import credentials, ui
     from llm_atc.backends import backend_for, lookup
+    from llm_atc.errors import NotFoundError
     from llm_atc.readiness import served_models
 
     if local_port is not None and not forward:
         raise click.UsageError("--local_port goes with --forward")
     record = lookup(name, port=port)
+    api_key = credentials.get(record.cluster)
+    if show_key:
+        if not api_key:
+            raise NotFoundError(f"{record.name} on {record.cluster} has no API key here "
+                                "(served with --no_auth, by transformers, or locally)")
+        ui.out(api_key)
+        return
 
     def show(base: str) -> None:
         ui.out(base.rstrip("/") + "/v1")
         if check:
-            for model in served_models(base, record.engine or "vllm", record.name):
+            for model in served_models(base, record.engine or "vllm", record.name, api_key=api_key):
                 ui.out(f"  {model}")
 
     if not forward:

@@ -24,6 +24,15 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
                    "transformers runs on CPUs (small models, CPU-only clusters).")
 @click.option("--port", type=int, default=8000, show_default=True,
               help="Engine port on the node (0 picks a free one, local only).")
+@click.option("--replicas", metavar="N|MIN..MAX",
+              help="Run a SkyServe service with N replicas, or autoscale between MIN (0: scale to zero) and MAX.")
+@click.option("--target_qps", type=float, help="Requests per second per replica that autoscaling aims for.")
+@click.option("--ondemand_fallback", type=int, metavar="N",
+              help="With --use_spot: keep N replicas on on-demand instances.")
+@click.option("--dynamic_ondemand_fallback", is_flag=True,
+              help="With --use_spot: replace preempted spot replicas with on-demand ones until spot returns.")
+@click.option("--no_auth", is_flag=True,
+              help="Serve without an API key (by default vLLM on a cluster gets one; see endpoint --show_key).")
 @click.option("--keep_on_failure", is_flag=True,
               help="Leave the cluster up when the engine fails to start (default: torn down).")
 @click.option("--timeout", type=float, help="Seconds to wait for readiness (default 1800 on a cloud, 600 locally).")
@@ -36,6 +45,8 @@ def serve(**options):
       llm-atc serve --name lmsys/vicuna-13b-v1.3 --accelerator A100-80GB:1 --cloud gcp --envs HF_TOKEN
       llm-atc serve --name llm-atc/my-run --source s3://my-bucket/llm-atc/my-run --accelerator L4:1
       llm-atc serve --name Qwen/Qwen2.5-0.5B-Instruct --cloud local
+      llm-atc serve --name llm-atc/my-run --accelerator L4:1 --replicas 0..4 --target_qps 2 --use_spot
+      llm-atc serve --name ./small-model --cloud slurm --region mycluster --engine transformers --cpus 4
     """
     from llm_atc import serving, ui
     from llm_atc.readiness import snippets
@@ -58,6 +69,9 @@ def serve(**options):
         return
     where = spec.placement.infra or "the cheapest infra SkyPilot finds"
     question = f"Launch {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text}, {where})?"
+    if spec.replicas is not None:
+        question = (f"Start service {spec.cluster} for {spec.served_name} ({spec.replicas.text}, "
+                    f"{spec.placement.resources_text} each, {where})?")
     if not ui.confirm(question, yes=yes):
         raise SystemExit(1)
     try:
@@ -69,7 +83,11 @@ def serve(**options):
         ui.info(f"Submitted; the engine is starting on {spec.cluster}.")
         ui.out(serving.still_up_message(spec.cluster))
         return
-    ui.out(snippets(record.endpoint, spec.served_name, record.engine or "vllm"))
+    ui.out(snippets(record.endpoint, spec.served_name, record.engine or "vllm",
+                    key_for=spec.cluster if spec.auth else None))
+    if not spec.auth and spec.engine == "transformers":
+        ui.info("transformers serve has no API keys: anyone who reaches this endpoint can use it "
+                "(--engine vllm gives it one).")
     if not record.details.get("open_ports", True):
         ui.info(f"{spec.placement.cloud} opens no ports: {record.endpoint} is the node's own address. Where that "
                 f"is unreachable, tunnel to it with: llm-atc endpoint {spec.cluster} --forward")
