@@ -29,7 +29,7 @@ CUSTOM_STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATO
 # Recipe envs that llm-atc's own options control; --envs may not override them.
 SERVE_RESERVED_ENVS = frozenset(
     {"MODEL_NAME", "MODEL_SOURCE", "SERVED_MODEL_NAME", "HOST", "PORT", "MAX_MODEL_LEN", "DTYPE", "QUANTIZATION",
-     "VLLM_ARGS"}
+     "VLLM_ARGS", "CHAT_TEMPLATE"}
 )
 
 
@@ -83,6 +83,7 @@ def render_serve_task(
     *,
     local_dir: Path | None = None,
     features: NodeFeatures = NodeFeatures(),
+    adapters: dict[str, Checkpoint] | None = None,
 ) -> dict:
     """The SkyPilot task config for ``spec`` (``checkpoint``: what its bucket holds).
 
@@ -91,6 +92,7 @@ def render_serve_task(
     ``features``: on infra that cannot open ports the task asks for none (the
     endpoint is the head node's address); where buckets cannot be mounted, or a
     custom endpoint is in ``--envs``, the recipe fetches the checkpoint itself.
+    ``adapters``: what the buckets of ``--lora`` adapters hold, by adapter name.
     """
     check_user_envs(spec.envs, spec.secrets, SERVE_RESERVED_ENVS)
     _check_engine_options(spec)
@@ -100,7 +102,9 @@ def render_serve_task(
     config["resources"] = overlay_resources(config.get("resources", {}), spec.placement, port=port)
 
     placement = _model_placement(spec, features, local_dir)
-    model_arg, served_name, lora_args = _model_args(spec, checkpoint, placement.model_dir)
+    model_arg, served_name, served_adapters = _model_args(spec, checkpoint, placement.model_dir)
+    lora_mounts, extra_adapters = _lora_placement(spec, features, local_dir is not None, adapters or {})
+    lora_args = _lora_flags([*served_adapters, *extra_adapters])
     envs = config.setdefault("envs", {})
     envs.update(MODEL_NAME=model_arg, SERVED_MODEL_NAME=served_name, PORT=spec.port)
     if placement.source:
@@ -112,6 +116,7 @@ def render_serve_task(
             MAX_MODEL_LEN=spec.max_model_len or "",
             QUANTIZATION=spec.quantization or "",
             VLLM_ARGS=shlex.join([*lora_args, *spec.engine_args]),
+            CHAT_TEMPLATE=spec.chat_template or "",
         )
     elif lora_args:
         raise UserError(f"{spec.model.name} is a LoRA adapter; serve it with --engine vllm")
@@ -124,8 +129,8 @@ def render_serve_task(
     if secrets:
         config["secrets"] = secrets
 
-    if placement.mounts:
-        config.setdefault("file_mounts", {}).update(placement.mounts)
+    if placement.mounts or lora_mounts:
+        config.setdefault("file_mounts", {}).update({**placement.mounts, **lora_mounts})
     if spec.replicas is not None:
         if port is None:
             raise UserError(f"--replicas runs a SkyServe service, which needs open ports; "
@@ -197,6 +202,8 @@ def _check_engine_options(spec: ServeSpec) -> None:
             ("--max_model_len", spec.max_model_len),
             ("--quantization", spec.quantization),
             ("--vllm_args", spec.engine_args),
+            ("--chat_template", spec.chat_template),
+            ("--lora", spec.loras),
         )
         if value
     ]
@@ -204,8 +211,14 @@ def _check_engine_options(spec: ServeSpec) -> None:
         raise UserError(f"{given[0]} applies to --engine vllm only (this serve uses {spec.engine})")
 
 
-def _model_args(spec: ServeSpec, checkpoint: Checkpoint | None, model_dir: str) -> tuple[str, str, list[str]]:
-    """(what the engine loads, the name it serves it under, extra LoRA flags)."""
+# An adapter's rank, when nothing says it (a Hub adapter): vLLM refuses adapters above --max-lora-rank.
+UNKNOWN_LORA_RANK = 64
+NODE_LORA_DIR = "/llm-atc/lora"  # bucket adapters (COPY mounts)
+NODE_HOME_LORA_DIR = "~/llm-atc/lora"  # adapter folders synced from this machine
+
+
+def _model_args(spec: ServeSpec, checkpoint: Checkpoint | None, model_dir: str) -> tuple[str, str, list]:
+    """(what the engine loads, the name it serves it under, [(adapter name, node path, rank)])."""
     model = spec.model
     if model.hub_id:
         return model.hub_id, spec.served_name, []
@@ -217,10 +230,43 @@ def _model_args(spec: ServeSpec, checkpoint: Checkpoint | None, model_dir: str) 
     base = adapter.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{model.location} is a LoRA adapter that does not name its base model")
-    rank = int(adapter.get("r") or 16)
+    return base, base, [(spec.served_name, model_dir, int(adapter.get("r") or 16))]
+
+
+def _lora_placement(spec: ServeSpec, features: NodeFeatures, is_local: bool, checkpoints: dict[str, Checkpoint]):
+    """File mounts and (name, node path, rank) for each ``--lora`` adapter."""
+    mounts: dict = {}
+    placed = []
+    for index, adapter in enumerate(spec.loras):
+        if adapter.hub_id:
+            placed.append((adapter.name, adapter.hub_id, UNKNOWN_LORA_RANK))
+        elif adapter.path is not None:
+            node = str(adapter.path) if is_local else f"{NODE_HOME_LORA_DIR}/{index}"
+            if not is_local:
+                mounts[node] = str(adapter.path)
+            placed.append((adapter.name, node, int((_adapter_config(adapter.path) or {}).get("r") or 16)))
+        else:
+            if is_local or not features.storage_mounting or custom_store_env(spec.envs):
+                raise UserError(f"--lora {adapter.name}: adapters in a bucket need SkyPilot's bucket mounting, "
+                                "which this target lacks; pass a local adapter folder instead")
+            node = f"{NODE_LORA_DIR}/{index}"
+            mounts[node] = {"source": str(adapter.bucket), "mode": "COPY"}
+            found = checkpoints.get(adapter.name)
+            placed.append((adapter.name, node, int(found.rank or 16) if found else UNKNOWN_LORA_RANK))
+    return mounts, placed
+
+
+def _lora_flags(adapters: list) -> list[str]:
+    """vLLM's flags for serving ``adapters`` [(name, path, rank)] on the base model."""
+    if not adapters:
+        return []
+    rank = max(r for _, _, r in adapters)
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
-    lora = ["--enable-lora", "--lora-modules", f"{spec.served_name}={model_dir}", "--max-lora-rank", str(max_rank)]
-    return base, base, lora
+    flags = ["--enable-lora", "--lora-modules", *[f"{name}={path}" for name, path, _ in adapters],
+             "--max-lora-rank", str(max_rank)]
+    if len(adapters) > 1:
+        flags += ["--max-loras", str(len(adapters))]
+    return flags
 
 
 def _adapter_config(path: Path) -> dict | None:

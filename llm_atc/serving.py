@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from llm_atc import ui
-from llm_atc.errors import LaunchError
+from llm_atc.errors import LaunchError, UserError
 from llm_atc.readiness import EngineExited, wait_ready
 from llm_atc.registry import Record, Registry, Status, home
 from llm_atc.render import render_serve_task
@@ -64,10 +64,18 @@ def prepare(spec: ServeSpec) -> Prepared:
     from llm_atc.backends import skypilot
 
     checkpoint = None
-    if spec.model.bucket is not None:
-        with ui.spinner(f"Checking {spec.model.bucket}"), store_env(spec.envs, spec.secrets):
-            checkpoint = check_checkpoint(spec.model.bucket)
-    config = render_serve_task(spec, checkpoint, features=skypilot.node_features(spec.placement))
+    adapters = {}
+    with store_env(spec.envs, spec.secrets):
+        if spec.model.bucket is not None:
+            with ui.spinner(f"Checking {spec.model.bucket}"):
+                checkpoint = check_checkpoint(spec.model.bucket)
+        for adapter in spec.loras:
+            if adapter.bucket is not None:
+                with ui.spinner(f"Checking {adapter.bucket}"):
+                    adapters[adapter.name] = check_checkpoint(adapter.bucket)
+                if not adapters[adapter.name].is_adapter:
+                    raise UserError(f"--lora {adapter.name}: {adapter.bucket} holds a full model, not a LoRA adapter")
+    config = render_serve_task(spec, checkpoint, features=skypilot.node_features(spec.placement), adapters=adapters)
     api_key = None
     if spec.auth:
         from llm_atc import credentials

@@ -112,6 +112,8 @@ class ServeSpec(LaunchSpec):
     keep_on_failure: bool = False
     auth: bool = False  # an API key guards the endpoint (vLLM on a cluster, unless --no_auth)
     replicas: ReplicaPolicy | None = None  # a SkyServe service instead of one cluster
+    chat_template: str | None = None  # Jinja text (vLLM)
+    loras: tuple[ModelRef, ...] = ()  # LoRA adapters served on the model, each under its ``name``
 
     @property
     def served_name(self) -> str:
@@ -127,6 +129,46 @@ class ServeSpec(LaunchSpec):
         if name.startswith(("/", "~")) or ".." in parts:
             return self.model.path.name
         return name
+
+
+LORA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+
+
+def parse_loras(values, registry: Registry | None) -> tuple[ModelRef, ...]:
+    """``--lora NAME=REF``: REF is llm-atc/<run>, an s3:// or gs:// URI, a folder or a Hub id."""
+    adapters: list[ModelRef] = []
+    for value in values:
+        name, sep, ref = value.partition("=")
+        name, ref = name.strip(), ref.strip()
+        if not sep or not name or not ref:
+            raise UserError(f"--lora {value!r}: give NAME=REF, e.g. support=llm-atc/my-run")
+        if not LORA_NAME_RE.fullmatch(name):
+            raise UserError(f"--lora {value!r}: {name!r} is not a valid adapter name (letters, digits, . _ / -)")
+        if any(a.name == name for a in adapters):
+            raise UserError(f"--lora {name} is given twice")
+        resolved = resolve_model(name, ref, registry) if "://" in ref else resolve_model(ref, None, registry)
+        if resolved.path is not None and not (resolved.path / "adapter_config.json").is_file():
+            raise UserError(f"--lora {value!r}: {resolved.path} holds no adapter_config.json (not a LoRA adapter)")
+        adapters.append(ModelRef(name=name, hub_id=resolved.hub_id, bucket=resolved.bucket, path=resolved.path))
+    return tuple(adapters)
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """``--chat_template``: a file's text, or the Jinja template itself."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        text = path.read_text()
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise UserError(f"--chat_template {value!r}: no such file, and not a Jinja template ({{% ... %}})")
+    if not text.strip():
+        raise UserError(f"--chat_template {value!r} is empty")
+    return text
 
 
 REPLICAS_RE = re.compile(r"^(\d+)(?:\.\.(\d+))?$")
@@ -271,6 +313,8 @@ def build_serve_spec(
     target_qps: float | None = None,
     ondemand_fallback: int | None = None,
     dynamic_ondemand_fallback: bool = False,
+    chat_template: str | None = None,
+    lora: tuple[str, ...] | list[str] = (),
     registry: Registry | None = None,
 ) -> ServeSpec:
     """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
@@ -327,6 +371,8 @@ def build_serve_spec(
         # `transformers serve` has no API keys; locally the engine binds 127.0.0.1.
         auth=engine == "vllm" and not is_local and not no_auth,
         replicas=policy,
+        chat_template=read_chat_template(chat_template),
+        loras=parse_loras(lora, registry),
         detach_setup=detach_setup,
         detach_run=detach_run,
         no_setup=no_setup,

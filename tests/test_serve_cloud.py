@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shlex
 import subprocess
 import threading
 from pathlib import Path
@@ -611,3 +612,68 @@ def test_replicas_run_a_skyserve_service(cli, fake_sky, llm_atc_home):
 def test_bad_replica_options_are_one_line(cli, args, fragment):
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun")
     assert_one_line_error(result, fragment)
+
+
+def test_chat_template_reaches_vllm_as_a_file_byte_for_byte(cli, tmp_path):
+    """--chat_template FILE: the recipe writes the text to a file on the node and passes --chat-template."""
+    template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\\n$(id) `x` \"q\"{% endfor %}"
+    source = tmp_path / "template.jinja"
+    source.write_text(template)
+    config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--chat_template", str(source))
+    assert sky_task(config).envs["CHAT_TEMPLATE"] == template
+    bin_dir, node = tmp_path / "bin", tmp_path / "node"
+    bin_dir.mkdir()
+    node.mkdir()
+    argv_file = tmp_path / "argv"
+    (bin_dir / "vllm").write_text(f"#!/bin/bash\nprintf '%s\\0' \"$@\" > {argv_file}\n")
+    (bin_dir / "vllm").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.update({k: str(v) for k, v in config["envs"].items()})
+    subprocess.run(["bash", "-c", config["run"]], env=env, cwd=node, check=True, timeout=30)
+    argv = argv_file.read_text().split("\0")[:-1]
+    assert Path(argv[argv.index("--chat-template") + 1]).read_text() == template
+
+    inline = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--chat_template", "{{ messages[0]['content'] }}")[0]
+    assert inline["envs"]["CHAT_TEMPLATE"] == "{{ messages[0]['content'] }}"
+    for args, fragment in ((["--chat_template", "nope.jinja"], "no such file, and not a Jinja template"),
+                           (["--chat_template", str(source), "--engine", "transformers", "--cloud", "gcp"],
+                            "--chat_template applies to --engine vllm")):
+        assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun"), fragment)
+
+
+def test_lora_adapters_are_served_on_the_base_model(cli, s3, tmp_path, tiny_model):
+    """--lora NAME=REF (repeatable): bucket adapters COPY-mounted, folders synced, Hub ids passed on;
+    one --max-lora-rank that fits them all."""
+    s3.create_bucket(Bucket="loras")
+    adapter = {"base_model_name_or_path": "Qwen/Qwen2.5-7B", "r": 32, "peft_type": "LORA"}
+    s3.put_object(Bucket="loras", Key="llm-atc/sql/adapter_config.json", Body=json.dumps(adapter).encode())
+    folder = tmp_path / "chat-adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({**adapter, "r": 8}))
+    config, result = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--cloud", "aws",
+                            "--lora", "sql=s3://loras/llm-atc/sql", "--lora", f"chat={folder}",
+                            "--lora", "hub=someone/qwen-lora")
+    task = sky_task(config)
+    assert task.envs["MODEL_NAME"] == "Qwen/Qwen2.5-7B"
+    assert shlex.split(task.envs["VLLM_ARGS"]) == [
+        "--enable-lora", "--lora-modules", "sql=/llm-atc/lora/0", "chat=~/llm-atc/lora/1", "hub=someone/qwen-lora",
+        "--max-lora-rank", "64", "--max-loras", "3"]
+    assert config["file_mounts"] == {"/llm-atc/lora/0": {"source": "s3://loras/llm-atc/sql", "mode": "COPY"},
+                                     "~/llm-atc/lora/1": str(folder)}
+
+    s3.put_object(Bucket="loras", Key="llm-atc/full/config.json", Body=b"{}")
+    for args, fragment in (
+        (["--lora", "sql"], "give NAME=REF"),
+        (["--lora", "a b=x/y"], "not a valid adapter name"),
+        (["--lora", "x=s3://loras/llm-atc/sql", "--lora", "x=s3://loras/llm-atc/sql"], "given twice"),
+        (["--lora", "x=s3://loras/llm-atc/full"], "holds a full model, not a LoRA adapter"),
+        (["--lora", f"x={tiny_model}"], "holds no adapter_config.json"),
+        (["--lora", "x=s3://loras/llm-atc/sql", "--engine", "transformers"], "--lora applies to --engine vllm"),
+    ):
+        assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun"), fragment)
+    from llm_atc.errors import UserError
+    from llm_atc.render import NodeFeatures
+
+    with pytest.raises(UserError, match="need SkyPilot's bucket mounting"):
+        render(dict(name="Qwen/Qwen2.5-7B", cloud="slurm", lora=["x=s3://loras/llm-atc/sql"]),
+               features=NodeFeatures(open_ports=False, storage_mounting=False))

@@ -18,6 +18,11 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
 @click.option("--max_model_len", type=int, help="Context length the engine allocates for.")
 @click.option("--dtype", help="Weights dtype: auto, half, float16, bfloat16, float32.")
 @click.option("--quantization", help="vLLM quantization method, e.g. awq, gptq, fp8.")
+@click.option("--lora", multiple=True, metavar="NAME=REF",
+              help="Also serve a LoRA adapter under NAME (vLLM): REF is llm-atc/<run>, s3:// or gs://, a folder "
+                   "or a Hub id. Repeatable.")
+@click.option("--chat_template", metavar="FILE|TEMPLATE",
+              help="Jinja chat template (a file, or the template text) for models whose repo has none (vLLM).")
 @click.option("--vllm_args", metavar="'FLAGS'", help="Extra vLLM engine flags, e.g. \"--enable-prefix-caching\".")
 @click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default="auto", show_default=True,
               help="Serving engine. auto: vLLM on clusters; locally vLLM with a CUDA GPU, else transformers. "
