@@ -100,6 +100,8 @@ def render_serve_task(
     config["name"] = spec.cluster
     port = spec.port if features.open_ports and local_dir is None else None
     config["resources"] = overlay_resources(config.get("resources", {}), spec.placement, port=port)
+    if spec.num_nodes > 1:
+        config["num_nodes"] = spec.num_nodes
 
     placement = _model_placement(spec, features, local_dir)
     model_arg, served_name, served_adapters = _model_args(spec, checkpoint, placement.model_dir)

@@ -114,6 +114,7 @@ class ServeSpec(LaunchSpec):
     replicas: ReplicaPolicy | None = None  # a SkyServe service instead of one cluster
     chat_template: str | None = None  # Jinja text (vLLM)
     loras: tuple[ModelRef, ...] = ()  # LoRA adapters served on the model, each under its ``name``
+    num_nodes: int = 1  # > 1: one vLLM across nodes (Ray; pipeline parallel across them)
 
     @property
     def served_name(self) -> str:
@@ -315,6 +316,7 @@ def build_serve_spec(
     dynamic_ondemand_fallback: bool = False,
     chat_template: str | None = None,
     lora: tuple[str, ...] | list[str] = (),
+    num_nodes: int = 1,
     registry: Registry | None = None,
 ) -> ServeSpec:
     """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
@@ -355,6 +357,11 @@ def build_serve_spec(
                             dynamic_ondemand_fallback=dynamic_ondemand_fallback, use_spot=use_spot)
     if policy is not None and is_local:
         raise UserError("--replicas runs a SkyServe service on clusters; it does not apply to --cloud local")
+    if num_nodes < 1:
+        raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
+    if num_nodes > 1 and (is_local or engine != "vllm" or policy is not None):
+        raise UserError("--num_nodes > 1 spans one vLLM over several nodes of a cluster: not with --cloud local, "
+                        "--engine transformers or --replicas")
     return ServeSpec(
         model=model,
         cluster=check_cluster_name(cluster) if cluster else cluster_name_for(model.name),
@@ -373,6 +380,7 @@ def build_serve_spec(
         replicas=policy,
         chat_template=read_chat_template(chat_template),
         loras=parse_loras(lora, registry),
+        num_nodes=num_nodes,
         detach_setup=detach_setup,
         detach_run=detach_run,
         no_setup=no_setup,

@@ -677,3 +677,33 @@ def test_lora_adapters_are_served_on_the_base_model(cli, s3, tmp_path, tiny_mode
     with pytest.raises(UserError, match="need SkyPilot's bucket mounting"):
         render(dict(name="Qwen/Qwen2.5-7B", cloud="slurm", lora=["x=s3://loras/llm-atc/sql"]),
                features=NodeFeatures(open_ports=False, storage_mounting=False))
+
+
+def test_num_nodes_spans_one_vllm_over_a_ray_cluster(cli, tmp_path):
+    """--num_nodes 2: the task asks for two nodes; on the head the recipe starts Ray, waits for every
+    node and serves with pipeline parallelism across them; a worker joins the head's Ray and stays."""
+    config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-72B", "--accelerator", "H100:8", "--num_nodes", "2")
+    assert sky_task(config).num_nodes == 2
+    bin_dir, fake_ray = tmp_path / "bin", tmp_path / "pylib" / "ray"
+    bin_dir.mkdir()
+    fake_ray.mkdir(parents=True)
+    calls = tmp_path / "calls"
+    for tool in ("vllm", "ray"):
+        (bin_dir / tool).write_text(f"#!/bin/bash\necho {tool} \"$@\" >> {calls}\n")
+        (bin_dir / tool).chmod(0o755)
+    (fake_ray / "__init__.py").write_text("def init(address):\n    pass\n\n"
+                                          "def nodes():\n    return [{'Alive': True}, {'Alive': True}]\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(fake_ray.parent),
+           "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "8", "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2"}
+    env.update({k: str(v) for k, v in config["envs"].items()})
+    for rank in ("0", "1"):
+        subprocess.run(["bash", "-c", config["run"]], env={**env, "SKYPILOT_NODE_RANK": rank}, cwd=tmp_path,
+                       check=True, timeout=30)
+    head_ray, head_vllm, worker_ray = calls.read_text().splitlines()
+    assert head_ray == "ray start --head --port 6379 --disable-usage-stats"
+    assert "--tensor-parallel-size 8" in head_vllm and "--pipeline-parallel-size 2" in head_vllm
+    assert "--distributed-executor-backend ray" in head_vllm
+    assert worker_ray == "ray start --address 10.0.0.1:6379 --block"
+    for args in (["--num_nodes", "0"], ["--num_nodes", "2", "--engine", "transformers", "--cloud", "gcp"],
+                 ["--num_nodes", "2", "--replicas", "2"]):
+        assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-72B", *args, "--dryrun"), "--num_nodes")
