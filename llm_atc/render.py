@@ -29,7 +29,7 @@ CUSTOM_STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATO
 # Recipe envs that llm-atc's own options control; --envs may not override them.
 SERVE_RESERVED_ENVS = frozenset(
     {"MODEL_NAME", "MODEL_SOURCE", "SERVED_MODEL_NAME", "HOST", "PORT", "MAX_MODEL_LEN", "DTYPE", "QUANTIZATION",
-     "VLLM_ARGS", "CHAT_TEMPLATE"}
+     "VLLM_ARGS", "CHAT_TEMPLATE", "WEIGHTS_CACHE"}
 )
 
 
@@ -105,12 +105,15 @@ def render_serve_task(
 
     placement = _model_placement(spec, features, local_dir)
     model_arg, served_name, served_adapters = _model_args(spec, checkpoint, placement.model_dir)
-    lora_mounts, extra_adapters = _lora_placement(spec, features, local_dir is not None, adapters or {})
+    extra_mounts, extra_adapters = _lora_placement(spec, features, local_dir is not None, adapters or {})
     lora_args = _lora_flags([*served_adapters, *extra_adapters])
     envs = config.setdefault("envs", {})
     envs.update(MODEL_NAME=model_arg, SERVED_MODEL_NAME=served_name, PORT=spec.port)
     if placement.source:
         envs["MODEL_SOURCE"] = placement.source
+    if spec.cache_weights:
+        envs["WEIGHTS_CACHE"] = spec.cache_weights
+        extra_mounts.update(buckets_script_mount())
     if spec.dtype:
         envs["DTYPE"] = spec.dtype
     if spec.engine == "vllm":
@@ -131,8 +134,8 @@ def render_serve_task(
     if secrets:
         config["secrets"] = secrets
 
-    if placement.mounts or lora_mounts:
-        config.setdefault("file_mounts", {}).update({**placement.mounts, **lora_mounts})
+    if placement.mounts or extra_mounts:
+        config.setdefault("file_mounts", {}).update({**placement.mounts, **extra_mounts})
     if spec.replicas is not None:
         if port is None:
             raise UserError(f"--replicas runs a SkyServe service, which needs open ports; "

@@ -69,6 +69,14 @@ def prepare(spec: ServeSpec) -> Prepared:
         if spec.model.bucket is not None:
             with ui.spinner(f"Checking {spec.model.bucket}"):
                 checkpoint = check_checkpoint(spec.model.bucket)
+        if spec.cache_weights:
+            from llm_atc.storage import BucketURI, ObjectStore
+
+            cache = BucketURI.parse(spec.cache_weights)
+            with ui.spinner(f"Checking {cache.scheme}://{cache.bucket}"):
+                if not ObjectStore(cache.scheme).bucket_exists(cache.bucket):
+                    raise UserError(f"--cache_weights: bucket {cache.scheme}://{cache.bucket} does not exist "
+                                    "or is not visible to you")
         for adapter in spec.loras:
             if adapter.bucket is not None:
                 with ui.spinner(f"Checking {adapter.bucket}"):

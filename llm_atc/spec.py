@@ -115,6 +115,7 @@ class ServeSpec(LaunchSpec):
     chat_template: str | None = None  # Jinja text (vLLM)
     loras: tuple[ModelRef, ...] = ()  # LoRA adapters served on the model, each under its ``name``
     num_nodes: int = 1  # > 1: one vLLM across nodes (Ray; pipeline parallel across them)
+    cache_weights: str | None = None  # bucket folder that caches a Hub model's weights for later replicas
 
     @property
     def served_name(self) -> str:
@@ -317,6 +318,7 @@ def build_serve_spec(
     chat_template: str | None = None,
     lora: tuple[str, ...] | list[str] = (),
     num_nodes: int = 1,
+    cache_weights: str | None = None,
     registry: Registry | None = None,
 ) -> ServeSpec:
     """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
@@ -359,6 +361,13 @@ def build_serve_spec(
         raise UserError("--replicas runs a SkyServe service on clusters; it does not apply to --cloud local")
     if num_nodes < 1:
         raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
+    if cache_weights is not None:
+        from llm_atc.storage import BucketURI
+
+        cache_weights = str(BucketURI.parse(cache_weights, option="--cache_weights"))
+        if model.hub_id is None or is_local or engine != "vllm":
+            raise UserError("--cache_weights stages a Hugging Face model for vLLM on clusters; llm-atc/<run> and "
+                            "folders already load from their own place")
     if num_nodes > 1 and (is_local or engine != "vllm" or policy is not None):
         raise UserError("--num_nodes > 1 spans one vLLM over several nodes of a cluster: not with --cloud local, "
                         "--engine transformers or --replicas")
@@ -381,6 +390,7 @@ def build_serve_spec(
         chat_template=read_chat_template(chat_template),
         loras=parse_loras(lora, registry),
         num_nodes=num_nodes,
+        cache_weights=cache_weights,
         detach_setup=detach_setup,
         detach_run=detach_run,
         no_setup=no_setup,
@@ -447,6 +457,13 @@ def build_train_spec(
     is_local = (cloud or "").strip().lower() == LOCAL
     if num_nodes < 1:
         raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
+    if cache_weights is not None:
+        from llm_atc.storage import BucketURI
+
+        cache_weights = str(BucketURI.parse(cache_weights, option="--cache_weights"))
+        if model.hub_id is None or is_local or engine != "vllm":
+            raise UserError("--cache_weights stages a Hugging Face model for vLLM on clusters; llm-atc/<run> and "
+                            "folders already load from their own place")
     if is_local and (num_nodes > 1 or use_spot):
         raise UserError("--num_nodes and --use_spot do not apply to --cloud local")
     run = check_run_name(name) if name else f"{model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -485,6 +502,7 @@ def build_train_spec(
         base_model=base,
         description=description or "",
         num_nodes=num_nodes,
+        cache_weights=cache_weights,
         envs=plain,
         secrets=secret_values,
         detach_setup=detach_setup,

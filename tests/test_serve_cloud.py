@@ -707,3 +707,45 @@ def test_num_nodes_spans_one_vllm_over_a_ray_cluster(cli, tmp_path):
     for args in (["--num_nodes", "0"], ["--num_nodes", "2", "--engine", "transformers", "--cloud", "gcp"],
                  ["--num_nodes", "2", "--replicas", "2"]):
         assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-72B", *args, "--dryrun"), "--num_nodes")
+
+
+def test_cache_weights_stages_a_hub_model_through_a_bucket(cli, s3, tiny_model, tmp_path, monkeypatch):
+    """--cache_weights: the first replica downloads from the Hub and uploads to the bucket (marker
+    last); the next one copies from the bucket with the Hub offline. buckets.py runs here against moto;
+    only the Hub download (unreachable) is stood in for by a copy of the tiny model."""
+    import importlib.util
+    import shutil
+
+    from llm_atc.recipes_catalog import recipes_dir
+
+    s3.create_bucket(Bucket="weights")
+    config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--cache_weights", "s3://weights/cache")
+    task = sky_task(config)
+    assert task.envs["WEIGHTS_CACHE"] == "s3://weights/cache" and "~/.llm-atc/buckets.py" in config["file_mounts"]
+    assert "buckets.py\" stage \"$MODEL_NAME\" \"$WEIGHTS_CACHE\"" in config["run"]
+
+    spec = importlib.util.spec_from_file_location("node_buckets", recipes_dir() / "train" / "buckets.py")
+    buckets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(buckets)
+    downloads = []
+
+    def hub_download(repo_id, local_dir, token=None):
+        downloads.append(repo_id)
+        shutil.copytree(tiny_model, local_dir, dirs_exist_ok=True)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_download)
+    buckets.stage("Qwen/Qwen2.5-7B", "s3://weights/cache", str(tmp_path / "first"))
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="weights")["Contents"]]
+    assert "cache/Qwen/Qwen2.5-7B/.llm-atc-staged" in keys and "cache/Qwen/Qwen2.5-7B/model.safetensors" in keys
+    buckets.stage("Qwen/Qwen2.5-7B", "s3://weights/cache", str(tmp_path / "second"))
+    assert downloads == ["Qwen/Qwen2.5-7B"]  # the second replica did not touch the Hub
+    assert (tmp_path / "second" / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    assert not (tmp_path / "second" / ".llm-atc-staged").exists()
+
+    for args, fragment in ((["--cache_weights", "weights/cache"], "--cache_weights"),
+                           (["--cache_weights", "s3://no-such-bucket/x"], "does not exist")):
+        assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun"), fragment)
+    assert_one_line_error(cli("serve", "--name", str(tiny_model), "--cache_weights", "s3://weights/c", "--dryrun"),
+                          "stages a Hugging Face model")

@@ -29,6 +29,8 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
                    "transformers runs on CPUs (small models, CPU-only clusters).")
 @click.option("--port", type=int, default=8000, show_default=True,
               help="Engine port on the node (0 picks a free one, local only).")
+@click.option("--cache_weights", metavar="s3://...|gs://...",
+              help="Stage a Hub model's weights in this bucket folder once; later replicas load from it (vLLM).")
 @click.option("--num_nodes", type=int, default=1, show_default=True,
               help="Nodes for one vLLM: tensor parallel within a node, pipeline parallel across nodes (Ray).")
 @click.option("--replicas", metavar="N|MIN..MAX",

@@ -6,6 +6,7 @@ mount buckets). Honours ``AWS_ENDPOINT_URL`` (S3-compatible stores such as MinIO
 ``STORAGE_EMULATOR_HOST``. Only the standard library is imported at module level.
 
     python3 buckets.py fetch s3://bucket/llm-atc/my-run ~/llm-atc/model
+    python3 buckets.py stage Qwen/Qwen2.5-7B-Instruct s3://bucket/llm-atc/weights ~/llm-atc/model
 """
 
 from __future__ import annotations
@@ -142,7 +143,46 @@ def fetch(uri: str, dest: str) -> None:
     print(f"llm-atc: {uri} -> {target} ({fetched} files fetched)", flush=True)
 
 
+STAGED_MARKER = ".llm-atc-staged"  # written last: the cached copy is complete
+
+
+def stage(hub_id: str, cache: str, dest: str) -> None:
+    """Weights of Hub model ``hub_id`` in ``dest``, through the bucket cache ``cache``.
+
+    The first replica downloads from the Hub and uploads to ``<cache>/<hub_id>/`` (the
+    marker last); later replicas copy from the bucket, without the Hub.
+    """
+    if not is_bucket_uri(cache):
+        raise SystemExit(f"llm-atc: {cache!r} is not an s3:// or gs:// URI")
+    cached = Bucket(cache).child(hub_id)
+    target = Path(dest).expanduser()
+    try:
+        if STAGED_MARKER in cached.list():
+            count = cached.download_folder(target, skip_same_size=True)
+            (target / STAGED_MARKER).unlink(missing_ok=True)
+            print(f"llm-atc: {hub_id} from the weights cache {cached} ({count} files fetched)", flush=True)
+            return
+        from huggingface_hub import snapshot_download
+
+        print(f"llm-atc: {hub_id} is not in the weights cache yet: downloading it from the Hub", flush=True)
+        snapshot_download(hub_id, local_dir=str(target), token=os.environ.get("HF_TOKEN") or None)
+        marker = target / STAGED_MARKER
+        marker.write_text(hub_id)
+        count = cached.upload_folder(target, last=(STAGED_MARKER,))
+        marker.unlink()
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one clear line for any SDK error
+        raise SystemExit(f"llm-atc: cannot stage {hub_id} through {cached}: {type(exc).__name__}: {exc}") from None
+    print(f"llm-atc: {hub_id} cached at {cached} ({count} files) for the next replicas", flush=True)
+
+
+USAGE = """usage: python3 buckets.py fetch s3://BUCKET/PREFIX DEST
+       python3 buckets.py stage HUB_ID s3://BUCKET/PREFIX DEST"""
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "fetch":
-        raise SystemExit("usage: python3 buckets.py fetch s3://BUCKET/PREFIX DEST")
-    fetch(sys.argv[2], sys.argv[3])
+    commands = {"fetch": (fetch, 2), "stage": (stage, 3)}
+    command, arity = commands.get(sys.argv[1] if len(sys.argv) > 1 else "", (None, -1))
+    if command is None or len(sys.argv) - 2 != arity:
+        raise SystemExit(USAGE)
+    command(*sys.argv[2:])
