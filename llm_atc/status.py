@@ -32,11 +32,16 @@ def refresh(records: list[Record], registry: Registry) -> dict[int, LiveState]:
     return states
 
 
-def current_rows(*, show_all: bool = False, registry: Registry | None = None) -> list[tuple[str, ...]]:
-    """Table rows: the newest record per cluster (all records with ``show_all``)."""
+def current_rows(
+    *, show_all: bool = False, only: str | None = None, registry: Registry | None = None
+) -> list[tuple[str, ...]]:
+    """Table rows: the newest record per cluster (all records with ``show_all``); ``only``: the
+    records whose name or cluster it is."""
     registry = registry or Registry()
     records, seen = [], set()
     for record in registry.records():
+        if only is not None and only not in (record.name, record.cluster):
+            continue
         key = (record.kind, record.cluster)
         if show_all or key not in seen:
             records.append(record)

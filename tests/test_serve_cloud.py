@@ -550,7 +550,7 @@ class FakeServe:
 
         if not self.ups or names[0] in self.downs:
             return []
-        replica = {"replica_id": 1, "status": ReplicaStatus.READY}
+        replica = {"replica_id": 1, "status": ReplicaStatus.READY, "handle": self.sky.replica_handle}
         return [{"name": names[0], "status": ServiceStatus.READY, "endpoint": self.sky.engine.url,
                  "replica_info": [replica], "requested_resources_str": "1x[L4:1]"}]
 
@@ -566,8 +566,13 @@ class FakeServe:
 def test_replicas_run_a_skyserve_service(cli, fake_sky, llm_atc_home):
     """--replicas MIN..MAX --target_qps with spot fallback: a service section SkyPilot parses,
     sky.serve.up, readiness through the load balancer with the key, status/logs/stop/down."""
+    import types
+
     sky = fake_sky()
     sky.serve = FakeServe(sky)
+    # A replica's handle as SkyPilot reports it for a VM on AWS (its launched resources price themselves).
+    resources = types.SimpleNamespace(cloud="AWS", region="us-east-1", get_cost=lambda seconds: 0.2712 * seconds / 3600)
+    sky.replica_handle = types.SimpleNamespace(launched_resources=resources)
     args = ["--name", "Qwen/Qwen2.5-7B", "--accelerator", "L4:1", "--cloud", "aws", "-c", "svc",
             "--replicas", "0..3", "--target_qps", "2.5", "--use_spot", "--ondemand_fallback", "1",
             "--dynamic_ondemand_fallback"]
@@ -587,6 +592,9 @@ def test_replicas_run_a_skyserve_service(cli, fake_sky, llm_atc_home):
     assert f"http://{sky.engine.url}/v1" in result.stdout
     status = cli("status")
     assert "READY, 1/1 replicas ready" in status.stdout, status
+    detail = cli("status", "svc")
+    replica_row = next(line for line in detail.stdout.splitlines() if line.strip().startswith("1 "))
+    assert "READY" in replica_row and "AWS/us-east-1" in replica_row and "0.27" in replica_row, detail.stdout
     assert "replica 1 of svc" in cli("logs", "svc").stdout
     assert_one_line_error(cli("stop", "svc", "-y"), "service cannot be stopped")
     assert cli("down", "svc", "-y").exit_code == 0 and sky.serve.downs == ["svc"]

@@ -196,6 +196,22 @@ class SkyPilotBackend:
             found = self.sdk.get(self.sdk.serve.status([name]))
         return found[0] if found else None
 
+    def replicas(self, record: Record) -> list[tuple[str, str, str, str, str]]:
+        """A service's replicas: (id, status, infra, resources, $/hour) each."""
+        found = self.service(record.cluster) or {}
+        rows = []
+        for replica in sorted(found.get("replica_info") or [], key=lambda r: r["replica_id"]):
+            resources = getattr(replica.get("handle"), "launched_resources", None)
+            infra = "/".join(str(p) for p in (getattr(resources, "cloud", None), getattr(resources, "region", None))
+                             if p) or "-"
+            try:
+                price = f"{resources.get_cost(3600):.2f}" if resources is not None else "-"
+            except Exception:  # noqa: BLE001 - a price SkyPilot cannot compute here is just unknown
+                price = "-"
+            rows.append((str(replica["replica_id"]), _status_name(replica["status"]), infra,
+                         str(resources) if resources is not None else "-", price))
+        return rows
+
     def job_end(self, record: Record) -> str | None:
         """The job's final status (SUCCEEDED, FAILED, ...) once it has ended; None while it runs,
         or when SkyPilot cannot say (no job id, cluster gone)."""

@@ -6,21 +6,38 @@ import click
 
 
 @click.command()
+@click.argument("name", required=False)
 @click.option("-a", "--all", "show_all", is_flag=True, help="Include torn-down deployments and older records.")
-def status(show_all):
-    """Show deployments (cloud and local) and training runs with their live status."""
+def status(name, show_all):
+    """Show deployments (cloud and local) and training runs with their live status.
+
+    With NAME, only that deployment or run; for a SkyServe service, also its replicas.
+    """
     from rich.table import Table
 
     from llm_atc import ui
     from llm_atc.status import current_rows
 
-    rows = current_rows(show_all=show_all)
+    rows = current_rows(show_all=show_all, only=name)
     if not rows:
         ui.out("No deployments or training runs yet. Start one with `llm-atc serve --name MODEL`.")
         return
-    table = Table(box=None, header_style="bold")
-    for column in ("NAME", "KIND", "CLUSTER", "INFRA", "ACCELERATOR", "STATUS", "ENDPOINT", "CREATED"):
+    ui.out(_table(Table, ("NAME", "KIND", "CLUSTER", "INFRA", "ACCELERATOR", "STATUS", "ENDPOINT", "CREATED"), rows))
+    if name:
+        from llm_atc.backends import lookup
+        from llm_atc.backends.skypilot import SkyPilotBackend
+
+        record = lookup(name)
+        if record.details.get("service"):
+            replicas = SkyPilotBackend().replicas(record)
+            ui.out(_table(Table, ("REPLICA", "STATUS", "INFRA", "RESOURCES", "$/HOUR"), replicas)
+                   if replicas else "No replicas yet.")
+
+
+def _table(table_class, columns, rows):
+    table = table_class(box=None, header_style="bold")
+    for column in columns:
         table.add_column(column)
     for row in rows:
         table.add_row(*row)
-    ui.out(table)
+    return table
