@@ -29,7 +29,7 @@ CUSTOM_STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATO
 # Recipe envs that llm-atc's own options control; --envs may not override them.
 SERVE_RESERVED_ENVS = frozenset(
     {"MODEL_NAME", "MODEL_SOURCE", "SERVED_MODEL_NAME", "HOST", "PORT", "MAX_MODEL_LEN", "DTYPE", "QUANTIZATION",
-     "VLLM_ARGS", "CHAT_TEMPLATE", "WEIGHTS_CACHE"}
+     "VLLM_ARGS", "CHAT_TEMPLATE", "EOS_TOKEN", "WEIGHTS_CACHE"}
 )
 
 
@@ -122,6 +122,7 @@ def render_serve_task(
             QUANTIZATION=spec.quantization or "",
             VLLM_ARGS=shlex.join([*lora_args, *spec.engine_args]),
             CHAT_TEMPLATE=spec.chat_template or "",
+            EOS_TOKEN=spec.eos_token or "",
         )
     elif lora_args:
         raise UserError(f"{spec.model.name} is a LoRA adapter; serve it with --engine vllm")
@@ -208,6 +209,7 @@ def _check_engine_options(spec: ServeSpec) -> None:
             ("--quantization", spec.quantization),
             ("--vllm_args", spec.engine_args),
             ("--chat_template", spec.chat_template),
+            ("--eos_token", spec.eos_token),
             ("--lora", spec.loras),
         )
         if value

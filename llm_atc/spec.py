@@ -113,6 +113,7 @@ class ServeSpec(LaunchSpec):
     auth: bool = False  # an API key guards the endpoint (vLLM on a cluster, unless --no_auth)
     replicas: ReplicaPolicy | None = None  # a SkyServe service instead of one cluster
     chat_template: str | None = None  # Jinja text (vLLM)
+    eos_token: str | None = None  # a token that also ends generation (vLLM)
     loras: tuple[ModelRef, ...] = ()  # LoRA adapters served on the model, each under its ``name``
     num_nodes: int = 1  # > 1: one vLLM across nodes (Ray; pipeline parallel across them)
     cache_weights: str | None = None  # bucket folder that caches a Hub model's weights for later replicas
@@ -153,6 +154,12 @@ def parse_loras(values, registry: Registry | None) -> tuple[ModelRef, ...]:
             raise UserError(f"--lora {value!r}: {resolved.path} holds no adapter_config.json (not a LoRA adapter)")
         adapters.append(ModelRef(name=name, hub_id=resolved.hub_id, bucket=resolved.bucket, path=resolved.path))
     return tuple(adapters)
+
+
+def _check_eos_token(value: str | None) -> str | None:
+    if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+        raise UserError(f"--eos_token {value!r}: give one token as the tokenizer spells it, e.g. <|im_end|>")
+    return value
 
 
 def read_chat_template(value: str | None) -> str | None:
@@ -316,6 +323,7 @@ def build_serve_spec(
     ondemand_fallback: int | None = None,
     dynamic_ondemand_fallback: bool = False,
     chat_template: str | None = None,
+    eos_token: str | None = None,
     lora: tuple[str, ...] | list[str] = (),
     num_nodes: int = 1,
     cache_weights: str | None = None,
@@ -388,6 +396,7 @@ def build_serve_spec(
         auth=engine == "vllm" and not is_local and not no_auth,
         replicas=policy,
         chat_template=read_chat_template(chat_template),
+        eos_token=_check_eos_token(eos_token),
         loras=parse_loras(lora, registry),
         num_nodes=num_nodes,
         cache_weights=cache_weights,

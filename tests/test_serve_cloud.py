@@ -757,3 +757,38 @@ def test_cache_weights_stages_a_hub_model_through_a_bucket(cli, s3, tiny_model, 
         assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun"), fragment)
     assert_one_line_error(cli("serve", "--name", str(tiny_model), "--cache_weights", "s3://weights/c", "--dryrun"),
                           "stages a Hugging Face model")
+
+
+def test_eos_token_joins_the_generation_config_vllm_gets(cli, tmp_path, tiny_model):
+    """--eos_token: the recipe resolves the token with the model's tokenizer (the real one, here on the
+    tiny model) and hands vLLM a generation config whose eos_token_id includes it."""
+    config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--eos_token", "<pad>")
+    assert sky_task(config).envs["EOS_TOKEN"] == "<pad>"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    argv_file = tmp_path / "argv"
+    (bin_dir / "vllm").write_text(f"#!/bin/bash\nprintf '%s\\0' \"$@\" > {argv_file}\n")
+    (bin_dir / "vllm").chmod(0o755)
+    import sys
+
+    # python3 is this venv's (the node's python has transformers, as vLLM brings it)
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.update({k: str(v) for k, v in config["envs"].items()}, MODEL_NAME=str(tiny_model))
+    subprocess.run(["bash", "-c", config["run"]], env=env, cwd=tmp_path, check=True, timeout=60)
+    argv = argv_file.read_text().split("\0")[:-1]
+    folder = Path(argv[argv.index("--generation-config") + 1])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    written = json.loads((folder / "generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids("<pad>") in written["eos_token_id"]
+    assert tokenizer.eos_token_id in written["eos_token_id"]
+
+    env["EOS_TOKEN"] = "<no-such-token>"
+    failed = subprocess.run(["bash", "-c", config["run"]], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert failed.returncode != 0 and "is not a single token" in failed.stderr
+    for args, fragment in ((["--eos_token", "two words"], "give one token"),
+                           (["--eos_token", "<pad>", "--engine", "transformers", "--cloud", "gcp"],
+                            "--eos_token applies to --engine vllm")):
+        assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun"), fragment)

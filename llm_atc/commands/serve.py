@@ -23,6 +23,8 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
                    "or a Hub id. Repeatable.")
 @click.option("--chat_template", metavar="FILE|TEMPLATE",
               help="Jinja chat template (a file, or the template text) for models whose repo has none (vLLM).")
+@click.option("--eos_token", metavar="TOKEN",
+              help="A token that also ends generation, e.g. '<|im_end|>' (vLLM; for models whose config misses it).")
 @click.option("--vllm_args", metavar="'FLAGS'", help="Extra vLLM engine flags, e.g. \"--enable-prefix-caching\".")
 @click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default="auto", show_default=True,
               help="Serving engine. auto: vLLM on clusters; locally vLLM with a CUDA GPU, else transformers. "
