@@ -466,13 +466,6 @@ def build_train_spec(
     is_local = (cloud or "").strip().lower() == LOCAL
     if num_nodes < 1:
         raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
-    if cache_weights is not None:
-        from llm_atc.storage import BucketURI
-
-        cache_weights = str(BucketURI.parse(cache_weights, option="--cache_weights"))
-        if model.hub_id is None or is_local or engine != "vllm":
-            raise UserError("--cache_weights stages a Hugging Face model for vLLM on clusters; llm-atc/<run> and "
-                            "folders already load from their own place")
     if is_local and (num_nodes > 1 or use_spot):
         raise UserError("--num_nodes and --use_spot do not apply to --cloud local")
     run = check_run_name(name) if name else f"{model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -511,7 +504,6 @@ def build_train_spec(
         base_model=base,
         description=description or "",
         num_nodes=num_nodes,
-        cache_weights=cache_weights,
         envs=plain,
         secrets=secret_values,
         detach_setup=detach_setup,
