@@ -184,14 +184,23 @@ def _model_placement(spec: ServeSpec, features: NodeFeatures, local_dir: Path | 
         return _ModelPlacement(NODE_HOME_MODEL_DIR, {NODE_HOME_MODEL_DIR: str(model.path)})
     if model.bucket is None:
         return _ModelPlacement(NODE_MODEL_DIR, {})
-    if features.storage_mounting and not custom_store_env(spec.envs):
-        return _ModelPlacement(NODE_MODEL_DIR, {NODE_MODEL_DIR: {"source": str(model.bucket), "mode": "COPY"}})
+    if skypilot_mounts_buckets(spec, features):
+        return _ModelPlacement(NODE_MODEL_DIR, {NODE_MODEL_DIR: _copy_mount(model.bucket)})
     return _ModelPlacement(NODE_HOME_MODEL_DIR, buckets_script_mount(), source=str(model.bucket))
 
 
 def custom_store_env(envs: dict[str, str]) -> str | None:
     """The first env var in ``envs`` that points object-store clients at a custom endpoint."""
     return next((key for key in CUSTOM_STORE_ENVS if envs.get(key)), None)
+
+
+def skypilot_mounts_buckets(spec: ServeSpec, features: NodeFeatures) -> bool:
+    """Whether SkyPilot can put a bucket on the node: it can mount there, and the store is AWS/GCS proper."""
+    return features.storage_mounting and not custom_store_env(spec.envs)
+
+
+def _copy_mount(uri) -> dict:
+    return {"source": str(uri), "mode": "COPY"}
 
 
 def buckets_script_mount() -> dict[str, str]:
@@ -220,6 +229,7 @@ def _check_engine_options(spec: ServeSpec) -> None:
 
 # An adapter's rank, when nothing says it (a Hub adapter): vLLM refuses adapters above --max-lora-rank.
 UNKNOWN_LORA_RANK = 64
+DEFAULT_LORA_RANK = 16  # peft's default, for an adapter config without "r"
 NODE_LORA_DIR = "/llm-atc/lora"  # bucket adapters (COPY mounts)
 NODE_HOME_LORA_DIR = "~/llm-atc/lora"  # adapter folders synced from this machine
 
@@ -237,7 +247,7 @@ def _model_args(spec: ServeSpec, checkpoint: Checkpoint | None, model_dir: str) 
     base = adapter.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{model.location} is a LoRA adapter that does not name its base model")
-    return base, base, [(spec.served_name, model_dir, int(adapter.get("r") or 16))]
+    return base, base, [(spec.served_name, model_dir, int(adapter.get("r") or DEFAULT_LORA_RANK))]
 
 
 def _lora_placement(spec: ServeSpec, features: NodeFeatures, is_local: bool, checkpoints: dict[str, Checkpoint]):
@@ -251,15 +261,15 @@ def _lora_placement(spec: ServeSpec, features: NodeFeatures, is_local: bool, che
             node = str(adapter.path) if is_local else f"{NODE_HOME_LORA_DIR}/{index}"
             if not is_local:
                 mounts[node] = str(adapter.path)
-            placed.append((adapter.name, node, int((_adapter_config(adapter.path) or {}).get("r") or 16)))
+            placed.append((adapter.name, node, int((_adapter_config(adapter.path) or {}).get("r") or DEFAULT_LORA_RANK)))
         else:
-            if is_local or not features.storage_mounting or custom_store_env(spec.envs):
+            if is_local or not skypilot_mounts_buckets(spec, features):
                 raise UserError(f"--lora {adapter.name}: adapters in a bucket need SkyPilot's bucket mounting, "
                                 "which this target lacks; pass a local adapter folder instead")
             node = f"{NODE_LORA_DIR}/{index}"
-            mounts[node] = {"source": str(adapter.bucket), "mode": "COPY"}
+            mounts[node] = _copy_mount(adapter.bucket)
             found = checkpoints.get(adapter.name)
-            placed.append((adapter.name, node, int(found.rank or 16) if found else UNKNOWN_LORA_RANK))
+            placed.append((adapter.name, node, int(found.rank or DEFAULT_LORA_RANK) if found else UNKNOWN_LORA_RANK))
     return mounts, placed
 
 

@@ -63,6 +63,22 @@ def prepare(spec: ServeSpec) -> Prepared:
     """Check the checkpoint, render the task and let SkyPilot validate it."""
     from llm_atc.backends import skypilot
 
+    checkpoint, adapters = _check_buckets(spec)
+    config = render_serve_task(spec, checkpoint, features=skypilot.node_features(spec.placement), adapters=adapters)
+    api_key = None
+    if spec.auth:
+        from llm_atc import credentials
+
+        api_key = spec.secrets.get(API_KEY_SECRET) or credentials.new_key()
+        config.setdefault("secrets", {})[API_KEY_SECRET] = None
+    prepared = Prepared(spec, config, checkpoint, api_key)
+    skypilot.build_task(config, prepared.secrets)
+    return prepared
+
+
+def _check_buckets(spec: ServeSpec) -> tuple[Checkpoint | None, dict[str, Checkpoint]]:
+    """Check every bucket the serve reads, with the store settings given in ``--envs``:
+    the checkpoint, the weights cache, the ``--lora`` adapters (by name)."""
     checkpoint = None
     adapters = {}
     with store_env(spec.envs, spec.secrets):
@@ -83,16 +99,7 @@ def prepare(spec: ServeSpec) -> Prepared:
                     adapters[adapter.name] = check_checkpoint(adapter.bucket)
                 if not adapters[adapter.name].is_adapter:
                     raise UserError(f"--lora {adapter.name}: {adapter.bucket} holds a full model, not a LoRA adapter")
-    config = render_serve_task(spec, checkpoint, features=skypilot.node_features(spec.placement), adapters=adapters)
-    api_key = None
-    if spec.auth:
-        from llm_atc import credentials
-
-        api_key = spec.secrets.get(API_KEY_SECRET) or credentials.new_key()
-        config.setdefault("secrets", {})[API_KEY_SECRET] = None
-    prepared = Prepared(spec, config, checkpoint, api_key)
-    skypilot.build_task(config, prepared.secrets)
-    return prepared
+    return checkpoint, adapters
 
 
 def save_task(config: dict, cluster: str) -> str:
@@ -136,7 +143,7 @@ def launch_on_skypilot(
             engine=spec.engine,
             port=spec.port,
             # Without opened ports the endpoint is the head node's address (see SkyPilotBackend.endpoint).
-            details={"open_ports": "ports" in prepared.config.get("resources", {}), "auth": bool(prepared.api_key)},
+            details={"open_ports": "ports" in prepared.config.get("resources", {})},
         )
     )
     if prepared.api_key:

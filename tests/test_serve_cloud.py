@@ -792,3 +792,31 @@ def test_eos_token_joins_the_generation_config_vllm_gets(cli, tmp_path, tiny_mod
                            (["--eos_token", "<pad>", "--engine", "transformers", "--cloud", "gcp"],
                             "--eos_token applies to --engine vllm")):
         assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun"), fragment)
+
+
+def test_training_run_status_follows_the_job_then_the_published_model(fake_sky, s3_checkpoint, monkeypatch):
+    """A detached cloud run: SUCCEEDED/FAILED once SkyPilot says its job ended; once the cluster is gone
+    (autodown), a model published at its checkpoint URI means SUCCEEDED, nothing there leaves it RUNNING."""
+    from llm_atc.registry import Record, Registry
+    from llm_atc.training_run import TrainingRun
+
+    registry = Registry()
+
+    def run(job_status, checkpoint_uri=s3_checkpoint):
+        fake_sky(job_status=job_status)
+        record = registry.add(Record(name="r", kind="train", model="m", cluster="train-c", status="RUNNING",
+                                     cloud="aws", checkpoint_uri=checkpoint_uri, details={"job_id": 3}))
+        return TrainingRun(record, registry)
+
+    assert run("SUCCEEDED").status() == "SUCCEEDED"
+    assert run("FAILED").status() == "FAILED"
+    assert run("RUNNING", "s3://" + s3_checkpoint.split("/")[2] + "/llm-atc/nothing").status() == "RUNNING"
+
+    def cluster_gone(self, cluster, job_ids):
+        import sky
+
+        raise sky.exceptions.ClusterDoesNotExist(f"Cluster {cluster!r} does not exist.")
+
+    monkeypatch.setattr(FakeSky, "job_status", cluster_gone)
+    gone = run("RUNNING")
+    assert gone.status() == "SUCCEEDED" and registry.find("train-c", kind="train").status == "SUCCEEDED"

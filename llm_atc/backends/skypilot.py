@@ -188,7 +188,7 @@ class SkyPilotBackend:
         endpoint = result[1] if result else None
         if not endpoint:
             raise LaunchError(f"SkyServe gave service {name} no endpoint")
-        return endpoint if "://" in endpoint else f"http://{endpoint}"
+        return _http(endpoint)
 
     def service(self, name: str) -> dict | None:
         """SkyServe's record of service ``name`` (status, endpoint, replica_info, ...), or None."""
@@ -196,11 +196,15 @@ class SkyPilotBackend:
             found = self.sdk.get(self.sdk.serve.status([name]))
         return found[0] if found else None
 
+    def _replica_info(self, record: Record) -> list[dict]:
+        """SkyServe's replicas of the service, by replica id."""
+        found = self.service(record.cluster) or {}
+        return sorted(found.get("replica_info") or [], key=lambda r: r["replica_id"])
+
     def replicas(self, record: Record) -> list[tuple[str, str, str, str, str]]:
         """A service's replicas: (id, status, infra, resources, $/hour) each."""
-        found = self.service(record.cluster) or {}
         rows = []
-        for replica in sorted(found.get("replica_info") or [], key=lambda r: r["replica_id"]):
+        for replica in self._replica_info(record):
             resources = getattr(replica.get("handle"), "launched_resources", None)
             infra = "/".join(str(p) for p in (getattr(resources, "cloud", None), getattr(resources, "region", None))
                              if p) or "-"
@@ -234,8 +238,7 @@ class SkyPilotBackend:
             except (UserError, LaunchError):
                 return None
             status = _status_name(found["status"]) if found else "gone"
-            return f"service {record.cluster} is {status}" if status.startswith("FAILED") or status in (
-                "CONTROLLER_FAILED", "gone") else None
+            return f"service {record.cluster} is {status}" if "FAILED" in status or status == "gone" else None
         ended = self.job_end(record)
         return f"the engine's job on {record.cluster} ended ({ended})" if ended else None
 
@@ -247,8 +250,7 @@ class SkyPilotBackend:
             found = self.service(record.cluster)
             if not found or not found.get("endpoint"):
                 raise LaunchError(f"service {record.cluster} has no endpoint (see `llm-atc status`)")
-            url = found["endpoint"]
-            return url if "://" in url else f"http://{url}"
+            return _http(found["endpoint"])
         if record.details.get("open_ports", True):
             try:
                 with sky_errors(record.cluster):
@@ -260,7 +262,7 @@ class SkyPilotBackend:
                 url = (urls or {}).get(port) or (urls or {}).get(str(port))
                 if not url:
                     raise LaunchError(f"SkyPilot has no endpoint for port {port} on {record.cluster}")
-                return url if "://" in url else f"http://{url}"
+                return _http(url)
         return f"http://{self.head_ip(record.cluster)}:{port}"
 
     def head_ip(self, cluster: str) -> str:
@@ -325,8 +327,7 @@ class SkyPilotBackend:
 
     def logs(self, record: Record, *, follow: bool, output: TextIO | None = None) -> int:
         if record.details.get("service"):  # the first replica's engine
-            found = self.service(record.cluster)
-            replicas = sorted((found or {}).get("replica_info") or [], key=lambda r: r["replica_id"])
+            replicas = self._replica_info(record)
             if not replicas:
                 raise NotFoundError(f"service {record.cluster} has no replica yet; see `llm-atc status`")
             with sky_errors(record.cluster):
@@ -345,8 +346,7 @@ class SkyPilotBackend:
                                    output_stream=buffer)
         except (UserError, LaunchError):
             return ""
-        text = re.sub(r"\x1b\[[0-9;]*m", "", buffer.getvalue())
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+        return "\n".join(_uncoloured(buffer.getvalue()).rstrip().splitlines()[-lines:])
 
     def check_stoppable(self, record: Record) -> None:
         """A one-line error, before anything changes, when SkyPilot cannot stop clusters there."""
@@ -391,7 +391,15 @@ def _status_name(status) -> str:
     return getattr(status, "value", None) or str(status).rsplit(".", 1)[-1]
 
 
+def _http(url: str) -> str:
+    return url if "://" in url else f"http://{url}"
+
+
+def _uncoloured(text: str) -> str:
+    """``text`` without terminal colour codes (SkyPilot colours messages and logs)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 def _one_line(exc: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # SkyPilot colours some messages
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in _uncoloured(str(exc)).splitlines() if line.strip()]
     return " ".join(lines[:3]) if lines else type(exc).__name__
