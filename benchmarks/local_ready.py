@@ -31,6 +31,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def first_token(base_url: str, model: str, *, api_key: str = "unused", timeout: float = 600) -> None:
+    """Stream a chat until its first token, retrying while the server is not up yet (the benchmarks' finish line)."""
+    from openai import APIConnectionError, APIStatusError, OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key, timeout=30, max_retries=0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                    max_tokens=4, stream=True)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    stream.close()
+                    return
+        except (APIConnectionError, APIStatusError):
+            time.sleep(0.05)
+    raise TimeoutError(f"no token from {base_url} within {timeout}s")
+
+
 def wait_health(port: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

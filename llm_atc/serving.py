@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -15,11 +16,10 @@ from llm_atc.errors import LaunchError, UserError
 from llm_atc.readiness import EngineExited, wait_ready
 from llm_atc.registry import Record, Registry, Status, home
 from llm_atc.render import render_serve_task
-from llm_atc.spec import ServeSpec
+from llm_atc.spec import API_KEY_SECRET, ServeSpec
 from llm_atc.storage import Checkpoint, check_checkpoint, store_env
 
 CLOUD_READY_TIMEOUT = 30 * 60
-API_KEY_SECRET = "VLLM_API_KEY"  # vLLM's OpenAI server reads its --api-key from this variable
 LOG_TAIL_LINES = 20
 
 
@@ -64,7 +64,9 @@ def prepare(spec: ServeSpec) -> Prepared:
     from llm_atc.backends import skypilot
 
     checkpoint, adapters = _check_buckets(spec)
-    config = render_serve_task(spec, checkpoint, features=skypilot.node_features(spec.placement), adapters=adapters)
+    template = write_chat_template(spec, home() / "tasks" / f"{spec.cluster}-{time.strftime('%Y%m%d-%H%M%S')}.jinja")
+    config = render_serve_task(spec, checkpoint, features=skypilot.node_features(spec.placement), adapters=adapters,
+                               chat_template=template)
     api_key = None
     if spec.auth:
         from llm_atc import credentials
@@ -100,6 +102,15 @@ def _check_buckets(spec: ServeSpec) -> tuple[Checkpoint | None, dict[str, Checkp
                 if not adapters[adapter.name].is_adapter:
                     raise UserError(f"--lora {adapter.name}: {adapter.bucket} holds a full model, not a LoRA adapter")
     return checkpoint, adapters
+
+
+def write_chat_template(spec: ServeSpec, path: Path) -> Path | None:
+    """Write ``--chat_template``'s text to ``path`` (the file vLLM reads on the node); None without one."""
+    if spec.chat_template is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(spec.chat_template)
+    return path
 
 
 def save_task(config: dict, cluster: str) -> str:

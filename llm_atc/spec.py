@@ -10,6 +10,8 @@ from llm_atc.errors import UserError
 from llm_atc.models import ModelRef, resolve_model
 from llm_atc.options import (
     Accelerator,
+    read_text_file,
+    shorten,
     check_cluster_name,
     check_port,
     check_resource_amount,
@@ -20,11 +22,13 @@ from llm_atc.options import (
     split_envs_and_secrets,
 )
 from llm_atc.registry import Registry
+from llm_atc.vllm_flags import check_vllm_args
 
 LOCAL = "local"
 ENGINES = ("auto", "vllm", "transformers")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 DEFAULT_ACCELERATOR = "A100:1"
+API_KEY_SECRET = "VLLM_API_KEY"  # vLLM's OpenAI server reads its --api-key from this variable
 DEFAULT_PORT = 8000
 
 
@@ -162,22 +166,45 @@ def _check_eos_token(value: str | None) -> str | None:
     return value
 
 
+CHAT_TEMPLATE_MAX_BYTES = 256 * 1024
+
+
 def read_chat_template(value: str | None) -> str | None:
-    """``--chat_template``: a file's text, or the Jinja template itself."""
+    """``--chat_template``: a file's text, or the Jinja template itself; it must parse and use ``messages``."""
     if value is None:
         return None
-    from pathlib import Path
-
-    path = Path(value).expanduser()
-    if path.is_file():
-        text = path.read_text()
-    elif "{{" in value or "{%" in value:
-        text = value
-    else:
-        raise UserError(f"--chat_template {value!r}: no such file, and not a Jinja template ({{% ... %}})")
+    inline = "{{" in value or "{%" in value
+    text = value if inline else read_text_file(value, option="--chat_template", max_bytes=CHAT_TEMPLATE_MAX_BYTES)
+    shown = "the template given" if inline else shorten(value)
     if not text.strip():
-        raise UserError(f"--chat_template {value!r} is empty")
+        raise UserError(f"--chat_template {shown} is empty")
+    if inline and len(text.encode()) > CHAT_TEMPLATE_MAX_BYTES:
+        raise UserError(f"--chat_template: the template given is over {CHAT_TEMPLATE_MAX_BYTES // 1024} KiB")
+    check_chat_template(text, shown)
     return text
+
+
+def check_chat_template(text: str, shown: str) -> None:
+    """The template parses as Jinja (with transformers' ``{% generation %}`` tag) and reads ``messages``."""
+    import jinja2
+    from jinja2 import meta
+    from jinja2.ext import Extension
+
+    class Generation(Extension):  # transformers marks assistant text with {% generation %}...{% endgeneration %}
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    env = jinja2.Environment(extensions=[Generation, "jinja2.ext.loopcontrols"])
+    try:
+        names = meta.find_undeclared_variables(env.parse(text))
+    except jinja2.TemplateSyntaxError as exc:
+        raise UserError(f"--chat_template {shown}: not a Jinja template (line {exc.lineno}: {exc.message})") from None
+    if "messages" not in names:
+        raise UserError(f"--chat_template {shown} never uses `messages`, so it cannot render a chat")
 
 
 REPLICAS_RE = re.compile(r"^(\d+)(?:\.\.(\d+))?$")
@@ -246,7 +273,8 @@ def parse_placement(
     if disk_size is not None and disk_size < 1:
         raise UserError(f"--disk_size {disk_size}: must be a positive number of GB")
     known = None if cloud in gpus.CUSTOM_GPU_INFRA else gpus.known_gpus()
-    accelerators = parse_accelerators(accelerator, known) if accelerator else ()
+    no_gpu = (accelerator or "").strip().lower() == NONE
+    accelerators = parse_accelerators(accelerator, known) if accelerator and not no_gpu else ()
     return Placement(
         cloud, region, zone, accelerators, use_spot, disk_size,
         cpus=check_resource_amount(cpus, option="--cpus", unit="vCPUs"),
@@ -255,6 +283,7 @@ def parse_placement(
 
 
 AUTO = "auto"
+NONE = "none"  # --accelerator none: CPUs only
 
 
 def _auto(model, **options):
@@ -350,7 +379,8 @@ def build_serve_spec(
     if engine == "auto" and not is_local:
         engine = "vllm"
     if engine == "vllm" and not is_local and not accelerator:
-        accelerator = DEFAULT_ACCELERATOR
+        # --cpus alone asks for CPUs, as with train; vLLM then runs its CPU build on the node.
+        accelerator = NONE if cpus else DEFAULT_ACCELERATOR
     if not is_local and (accelerator or "").strip().lower() == AUTO:
         choice = _auto(model, mode="serve", max_model_len=max_model_len, dtype=dtype, quantization=quantization,
                        cloud=cloud, region=region, use_spot=use_spot, registry=registry)
@@ -359,7 +389,7 @@ def build_serve_spec(
     placement, plain, secret_values = _placement_and_envs(
         cloud=cloud, region=region, zone=zone, accelerator=accelerator, use_spot=use_spot,
         disk_size=disk_size, cpus=cpus, memory=memory, envs=envs, secrets=secrets,
-        needs_accelerator="A100:1" if engine == "vllm" else None,
+        needs_accelerator=None,
     )
     if keep_on_failure and is_local:
         raise UserError("--keep_on_failure applies to clusters; locally a failed engine has already exited")
@@ -390,10 +420,10 @@ def build_serve_spec(
         max_model_len=max_model_len,
         dtype=dtype,
         quantization=quantization,
-        engine_args=parse_extra_args(vllm_args, option="--vllm_args"),
+        engine_args=check_vllm_args(parse_extra_args(vllm_args, option="--vllm_args")),
         keep_on_failure=keep_on_failure,
-        # `transformers serve` has no API keys; locally the engine binds 127.0.0.1.
-        auth=engine == "vllm" and not is_local and not no_auth,
+        # `transformers serve` has no API keys. Locally the engine binds 127.0.0.1 and uses a key when given one.
+        auth=not no_auth and (API_KEY_SECRET in secret_values if is_local else engine == "vllm"),
         replicas=policy,
         chat_template=read_chat_template(chat_template),
         eos_token=_check_eos_token(eos_token),

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 from llm_atc.errors import NotFoundError, UserError
 
 RUN_PREFIX = "llm-atc"
+RUN_BASE = "base"  # an adapter run's own copy of a base that was a local folder (recipes/train/finetune.py)
 MODEL_MARKERS = ("config.json", "adapter_config.json")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
 
@@ -66,6 +67,11 @@ class Checkpoint:
     is_adapter: bool
     base_model: str | None = None
     rank: int | None = None
+
+    @property
+    def base_in_run(self) -> bool:
+        """The adapter's base is the run's own copy (``<run>/base/``)."""
+        return self.is_adapter and self.base_model == RUN_BASE
 
 
 class ObjectStore:

@@ -26,6 +26,10 @@ def render() -> str:
         command = cli.get_command(root, name)
         ctx = click.Context(command, info_name=name, parent=root, terminal_width=100, max_content_width=100)
         parts.append(f"## llm-atc {name}\n\n```text\n{command.get_help(ctx)}\n```\n")
+        for sub_name in command.list_commands(ctx) if isinstance(command, click.Group) else ():
+            sub = command.get_command(ctx, sub_name)
+            sub_ctx = click.Context(sub, info_name=sub_name, parent=ctx, terminal_width=100, max_content_width=100)
+            parts.append(f"### llm-atc {name} {sub_name}\n\n```text\n{sub.get_help(sub_ctx)}\n```\n")
     return "\n".join(parts)
 
 

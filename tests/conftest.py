@@ -6,6 +6,7 @@ bounded loop, and is stopped at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,10 +16,16 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+# Engines (`llm-atc engines install vllm`, a few GB) are installed once per machine, in the
+# user's own llm-atc home; the tests use them from there.
+os.environ.setdefault(
+    "LLM_ATC_ENGINES", str(Path(os.environ.get("LLM_ATC_HOME") or Path.home() / ".llm_atc") / "engines"))
 # SkyPilot reads HOME and its server port when first imported, so the whole test
 # session gets its own HOME and API server port before anything imports it.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="llm-atc-tests-home-"))
@@ -228,3 +235,126 @@ def sky_api_server():
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+# --- the real vLLM server (CPU build) ------------------------------------------------------------
+
+VLLM_KEY = "llm-atc-tests-key"
+TEMPLATE_MARKER = "[[llm-atc template]]"
+# A chat template of our own: its marker shows in the prompt vLLM renders (see /tokenize).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}" + TEMPLATE_MARKER +
+    "{% for m in messages %}{{ m['role'] + ':\n' + m['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}"
+)
+EOS_TOKEN = "Ġnumber"  # one token of the tiny model's tokenizer, made an extra end of generation
+RESPONSE_ROLE = "$(touch {marker})"  # a --vllm_args value that vLLM echoes back in every reply
+
+
+@contextmanager
+def using_home(path: Path):
+    """``$LLM_ATC_HOME`` set to ``path`` inside the block (for session-wide state)."""
+    before = os.environ.get("LLM_ATC_HOME")
+    os.environ["LLM_ATC_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("LLM_ATC_HOME", None)
+        else:
+            os.environ["LLM_ATC_HOME"] = before
+
+
+def run_cli(*args: str) -> CLIResult:
+    from click.testing import CliRunner
+
+    from llm_atc.cli import cli as command
+
+    result = CliRunner(mix_stderr=False).invoke(command, list(args), catch_exceptions=False, prog_name="llm-atc")
+    return CLIResult(result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """The vLLM engine environment llm-atc manages (README's test command installs it)."""
+    from llm_atc import engines
+
+    found = engines.installed("vllm")
+    if found is None:
+        pytest.fail("vLLM is not installed for llm-atc: run `.venv/bin/llm-atc engines install vllm` "
+                    f"(it goes to {engines.engines_home()})")
+    return found
+
+
+def sharegpt(n: int = 8) -> list[dict]:
+    return [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
+                                              {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."}]}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def session_home(session_dir) -> Path:
+    """An ``$LLM_ATC_HOME`` shared by the session-wide training run and deployment."""
+    return session_dir / "llm_atc_home"
+
+
+@pytest.fixture(scope="session")
+def lora_run(session_home, session_dir, tiny_model) -> str:
+    """A LoRA adapter (MERGE=0) that `llm-atc train --cloud local` trained on the tiny model; its run name."""
+    data = session_dir / "chats.json"
+    data.write_text(json.dumps(sharegpt()))
+    with using_home(session_home):
+        result = run_cli("train", "--model_type", "lora", "--finetune_data", str(data), "--base_model",
+                         str(tiny_model), "--cloud", "local", "--name", "tiny-lora",
+                         "--envs", "MERGE=0 MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2")
+    assert result.exit_code == 0, result
+    return "tiny-lora"
+
+
+@dataclass
+class LiveDeployment:
+    """A deployment started by `llm-atc serve --cloud local` and still running."""
+
+    home: Path
+    cluster: str
+    base_url: str
+    api_key: str
+    model: str
+    adapter: str
+    marker: Path
+    result: CLIResult
+
+    def client(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key=kwargs.pop("api_key", self.api_key), max_retries=0,
+                      timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def vllm_deployment(vllm_engine, session_home, session_dir, tiny_model, lora_run):
+    """The real vLLM OpenAI server (CPU build) on the tiny model, started once per session by
+    `llm-atc serve --cloud local --engine auto` with an API key, a chat template, an extra EOS token,
+    a context length, a LoRA adapter from `llm-atc train`, and extra engine flags."""
+    template = session_dir / "template.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    marker = session_dir / "pwned"
+    with using_home(session_home):
+        result = run_cli(
+            "serve", "--name", str(tiny_model), "--cloud", "local", "--engine", "auto", "--port", "0",
+            "-c", "vllm-session", "--max_model_len", "128", "--chat_template", str(template),
+            "--eos_token", EOS_TOKEN, "--lora", f"ad=llm-atc/{lora_run}",
+            "--vllm_args", f"--enforce-eager --response-role '{RESPONSE_ROLE.format(marker=marker)}'",
+            "--envs", f"VLLM_CPU_KVCACHE_SPACE=1 NOTE='$(touch {marker})'",
+            "--secret", f"VLLM_API_KEY={VLLM_KEY}", "--timeout", "600",
+        )
+        assert result.exit_code == 0, result
+        from llm_atc.registry import Registry
+
+        record = Registry().find("vllm-session")
+    try:
+        yield LiveDeployment(session_home, "vllm-session", record.endpoint + "/v1", VLLM_KEY, str(tiny_model),
+                             "ad", marker, result)
+    finally:
+        with using_home(session_home):
+            run_cli("stop", "vllm-session")

@@ -78,12 +78,16 @@ def test_recipes_ship_inside_the_installed_package(installed_venv, tmp_path):
                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert "serve/vllm" in out and "serve/transformers" in out
     assert str(installed_venv) in out and str(ROOT / "recipes") not in out
+    flags = subprocess.run([str(installed_venv / "bin" / "python"), "-c",
+                            "from llm_atc.vllm_flags import pinned_flags; print(pinned_flags()[0])"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert flags.strip() == "0.32.0"  # the flag list --vllm_args is checked against ships with the package
 
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    command = ("python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && bash scripts/slurm-up.sh && "
-               ".venv/bin/python -m pytest")
+    command = ("python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/llm-atc engines install vllm"
+               " && bash scripts/slurm-up.sh && .venv/bin/python -m pytest")
     assert f"```bash\n{command}\n```" in readme
     assert command in ci

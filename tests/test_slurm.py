@@ -3,9 +3,10 @@
 Needs the single-node cluster of ``scripts/slurm-up.sh`` (``.ci/run`` brings it up and
 down). Without it these tests fail, saying so; deselect them with ``-m "not slurm"``.
 
-Every scenario uses the ``transformers`` recipe on CPU (no GPU here), the tiny model,
-moto on 127.0.0.1 as the bucket, and tears its clusters down; the session's SkyPilot
-API server runs in the test HOME on its own port.
+The scenarios run the vLLM recipe on the CPU node (the node installs vLLM's CPU build into its
+own environment, then serves with the API key llm-atc made), except one that keeps the
+``transformers`` recipe; all use the tiny model, moto on 127.0.0.1 as the bucket, and tear their
+clusters down; the session's SkyPilot API server runs in the test HOME on its own port.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, assert_one_line_error, free_port, unique
+import httpx
+from conftest import BIN, assert_one_line_error, free_port, sharegpt, unique
 
 pytestmark = pytest.mark.slurm
 
 TORCH_CPU_WHEELS = Path("/opt/wheels")
-LAUNCH_TIMEOUT = 600  # seconds for one serve to become ready (provisioning + setup + load)
-ENGINE = "transformers"
+LAUNCH_TIMEOUT = 900  # seconds for one serve to become ready (provisioning + setup + load)
 
 
 def _real_home() -> Path:
@@ -62,10 +63,12 @@ def slurm(sky_api_server):
 
 
 def node_install_envs() -> str:
-    """How the node installs torch: a CPU build (the local wheel where this machine has one)."""
+    """How the node installs torch (for vLLM's CPU build, transformers and training): a CPU build, from
+    the local wheel folder where this machine has one (PyTorch's CPU index is the recipes' default)."""
+    kv = "VLLM_CPU_KVCACHE_SPACE=1"
     if list(TORCH_CPU_WHEELS.glob("torch-2.13.0+cpu-*.whl")):
-        return f"TORCH_SPEC=torch==2.13.0+cpu UV_FIND_LINKS={TORCH_CPU_WHEELS}"
-    return "TORCH_SPEC=torch==2.13.0+cpu UV_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"
+        return f"TORCH_SPEC=torch==2.13.0+cpu UV_FIND_LINKS={TORCH_CPU_WHEELS} VLLM_CPU_TORCH_INDEX= {kv}"
+    return f"TORCH_SPEC=torch==2.13.0+cpu UV_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu {kv}"
 
 
 @pytest.fixture
@@ -80,15 +83,15 @@ def store_envs(s3, moto_endpoint, monkeypatch) -> str:
             "AWS_DEFAULT_REGION=us-east-1")
 
 
-def slurm_options(slurm: str, cluster: str, port: int, *envs: str) -> list[str]:
-    return ["--cloud", "slurm", "--region", slurm, "--engine", ENGINE, "--cpus", "1", "--port", str(port),
+def slurm_options(slurm: str, cluster: str, port: int, *envs: str, engine: str = "vllm") -> list[str]:
+    return ["--cloud", "slurm", "--region", slurm, "--engine", engine, "--cpus", "1", "--port", str(port),
             "-c", cluster, "-y", "--timeout", str(LAUNCH_TIMEOUT), "--envs", " ".join([node_install_envs(), *envs])]
 
 
-def chat(base_url: str, model: str, *, stream: bool = False) -> str:
+def chat(base_url: str, model: str, *, stream: bool = False, api_key: str = "unused") -> str:
     from openai import OpenAI
 
-    client = OpenAI(base_url=base_url, api_key="unused", timeout=120, max_retries=0)
+    client = OpenAI(base_url=base_url, api_key=api_key, timeout=120, max_retries=0)
     messages = [{"role": "user", "content": "Say hi"}]
     if stream:
         parts = client.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True)
@@ -105,12 +108,14 @@ def slurm_jobs_of(cluster: str) -> list[str]:
 
 
 def engine_processes(port: int) -> list[int]:
+    """Engines (vLLM's server or `transformers serve`) on this machine listening on ``port``."""
     import psutil
 
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "transformers serve" in cmdline and f"--port {port}" in cmdline:
+        engine = "vllm.entrypoints.openai.api_server" in cmdline or "transformers serve" in cmdline
+        if engine and f"--port {port}" in cmdline:
             found.append(proc.info["pid"])
     return found
 
@@ -127,7 +132,8 @@ def assert_gone(cli, cluster: str, port: int) -> None:
 
 
 def test_serve_bucket_checkpoint_on_slurm(cli, slurm, s3_checkpoint, store_envs):
-    """llm-atc/<run> from moto → a real SkyPilot launch on Slurm → chat, stream, status, logs,
+    """llm-atc/<run> from moto → a real SkyPilot launch of the vLLM recipe on Slurm (the node installs
+    vLLM's CPU build) → the API key llm-atc made is required, chat and stream with it, status, logs,
     stop refused, a forwarded tunnel, down."""
     cluster, port = unique("e2e-serve"), free_port()
     result = cli("serve", "--name", "llm-atc/tiny", "--source", s3_checkpoint,
@@ -139,8 +145,15 @@ def test_serve_bucket_checkpoint_on_slurm(cli, slurm, s3_checkpoint, store_envs)
     try:
         shown = cli("endpoint", cluster)
         assert (shown.exit_code, shown.stdout.strip()) == (0, url), shown
-        assert chat(url, "llm-atc/tiny")
-        assert chat(url, "llm-atc/tiny", stream=True)
+        key = cli("endpoint", cluster, "--show_key").stdout.strip()
+        assert key.startswith("llm-atc-")
+        assert httpx.get(f"{url}/models", timeout=30).status_code == 401
+        assert httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200  # SkyServe's probe
+        checked = cli("endpoint", cluster, "--check")
+        assert checked.exit_code == 0 and "llm-atc/tiny" in checked.stdout, checked
+        assert chat(url, "llm-atc/tiny", api_key=key)
+        assert chat(url, "llm-atc/tiny", api_key=key, stream=True)
 
         status = cli("status")
         row = next(line for line in status.stdout.splitlines() if cluster in line)
@@ -149,19 +162,20 @@ def test_serve_bucket_checkpoint_on_slurm(cli, slurm, s3_checkpoint, store_envs)
         logs = cli("logs", cluster)
         assert logs.exit_code == 0, logs
         assert "fetched" in logs.stdout  # the recipe fetched the checkpoint itself (no FUSE here)
-        assert "/v1/chat/completions" in logs.stdout  # the engine's own access log
+        assert "vllm-cpu==0.32.0" in logs.stdout or "is ready in" in logs.stdout  # the node's CPU build
+        assert "Starting vLLM server on" in logs.stdout and "/v1/chat/completions" in logs.stdout
 
         stop = cli("stop", cluster, "-y")
         assert_one_line_error(stop, "cannot be stopped", f"llm-atc down {cluster}")
         assert stop.exit_code == 2
         assert cli("endpoint", cluster, "--check").exit_code == 0  # still up, untouched
 
-        forward_and_chat(cluster)
+        forward_and_chat(cluster, "llm-atc/tiny", key)
     finally:
         assert_gone(cli, cluster, port)
 
 
-def forward_and_chat(cluster: str) -> None:
+def forward_and_chat(cluster: str, model: str, key: str = "unused") -> None:
     """``endpoint --forward``: a local URL through SkyPilot's SSH config, closed by Ctrl-C."""
     local_port = free_port()
     proc = subprocess.Popen([str(BIN / "llm-atc"), "endpoint", cluster, "--forward", "--local_port", str(local_port)],
@@ -169,7 +183,7 @@ def forward_and_chat(cluster: str) -> None:
     try:
         line = proc.stdout.readline()  # printed once the engine answers through the tunnel
         assert line.strip() == f"http://127.0.0.1:{local_port}/v1", (line, proc.poll())
-        assert chat(line.strip(), "llm-atc/tiny")
+        assert chat(line.strip(), model, api_key=key)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         assert "Tunnel closed" in proc.stderr.read()
@@ -183,14 +197,10 @@ def forward_and_chat(cluster: str) -> None:
         assert sock.connect_ex(("127.0.0.1", local_port)) != 0  # the tunnel is gone
 
 
-def sharegpt(n: int = 8) -> list[dict]:
-    return [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
-                                              {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."}]}
-            for i in range(n)]
-
-
-def test_train_then_serve_on_slurm(cli, slurm, s3, tiny_model, store_envs, tmp_path):
-    """train --model_type lora on Slurm → the checkpoint in the bucket → serve llm-atc/<run> on Slurm."""
+def test_lora_train_then_serve_the_adapter_on_slurm(cli, slurm, s3, tiny_model, store_envs, tmp_path):
+    """train --model_type lora (adapter only) on Slurm from a local base folder → the bucket holds the
+    adapter and its base → vLLM on Slurm serves the base and the adapter on it → chat under
+    llm-atc/<run> → down leaves no job and no engine."""
     bucket = unique("e2e-train")
     s3.create_bucket(Bucket=bucket)
     data = tmp_path / "chats.json"
@@ -199,11 +209,12 @@ def test_train_then_serve_on_slurm(cli, slurm, s3, tiny_model, store_envs, tmp_p
     result = cli("train", "--model_type", "lora", "--finetune_data", str(data), "--checkpoint_bucket", bucket,
                  "--checkpoint_store", "S3", "--name", run, "--base_model", str(tiny_model),
                  "--cloud", "slurm", "--region", slurm, "--cpus", "1", "-c", train_cluster, "-y",
-                 "--envs", f"{node_install_envs()} {store_envs} MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2")
+                 "--envs", f"{node_install_envs()} {store_envs} MERGE=0 MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2")
     assert result.exit_code == 0, result.stdout[-3000:] + result.stderr
     assert "training finished" in result.stdout + result.stderr
     keys = {item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=f"llm-atc/{run}/")["Contents"]}
-    assert f"llm-atc/{run}/config.json" in keys and f"llm-atc/{run}/model.safetensors" in keys
+    assert {f"llm-atc/{run}/adapter_config.json", f"llm-atc/{run}/adapter_model.safetensors",
+            f"llm-atc/{run}/base/config.json", f"llm-atc/{run}/base/model.safetensors"} <= keys
     listed = cli("list")
     assert run in listed.stdout and "SUCCEEDED" in listed.stdout, listed
 
@@ -211,7 +222,12 @@ def test_train_then_serve_on_slurm(cli, slurm, s3, tiny_model, store_envs, tmp_p
     served = cli("serve", "--name", f"llm-atc/{run}", *slurm_options(slurm, cluster, port, store_envs))
     try:
         assert served.exit_code == 0, served
-        assert chat(f"http://127.0.0.1:{port}/v1", f"llm-atc/{run}")
+        key = cli("endpoint", cluster, "--show_key").stdout.strip()
+        url = f"http://127.0.0.1:{port}/v1"
+        models = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["data"]
+        assert {m["id"] for m in models} == {f"llm-atc/{run}", f"llm-atc/{run}/base"}
+        assert chat(url, f"llm-atc/{run}", api_key=key)
+        assert chat(url, f"llm-atc/{run}/base", api_key=key)
     finally:
         assert_gone(cli, cluster, port)
         assert slurm_jobs_of(train_cluster) == []  # the training cluster took itself down
@@ -223,7 +239,8 @@ def test_local_folder_ctrl_c_then_python_api(slurm, tiny_model):
     import llm_atc
 
     cluster, port = unique("e2e-folder"), free_port()
-    args = [str(BIN / "llm-atc"), "serve", "--name", str(tiny_model), *slurm_options(slurm, cluster, port)]
+    args = [str(BIN / "llm-atc"), "serve", "--name", str(tiny_model),
+            *slurm_options(slurm, cluster, port, engine="transformers")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     stderr = []
     try:
@@ -257,17 +274,17 @@ def test_local_folder_ctrl_c_then_python_api(slurm, tiny_model):
 
 
 def test_engine_that_dies_on_the_node(cli, slurm, tmp_path):
-    """A folder that is not a loadable model: one line saying the engine's job ended, its log
-    tail, FAILED in the registry, non-zero exit, and the cluster torn down."""
+    """A folder vLLM cannot load: one line saying the engine's job ended, its log tail, FAILED in the
+    registry, non-zero exit, and the cluster torn down."""
     broken = tmp_path / "not-a-model"
     broken.mkdir()
-    (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))  # and no weights, no tokenizer
+    (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     cluster, port = unique("e2e-dead"), free_port()
     result = cli("serve", "--name", str(broken), *slurm_options(slurm, cluster, port))
     assert_one_line_error(result, f"the engine's job on {cluster} ended")
     assert result.exit_code == 1
     assert "Last lines of its log" in result.stderr, result.stderr
-    assert "ValueError: Unrecognized processing class in not-a-model" in result.stderr, result.stderr
+    assert "no-such-architecture" in result.stderr, result.stderr  # the engine's own words
     assert f"Tore down {cluster}" in result.stderr
     from llm_atc.registry import Registry
 

@@ -209,7 +209,8 @@ def test_train_locally_then_serve_the_run(cli, tiny_model, data_file, llm_atc_ho
     listed = cli("list")
     assert "tiny-lora" in listed.stdout and "SUCCEEDED" in listed.stdout
 
-    served = cli("serve", "--name", "llm-atc/tiny-lora", "--cloud", "local", "--port", "0")
+    served = cli("serve", "--name", "llm-atc/tiny-lora", "--cloud", "local", "--port", "0",  # vLLM, being installed
+                 "--envs", "VLLM_CPU_KVCACHE_SPACE=1")
     try:
         assert served.exit_code == 0, served
         from openai import OpenAI
@@ -219,6 +220,9 @@ def test_train_locally_then_serve_the_run(cli, tiny_model, data_file, llm_atc_ho
             model="llm-atc/tiny-lora", messages=[{"role": "user", "content": "What is 2 plus 2?"}], max_tokens=5
         )
         assert reply.choices[0].message.content is not None
+        from llm_atc.registry import Registry
+
+        assert Registry().find("llm-atc/tiny-lora", kind="serve").engine == "vllm"  # --engine auto
     finally:
         cli("stop", "llm-atc/tiny-lora")
 
@@ -263,7 +267,7 @@ def test_python_api_trains_lists_and_serves(tiny_model, data_file):
     assert isinstance(run, llm_atc.TrainingRun)
     assert run.status() == "SUCCEEDED" and (Path(run.checkpoint_uri) / "config.json").is_file()
     assert "training finished" in run.logs()
-    with run.serve(cloud="local", port=0) as deployment:
+    with run.serve(cloud="local", engine="transformers", port=0) as deployment:
         assert deployment.name == "llm-atc/api-lora" and deployment.status() == "RUNNING"
         reply = OpenAI(base_url=deployment.base_url, api_key="x").chat.completions.create(
             model=deployment.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)

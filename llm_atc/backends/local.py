@@ -8,7 +8,6 @@ with its pid, port and start time (to tell a reused pid from ours).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -24,8 +23,10 @@ from llm_atc.backends._base import LiveState
 from llm_atc.errors import LaunchError, NotFoundError, UserError
 from llm_atc.readiness import EngineExited, wait_ready
 from llm_atc.registry import Record, Registry, Status, home
-from llm_atc.render import render_serve_task
-from llm_atc.spec import ServeSpec
+from llm_atc import engines
+from llm_atc.render import LocalRun, render_serve_task
+from llm_atc.serving import write_chat_template
+from llm_atc.spec import API_KEY_SECRET, ServeSpec
 from llm_atc.storage import check_checkpoint, download_checkpoint, store_env
 
 LOCAL_READY_TIMEOUT = 600
@@ -34,23 +35,12 @@ LOG_TAIL_LINES = 20
 
 
 def choose_engine(requested: str) -> str:
-    """``auto``: vLLM when it is importable and a CUDA GPU is visible, else transformers."""
+    """``auto``: vLLM when its engine environment is installed and runs here (its CPU build, or the
+    CUDA build with a GPU visible), else transformers."""
     if requested != "auto":
         return requested
-    if importlib.util.find_spec("vllm") is not None and _cuda_visible():
-        return "vllm"
-    return "transformers"
-
-
-def _cuda_visible() -> bool:
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return False
-    try:
-        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return listed.returncode == 0 and "GPU" in listed.stdout
+    found = engines.installed("vllm")
+    return "vllm" if found is not None and found.usable_here() else "transformers"
 
 
 def pick_port(port: int, *, option: str = "--port") -> int:
@@ -83,17 +73,20 @@ def serve_locally(spec: ServeSpec, *, timeout: float | None = None, registry: Re
     """Start the engine for ``spec`` here and wait until it answers; returns the RUNNING record."""
     registry = registry or Registry()
     engine = choose_engine(spec.engine)
-    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise UserError("--engine vllm needs vLLM installed here: pip install 'llm-atc[vllm]'")
+    vllm_env = engines.require("vllm", why="--engine vllm on this machine").path if engine == "vllm" else None
     if engine == "transformers" and shutil.which("transformers", path=_engine_path()) is None:
-        raise UserError("local serving needs transformers: pip install 'llm-atc[local]'")
+        raise UserError("local serving needs transformers: pip install 'llm-atc[local]' "
+                        "(or vLLM: llm-atc engines install vllm)")
+    if engine == "transformers" and spec.auth:
+        raise UserError("transformers serve has no API keys; drop --secret VLLM_API_KEY or use --engine vllm")
     _check_name_free(spec.cluster, registry)
     port = pick_port(spec.port)
     spec = _replace(spec, engine=engine, port=port)
     weights = local_weights(spec)
-    config = render_serve_task(spec, local_dir=weights)
     workdir = home() / "local" / spec.cluster
     workdir.mkdir(parents=True, exist_ok=True)
+    template = write_chat_template(spec, workdir / "chat-template.jinja")
+    config = render_serve_task(spec, local=LocalRun(weights, workdir, vllm_env), chat_template=template)
     log_path = workdir / "server.log"
     endpoint = f"http://127.0.0.1:{port}"
     record = registry.add(
@@ -112,6 +105,11 @@ def serve_locally(spec: ServeSpec, *, timeout: float | None = None, registry: Re
             details={"log": str(log_path)},
         )
     )
+    api_key = spec.secrets.get(API_KEY_SECRET) if spec.auth else None
+    if api_key:
+        from llm_atc import credentials
+
+        credentials.save(spec.cluster, api_key)
     process = _start(config, spec.secrets, log_path, workdir, weights_are_local=weights is not None)
     registry.update(record, pid=process.pid, details={**record.details, "started": _start_time(process.pid)})
     backend = LocalBackend()
@@ -123,6 +121,7 @@ def serve_locally(spec: ServeSpec, *, timeout: float | None = None, registry: Re
             message=f"Starting {engine} for {spec.model.name} on 127.0.0.1:{port}",
             check_alive=lambda: None if process.poll() is None else f"the engine exited with code {process.returncode}",
             interval=0.25,
+            api_key=api_key,
         )
     except (LaunchError, KeyboardInterrupt) as exc:
         backend.down(record)

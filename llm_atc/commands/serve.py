@@ -72,7 +72,7 @@ def serve(**options):
         if dryrun:
             raise click.UsageError("--dryrun renders a SkyPilot task; it does not apply to --cloud local")
         record = serve_locally(spec, timeout=timeout)
-        ui.out(snippets(record.endpoint, spec.model.name, record.engine))
+        ui.out(snippets(record.endpoint, spec.model.name, record.engine, key_for=spec.cluster if spec.auth else None))
         return
     prepared = serving.prepare(spec)
     if dryrun:

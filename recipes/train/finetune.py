@@ -717,17 +717,38 @@ def save_trained(config: Config, trainer) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+# An adapter whose base is a folder on this node carries a copy of it under this name, and says so
+# in adapter_config.json (llm-atc serves the run's base from there, wherever the run is served).
+RUN_BASE = "base"
+
+
+def bundle_base(config: Config, final: Path) -> str:
+    """The base an adapter run records: its Hub id, or RUN_BASE after copying a local base folder in."""
+    base = Path(config.base_model)
+    if not base.is_dir():
+        return config.base_model
+    shutil.copytree(base, final / RUN_BASE, ignore=shutil.ignore_patterns(".*", "*.md"), dirs_exist_ok=True)
+    adapter_config = final / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = RUN_BASE
+    adapter_config.write_text(json.dumps(settings, indent=2) + "\n")
+    log(f"the base is a local folder: copied it into the run as {RUN_BASE}/")
+    return RUN_BASE
+
+
 def finish_output(config: Config, tokenizer, train_loss: float, steps: int) -> Path:
-    """Main process: merge the adapter when asked, add the tokenizer and llm-atc.json; the folder."""
+    """Main process: merge the adapter when asked (else bundle a local base with it), add the tokenizer
+    and llm-atc.json; the folder."""
     final, adapter = config.work / "final", config.work / "adapter"
     if config.peft and config.merge:
         merge_adapter(config, adapter, final)
         shutil.rmtree(adapter, ignore_errors=True)
+    base = bundle_base(config, final) if config.peft and not config.merge else config.base_model
     tokenizer.save_pretrained(str(final))
     (final / "training_args.bin").unlink(missing_ok=True)
     info = {
         "model_type": config.model_type,
-        "base_model": config.base_model,
+        "base_model": base,
         "merged": config.model_type == "full" or config.merge,
         "train_loss": train_loss,
         "steps": steps,
