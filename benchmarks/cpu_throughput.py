@@ -28,8 +28,26 @@ BIN = Path(sys.executable).parent
 
 def serve(engine: str, model: Path, env: dict) -> str:
     extra = ["--max_model_len", "256", "--envs", "VLLM_CPU_KVCACHE_SPACE=1"] if engine == "vllm" else []
-    done = subprocess.run([str(BIN / "llm-atc"), "serve", "--name", str(model), "--cloud", "local", "--engine", engine,
-                           "--port", "0", "-c", f"bench-{engine}", *extra], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            str(BIN / "llm-atc"),
+            "serve",
+            "--name",
+            str(model),
+            "--cloud",
+            "local",
+            "--engine",
+            engine,
+            "--port",
+            "0",
+            "-c",
+            f"bench-{engine}",
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("Endpoint:"))
@@ -41,9 +59,14 @@ def one_stream(base_url: str, model: str, tokens: int, engine: str) -> int:
 
     client = OpenAI(base_url=base_url, api_key="unused", timeout=300, max_retries=0)
     extra = {"ignore_eos": True, "min_tokens": tokens} if engine == "vllm" else {}
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Tell me a story."}],
-                                            max_tokens=tokens, stream=True, extra_body=extra,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=tokens,
+        stream=True,
+        extra_body=extra,
+        stream_options={"include_usage": True},
+    )
     chunks, usage = 0, None
     for chunk in stream:
         chunks += bool(chunk.choices and chunk.choices[0].delta.content)
@@ -70,8 +93,13 @@ def main() -> None:
     engine_env = engines.require("vllm", why="this benchmark")
     work = Path(tempfile.mkdtemp(prefix="llm-atc-bench-"))
     model = build_tiny_model(work / "tiny")
-    env = {**os.environ, "HOME": str(work), "LLM_ATC_HOME": str(work / ".llm_atc"), "HF_HUB_OFFLINE": "1",
-           "LLM_ATC_ENGINES": str(engine_env.path.parent)}
+    env = {
+        **os.environ,
+        "HOME": str(work),
+        "LLM_ATC_HOME": str(work / ".llm_atc"),
+        "HF_HUB_OFFLINE": "1",
+        "LLM_ATC_ENGINES": str(engine_env.path.parent),
+    }
     results = {}
     for engine in ("vllm", "transformers"):
         base_url = serve(engine, model, env)

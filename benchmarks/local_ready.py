@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_model import build_tiny_model  # noqa: E402
+from tiny_model import build_tiny_model
 
 BIN = Path(sys.executable).parent
 
@@ -39,8 +39,9 @@ def first_token(base_url: str, model: str, *, api_key: str = "unused", timeout: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
-                                                    max_tokens=4, stream=True)
+            stream = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
+            )
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     stream.close()
@@ -65,9 +66,13 @@ def wait_health(port: int, timeout: float = 120) -> None:
 def direct(model: Path, env: dict) -> float:
     port = free_port()
     start = time.perf_counter()
-    proc = subprocess.Popen([str(BIN / "transformers"), "serve", str(model), "--host", "127.0.0.1", "--port",
-                             str(port), "--device", "cpu"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "transformers"), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_health(port)
         return time.perf_counter() - start
@@ -79,8 +84,12 @@ def direct(model: Path, env: dict) -> float:
 def via_llm_atc(model: Path, env: dict, run: int) -> float:
     cluster = f"bench-{run}"
     start = time.perf_counter()
-    subprocess.run([str(BIN / "llm-atc"), "serve", "--name", str(model), "--cloud", "local", "--port", "0",
-                    "-c", cluster], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "llm-atc"), "serve", "--name", str(model), "--cloud", "local", "--port", "0", "-c", cluster],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     took = time.perf_counter() - start
     subprocess.run([str(BIN / "llm-atc"), "stop", cluster], env=env, check=True, capture_output=True)
     return took

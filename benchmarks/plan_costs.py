@@ -41,7 +41,7 @@ def brute_force(estimate, listing: dict, use_spot: bool) -> tuple[float, str]:
     SkyPilot's metadata.csv."""
     import csv
 
-    from llm_atc.planning import catalog_dir
+    from llm_atc.backends.skypilot import catalog_dir
 
     with (catalog_dir() / "common" / "metadata.csv").open() as handle:
         metadata = {row["GPU"]: float(row["MemoryGB"]) for row in csv.DictReader(handle)}
@@ -56,8 +56,9 @@ def brute_force(estimate, listing: dict, use_spot: bool) -> tuple[float, str]:
             price = row.spot_price if use_spot else row.price
             if not known(price):
                 continue
-            memory = row.device_memory if known(row.device_memory) else \
-                min(elsewhere) if elsewhere else metadata.get(name)
+            memory = (
+                row.device_memory if known(row.device_memory) else min(elsewhere) if elsewhere else metadata.get(name)
+            )
             if memory and estimate.fit(memory, int(row.accelerator_count)).ok and price < best[0]:
                 best = (price, f"{name}:{int(row.accelerator_count)} {row.cloud} {row.instance_type} {row.region}")
     return best
@@ -72,8 +73,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from sky import catalog as sky_catalog
 
+    from llm_atc.backends.skypilot import list_offers
     from llm_atc.errors import UserError
-    from llm_atc.planning import ModelInfo, estimate_memory, list_offers, plan_offers
+    from llm_atc.planning import ModelInfo, estimate_memory, plan_offers
 
     clouds = ["aws", "gcp", "lambda"]
     listing = sky_catalog.list_accelerators(gpus_only=True, clouds=clouds, all_regions=True)
@@ -95,8 +97,11 @@ def main() -> None:
             continue
         options, _ = plan_offers(estimate, offers, use_spot=args.use_spot, max_nodes=1)
         auto = (options[0].accelerators, f"{options[0].hourly:.3f}") if options else ("none fits", "-")
-        a100 = [o.hourly(args.use_spot) for o in offers if (o.accelerator, o.count) == ("A100", 1)
-                and o.hourly(args.use_spot) is not None]
+        a100 = [
+            o.hourly(args.use_spot)
+            for o in offers
+            if (o.accelerator, o.count) == ("A100", 1) and o.hourly(args.use_spot) is not None
+        ]
         fits = a100 and estimate.fit(next(o.gpu_memory_gib for o in offers if o.accelerator == "A100"), 1).ok
         a100_text = f"{min(a100):.3f}" if fits else "does not fit"
         cost, offer = brute_force(estimate, listing, args.use_spot)

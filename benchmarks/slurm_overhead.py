@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import pwd
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,26 +29,46 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from local_ready import first_token, free_port, wait_health  # noqa: E402  (this folder is on sys.path)
 from tiny_model import build_tiny_model  # noqa: E402
 
-from local_ready import first_token, free_port, wait_health  # noqa: E402  (this folder is on sys.path)
-
 BIN = Path(sys.executable).parent
-NODE_ENVS = ("TORCH_SPEC=torch==2.13.0+cpu UV_FIND_LINKS=/opt/wheels VLLM_CPU_TORCH_INDEX= "
-             "VLLM_CPU_KVCACHE_SPACE=1")
+NODE_ENVS = "TORCH_SPEC=torch==2.13.0+cpu UV_FIND_LINKS=/opt/wheels VLLM_CPU_TORCH_INDEX= VLLM_CPU_KVCACHE_SPACE=1"
 KEY = "llm-atc-benchmark-key"
 
 
 def run(args: list[str], env: dict) -> None:
     done = subprocess.run(args, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        )
 
 
 def serve_args(model: Path, region: str, cluster: str, port: int, engine: str) -> list[str]:
-    return [str(BIN / "llm-atc"), "serve", "--name", str(model), "--cloud", "slurm", "--region", region,
-            "--engine", engine, "--cpus", "1", "--port", str(port), "-c", cluster, "-y", "--timeout", "1200",
-            "--envs", NODE_ENVS] + (["--secret", f"VLLM_API_KEY={KEY}"] if engine == "vllm" else [])
+    return [
+        str(BIN / "llm-atc"),
+        "serve",
+        "--name",
+        str(model),
+        "--cloud",
+        "slurm",
+        "--region",
+        region,
+        "--engine",
+        engine,
+        "--cpus",
+        "1",
+        "--port",
+        str(port),
+        "-c",
+        cluster,
+        "-y",
+        "--timeout",
+        "1200",
+        "--envs",
+        NODE_ENVS,
+    ] + (["--secret", f"VLLM_API_KEY={KEY}"] if engine == "vllm" else [])
 
 
 def llm_atc_round(env: dict, model: Path, region: str, cluster: str, port: int, engine: str) -> float:
@@ -61,8 +81,24 @@ def llm_atc_round(env: dict, model: Path, region: str, cluster: str, port: int, 
 def bare_round(env: dict, task_yaml: Path, model_name: str, cluster: str, port: int) -> float:
     start = time.monotonic()
     command = task_yaml.with_suffix(".command").read_text().replace("--port 8000", f"--port {port}")
-    run([str(BIN / "sky"), "launch", "-y", "-d", "-c", cluster, str(task_yaml), "--env", f"PORT={port}",
-         "--env", f"VLLM_COMMAND={command}", "--secret", f"VLLM_API_KEY={KEY}"], env)
+    run(
+        [
+            str(BIN / "sky"),
+            "launch",
+            "-y",
+            "-d",
+            "-c",
+            cluster,
+            str(task_yaml),
+            "--env",
+            f"PORT={port}",
+            "--env",
+            f"VLLM_COMMAND={command}",
+            "--secret",
+            f"VLLM_API_KEY={KEY}",
+        ],
+        env,
+    )
     wait_health(port, timeout=900)
     first_token(f"http://127.0.0.1:{port}/v1", model_name, api_key=KEY)
     return time.monotonic() - start
@@ -82,16 +118,26 @@ def main() -> None:
     home = work / "home"
     (home / ".slurm").mkdir(parents=True)
     shutil.copy(real_config, home / ".slurm" / "config")
-    env = dict(os.environ, HOME=str(home), LLM_ATC_HOME=str(work / "llm_atc"), SKYPILOT_DISABLE_USAGE_COLLECTION="1",
-               SKYPILOT_API_SERVER_LOCAL_PORT=str(free_port()))
+    env = dict(
+        os.environ,
+        HOME=str(home),
+        LLM_ATC_HOME=str(work / "llm_atc"),
+        SKYPILOT_DISABLE_USAGE_COLLECTION="1",
+        SKYPILOT_API_SERVER_LOCAL_PORT=str(free_port()),
+    )
     model = build_tiny_model(work / "tiny-model")
     clusters: list[str] = []
     try:
         run([str(BIN / "sky"), "status"], env)  # start the API server outside the timings
         results = {"llm-atc": [], "bare sky launch": []}
         task_yaml = work / "task.yaml"
-        rendered = subprocess.run([*serve_args(model, region, "bench-bare", 8000, options.engine), "--dryrun"],
-                                  env=env, capture_output=True, text=True, check=True).stdout
+        rendered = subprocess.run(
+            [*serve_args(model, region, "bench-bare", 8000, options.engine), "--dryrun"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         task_yaml.write_text(rendered)
         import yaml
 
@@ -105,12 +151,16 @@ def main() -> None:
             clusters.append(cluster)
             results["llm-atc"].append(llm_atc_round(env, model, region, cluster, free_port(), options.engine))
             run([str(BIN / "llm-atc"), "down", cluster, "-y"], env)
-            print(f"round {n + 1}: llm-atc {results['llm-atc'][-1]:.1f}s, "
-                  f"bare {results['bare sky launch'][-1]:.1f}s", flush=True)
+            print(
+                f"round {n + 1}: llm-atc {results['llm-atc'][-1]:.1f}s, bare {results['bare sky launch'][-1]:.1f}s",
+                flush=True,
+            )
         for label, pick in (("best", min), ("median", statistics.median)):
             ours, bare = pick(results["llm-atc"]), pick(results["bare sky launch"])
-            print(f"{label} of {options.rounds}: llm-atc serve -> first token {ours:.1f}s, "
-                  f"sky launch + /health -> first token {bare:.1f}s, ratio {ours / bare:.2f} (target <= 1.1)")
+            print(
+                f"{label} of {options.rounds}: llm-atc serve -> first token {ours:.1f}s, "
+                f"sky launch + /health -> first token {bare:.1f}s, ratio {ours / bare:.2f} (target <= 1.1)"
+            )
     finally:
         for cluster in clusters:
             subprocess.run([str(BIN / "sky"), "down", "-y", cluster], env=env, capture_output=True)

@@ -37,8 +37,21 @@ def main() -> None:
     env = {**os.environ, "HOME": home, "LLM_ATC_HOME": f"{home}/.llm_atc", "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
     ours = wall([str(BIN / "llm-atc"), "--help"], env, runs)
     sky = wall([str(BIN / "sky"), "--help"], env, runs)
-    dry = wall([str(BIN / "llm-atc"), "serve", "--name", "lmsys/vicuna-13b-v1.3", "--accelerator",
-                "A100-80GB:2", "--cloud", "gcp", "--dryrun"], env, runs)
+    dry = wall(
+        [
+            str(BIN / "llm-atc"),
+            "serve",
+            "--name",
+            "lmsys/vicuna-13b-v1.3",
+            "--accelerator",
+            "A100-80GB:2",
+            "--cloud",
+            "gcp",
+            "--dryrun",
+        ],
+        env,
+        runs,
+    )
     print(f"llm-atc --help      {ours:6.3f} s   (target <= 0.300 s)")
     print(f"sky --help          {sky:6.3f} s")
     print(f"ratio               {ours / sky:6.3f}     (target <= 0.100)")

@@ -22,9 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from tiny_model import build_tiny_model  # noqa: E402
-
 from local_ready import first_token, free_port  # noqa: E402  (this folder is on sys.path)
+from tiny_model import build_tiny_model  # noqa: E402
 
 BIN = Path(sys.executable).parent
 FLAGS = ["--max_model_len", "256"]
@@ -35,9 +34,28 @@ def via_llm_atc(model: Path, env: dict, run: int) -> tuple[float, list[str]]:
     """Seconds to the first token, and the command llm-atc ran (from its log)."""
     cluster = f"bench-{run}"
     start = time.monotonic()
-    done = subprocess.run([str(BIN / "llm-atc"), "serve", "--name", str(model), "--cloud", "local", "--engine", "vllm",
-                           "--port", "0", "-c", cluster, *FLAGS, "--envs", ENVS], env=env, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [
+            str(BIN / "llm-atc"),
+            "serve",
+            "--name",
+            str(model),
+            "--cloud",
+            "local",
+            "--engine",
+            "vllm",
+            "--port",
+            "0",
+            "-c",
+            cluster,
+            *FLAGS,
+            "--envs",
+            ENVS,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     base_url = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("Endpoint:"))
@@ -55,8 +73,13 @@ def by_hand(command: list[str], python: Path, model: Path, env: dict) -> float:
     argv = [str(python), *command[1:]]
     argv[argv.index("--port") + 1] = str(port)
     start = time.monotonic()
-    proc = subprocess.Popen(argv, env={**env, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env={**env, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         first_token(f"http://127.0.0.1:{port}/v1", str(model))
         return time.monotonic() - start
@@ -74,8 +97,13 @@ def main() -> None:
     engine = engines.require("vllm", why="this benchmark")
     work = Path(tempfile.mkdtemp(prefix="llm-atc-bench-"))
     model = build_tiny_model(work / "tiny")
-    env = {**os.environ, "HOME": str(work), "LLM_ATC_HOME": str(work / ".llm_atc"), "HF_HUB_OFFLINE": "1",
-           "LLM_ATC_ENGINES": str(engine.path.parent)}
+    env = {
+        **os.environ,
+        "HOME": str(work),
+        "LLM_ATC_HOME": str(work / ".llm_atc"),
+        "HF_HUB_OFFLINE": "1",
+        "LLM_ATC_ENGINES": str(engine.path.parent),
+    }
     _, command = via_llm_atc(model, env, 0)  # warms the compile cache; its command is the one run by hand
     by_hand(command, engine.python, model, env)
     ours, plain = [], []

@@ -13,8 +13,7 @@ Heavy modules (SkyPilot, torch, transformers) load only when used.
 
 __version__ = "0.2.0"
 
-__all__ = ["serve", "train", "get", "list", "list_deployments", "Deployment", "TrainingRun", "UserError",
-           "__version__"]
+__all__ = ["serve", "train", "get", "list", "list_deployments", "Deployment", "TrainingRun", "UserError", "__version__"]
 
 
 def __getattr__(name):

@@ -1,4 +1,5 @@
-"""The Python API: the same operations as the CLI, returning objects instead of printing.
+"""The Python API: the same operations as the CLI (one code path, ``llm_atc.app``), returning objects
+instead of printing.
 
     from llm_atc import serve, train
     with serve("./my-model", cloud="local") as dep:
@@ -12,7 +13,6 @@ from __future__ import annotations
 from llm_atc import ui
 from llm_atc.deployment import Deployment
 from llm_atc.registry import Registry
-from llm_atc.spec import build_serve_spec
 from llm_atc.training_run import TrainingRun
 
 
@@ -31,20 +31,14 @@ def serve(
     ``cluster``, ``region``, ``envs``, ``secrets``, ``port``, ``engine``,
     ``max_model_len``, ``vllm_args``, ...). Raises :class:`llm_atc.UserError`.
     """
-    from llm_atc import serving
+    from llm_atc.app import launch
+    from llm_atc.app.serve import prepare
+    from llm_atc.spec import build_serve_spec
 
     registry = Registry()
     with ui.quiet(quiet):
         spec = build_serve_spec(name, cloud=cloud, accelerator=accelerator, registry=registry, **options)
-        if spec.is_local:
-            from llm_atc.backends.local import serve_locally
-
-            record = serve_locally(spec, timeout=timeout, registry=registry)
-        else:
-            prepared = serving.prepare(spec)
-            record = serving.launch_on_skypilot(
-                prepared, registry=registry, timeout=timeout or serving.CLOUD_READY_TIMEOUT
-            )
+        record = launch.serve(prepare(spec, registry=registry), registry=registry, timeout=timeout)
     return Deployment(record, registry)
 
 
@@ -63,21 +57,24 @@ def train(
     (unless ``detach_run=True``); returns its :class:`TrainingRun`.
 
     ``options`` are the CLI's ``train`` options by their Python names (``name``, ``base_model``,
-    ``accelerator``, ``cpus``, ``region``, ``envs``, ``secrets``, ...). Raises
+    ``accelerator``, ``cpus``, ``region``, ``envs``, ``secrets``, ``resume``, ...). Raises
     :class:`llm_atc.UserError` (a failed run raises its subclass ``LaunchError``).
     """
-    from llm_atc import training
+    from llm_atc.app import launch
+    from llm_atc.app.train import prepare
     from llm_atc.spec import build_train_spec
 
     registry = Registry()
     with ui.quiet(quiet):
-        spec = build_train_spec(model_type=model_type, finetune_data=finetune_data, cloud=cloud,
-                                checkpoint_bucket=checkpoint_bucket, checkpoint_store=checkpoint_store, **options)
-        prepared = training.prepare_train(spec, registry)
-        if spec.is_local:
-            record = training.train_locally(prepared, registry)
-        else:
-            record = training.launch_train(prepared, keep_cluster=keep_cluster, registry=registry)
+        spec = build_train_spec(
+            model_type=model_type,
+            finetune_data=finetune_data,
+            cloud=cloud,
+            checkpoint_bucket=checkpoint_bucket,
+            checkpoint_store=checkpoint_store,
+            **options,
+        )
+        record = launch.train(prepare(spec, registry=registry, keep_cluster=keep_cluster), registry=registry)
     return TrainingRun(record, registry)
 
 
@@ -97,12 +94,15 @@ def get(name: str) -> Deployment | TrainingRun:
 
 
 def list_all() -> list[Deployment | TrainingRun]:
-    """Every recorded deployment and training run, newest first (``llm_atc.list()``)."""
+    """Every recorded deployment and training run, newest first (``llm_atc.list()``), reconciled."""
+    from llm_atc.app.lifecycle import reconcile
+
     registry = Registry()
-    return [Deployment(r, registry) if r.kind == "serve" else TrainingRun(r, registry) for r in registry.records()]
+    records = registry.records()
+    reconcile(records, registry)
+    return [Deployment(r, registry) if r.kind == "serve" else TrainingRun(r, registry) for r in records]
 
 
 def list_deployments() -> list[Deployment]:
     """Every recorded deployment, newest first."""
-    registry = Registry()
-    return [Deployment(record, registry) for record in registry.records(kind="serve")]
+    return [item for item in list_all() if isinstance(item, Deployment)]

@@ -57,8 +57,8 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             _fail(str(exc), exc.exit_code, exc.hint)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP while launching (llm_atc.app.launch)
+            _fail("interrupted", 128 + getattr(exc, "signum", 2))
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except Exception as exc:  # an unexpected failure: still one line unless debugging

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-from llm_atc.backends import backend_for
+from llm_atc.app import lifecycle
 from llm_atc.handle import RecordHandle
 from llm_atc.readiness import wait_ready
-from llm_atc.registry import Status
 
 
 class Deployment(RecordHandle):
@@ -24,7 +23,7 @@ class Deployment(RecordHandle):
     def endpoint(self) -> str:
         """``http://HOST:PORT`` of the engine."""
         if not self.record.endpoint:
-            self._registry.update(self.record, endpoint=backend_for(self.record).endpoint(self.record))
+            lifecycle.endpoint(self.record, registry=self._registry)
         return self.record.endpoint
 
     @property
@@ -39,17 +38,10 @@ class Deployment(RecordHandle):
         """The OpenAI base URL, ``http://HOST:PORT/v1``."""
         return self.endpoint.rstrip("/") + "/v1"
 
-    def status(self) -> str:
-        """RUNNING, LAUNCHING, FAILED, STOPPED or DOWN, reconciled with the backend."""
-        from llm_atc.status import refresh
-
-        refresh([self.record], self._registry)
-        return self.record.status
-
     def logs(self) -> str:
         """The engine's log so far."""
         buffer = io.StringIO()
-        backend_for(self.record).logs(self.record, follow=False, output=buffer)
+        lifecycle.logs(self.record, follow=False, registry=self._registry, output=buffer)
         return buffer.getvalue()
 
     def wait_ready(self, timeout: float = 600) -> float:
@@ -75,20 +67,7 @@ class Deployment(RecordHandle):
         with forward(self.record, local_port=local_port) as tunnel:
             yield tunnel.base_url
 
-    def stop(self) -> None:
-        """Stop the engine (idempotent)."""
-        backend_for(self.record).stop(self.record)
-        self._registry.update(self.record, status=Status.STOPPED)
-
-    def down(self) -> None:
-        """Tear the deployment down for good (its API key is forgotten)."""
-        from llm_atc import credentials
-
-        backend_for(self.record).down(self.record)
-        self._registry.update(self.record, status=Status.DOWN)
-        credentials.forget(self.cluster)
-
-    def __enter__(self) -> "Deployment":
+    def __enter__(self) -> Deployment:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -15,10 +15,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from llm_atc.errors import LaunchError, NotFoundError, UserError
 
@@ -47,14 +47,18 @@ class Engine:
 
 
 ENGINES = {
-    "vllm": Engine("vllm", "vLLM's OpenAI-compatible server (CUDA build with a GPU, else the CPU build)",
-                   VLLM_VERSION, "import vllm; print(vllm.__version__)"),
+    "vllm": Engine(
+        "vllm",
+        "vLLM's OpenAI-compatible server (CUDA build with a GPU, else the CPU build)",
+        VLLM_VERSION,
+        "import vllm; print(vllm.__version__)",
+    ),
 }
 
 
 def engines_home() -> Path:
     """``$LLM_ATC_ENGINES``, by default ``$LLM_ATC_HOME/engines``."""
-    from llm_atc.registry import home
+    from llm_atc.paths import home
 
     return Path(os.environ.get("LLM_ATC_ENGINES") or home() / "engines")
 
@@ -118,11 +122,15 @@ def require(name: str, *, why: str) -> Installed:
     """The installed engine, or a one-line error saying how to install it."""
     found = installed(name)
     if found is None:
-        raise NotFoundError(f"{why} needs the {name} engine, which is not installed here; "
-                            f"install it with: llm-atc engines install {name}")
+        raise NotFoundError(
+            f"{why} needs the {name} engine, which is not installed here; "
+            f"install it with: llm-atc engines install {name}"
+        )
     if not found.usable_here():
-        raise UserError(f"{why}: the {name} engine here is the {found.build} build and no CUDA GPU is visible; "
-                        f"reinstall it with: llm-atc engines install {name} --build cpu --force")
+        raise UserError(
+            f"{why}: the {name} engine here is the {found.build} build and no CUDA GPU is visible; "
+            f"reinstall it with: llm-atc engines install {name} --build cpu --force"
+        )
     return found
 
 
@@ -145,8 +153,9 @@ def install(name: str, *, build: str | None = None, torch_index: str | None = No
         if (found.build, found.version) == (build, engine.version):
             ui.info(f"{name} {found.version} ({found.build} build) is already installed in {path}")
             return found
-        raise UserError(f"{name} {found.version} ({found.build} build) is installed in {path}; "
-                        "pass --force to replace it")
+        raise UserError(
+            f"{name} {found.version} ({found.build} build) is installed in {path}; pass --force to replace it"
+        )
     with _install_lock(path):
         shutil.rmtree(path, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +165,13 @@ def install(name: str, *, build: str | None = None, torch_index: str | None = No
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
-        meta = {"name": name, "build": build, "version": engine.version, "installed_at": time.time(),
-                "requirements": engine.requirements(build)}
+        meta = {
+            "name": name,
+            "build": build,
+            "version": engine.version,
+            "installed_at": time.time(),
+            "requirements": engine.requirements(build),
+        }
         (path / BUILD_FILE).write_text(build + "\n")
         (path / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     ui.info(f"Installed {name} {engine.version} ({build} build) in {path}")
@@ -185,8 +199,9 @@ def _install_lock(path: Path) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise UserError(f"another llm-atc is installing or removing {path.name} right now; try again when it "
-                        "is done") from None
+        raise UserError(
+            f"another llm-atc is installing or removing {path.name} right now; try again when it is done"
+        ) from None
     try:
         yield
     finally:
@@ -201,12 +216,14 @@ def _make_env(engine: Engine, path: Path, build: str, torch_index: str | None, l
         index = torch_index if torch_index is not None else _cpu_torch_index(python)
         if index:
             pip += ["--extra-index-url", index]
-    _run([*pip, *engine.requirements(build)], log,
-         f"Installing {' '.join(engine.requirements(build))} (a few GB; minutes)")
+    _run(
+        [*pip, *engine.requirements(build)],
+        log,
+        f"Installing {' '.join(engine.requirements(build))} (a few GB; minutes)",
+    )
     if build == "cpu":
         _run([str(python), "-m", "pip", "uninstall", "-y", *CPU_BUILD_EXTRAS], log, "Removing torch add-ons")
-    probe = subprocess.run([str(python), "-c", engine.probe], capture_output=True, text=True, timeout=300,
-                           cwd=path)
+    probe = subprocess.run([str(python), "-c", engine.probe], capture_output=True, text=True, timeout=300, cwd=path)
     version = probe.stdout.strip().splitlines()[-1] if probe.stdout.strip() else ""
     if probe.returncode != 0 or version != engine.version:
         tail = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -215,8 +232,12 @@ def _make_env(engine: Engine, path: Path, build: str, torch_index: str | None, l
 
 def _cpu_torch_index(python: Path) -> str:
     """``""`` when pip's own configuration (find-links, index) already has the CPU torch, else PyTorch's index."""
-    resolved = subprocess.run([str(python), "-m", "pip", "install", "--dry-run", "--no-deps", "--quiet", CPU_TORCH],
-                              capture_output=True, text=True, timeout=300)
+    resolved = subprocess.run(
+        [str(python), "-m", "pip", "install", "--dry-run", "--no-deps", "--quiet", CPU_TORCH],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return "" if resolved.returncode == 0 else CPU_TORCH_INDEX
 
 
@@ -227,8 +248,9 @@ def _run(args: list[str], log: Path, message: str) -> None:
     with log.open("a") as handle:
         handle.write(f"$ {' '.join(args)}\n")
         handle.flush()
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL
+        )
         start = time.monotonic()
         with ui.spinner(message) as spinner:
             for line in process.stdout:

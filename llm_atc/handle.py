@@ -1,4 +1,4 @@
-"""What the Python API's handles (Deployment, TrainingRun) share: a registry record."""
+"""What the Python API's handles (Deployment, TrainingRun) share: a registry record, reconciled."""
 
 from __future__ import annotations
 
@@ -23,3 +23,33 @@ class RecordHandle:
     @property
     def cluster(self) -> str:
         return self.record.cluster
+
+    def status(self) -> str:
+        """The record's status, reconciled with its backend (what `llm-atc status` shows)."""
+        from llm_atc.app.lifecycle import reconcile
+
+        reconcile([self.record], self._registry)
+        return self.record.status
+
+    def stop(self) -> None:
+        """Stop it, keeping what it needs to go on (idempotent)."""
+        self._end("stop")
+
+    def down(self) -> None:
+        """End it for good: its cluster or process, its API key; the name is free again."""
+        self._end("down")
+
+    def _end(self, action: str) -> None:
+        from llm_atc import ui
+        from llm_atc.app.lifecycle import end
+        from llm_atc.errors import UserError
+        from llm_atc.registry import Status
+
+        if action == "stop" and self.record.status in (Status.STOPPED, Status.FAILED, Status.DOWN):
+            return
+        with ui.quiet():
+            try:
+                end(self.record, action=action, yes=True, registry=self._registry)
+            except UserError:
+                if action == "stop":
+                    raise

@@ -81,7 +81,5 @@ def resolve_model(name: str, source: str | None = None, registry: Registry | Non
             raise UserError(f"--name {name!r}: the folder holds no config.json or adapter_config.json")
         return ModelRef(name=name, path=path.resolve())
     if not HUB_ID_RE.fullmatch(name):
-        raise UserError(
-            f"--name {name!r} is not a Hugging Face model id (org/model), llm-atc/<run> or a model folder"
-        )
+        raise UserError(f"--name {name!r} is not a Hugging Face model id (org/model), llm-atc/<run> or a model folder")
     return ModelRef(name=name, hub_id=name)

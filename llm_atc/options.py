@@ -50,17 +50,13 @@ def parse_env_pairs(values: tuple[str, ...] | list[str], *, option: str) -> dict
                 )
             if not sep:
                 if key not in os.environ:
-                    raise UserError(
-                        f"{option} {key}: no value given and {key} is not set in your environment"
-                    )
+                    raise UserError(f"{option} {key}: no value given and {key} is not set in your environment")
                 value = os.environ[key]
             parsed[key] = value
     return parsed
 
 
-def split_envs_and_secrets(
-    envs: dict[str, str], secrets: dict[str, str]
-) -> tuple[dict[str, str], dict[str, str]]:
+def split_envs_and_secrets(envs: dict[str, str], secrets: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """Move credential-looking ``--envs`` into the secrets, which win on conflicts."""
     plain = {k: v for k, v in envs.items() if not is_secret_name(k)}
     moved = {k: v for k, v in envs.items() if is_secret_name(k)}
@@ -93,14 +89,10 @@ def parse_accelerators(value: str, known: list[str] | None = None) -> tuple[Acce
         name, sep, count_text = part.partition(":")
         name = name.strip()
         if not name:
-            raise UserError(
-                f"--accelerator {part!r}: missing GPU name; use NAME[:COUNT] such as A100:1"
-            )
+            raise UserError(f"--accelerator {part!r}: missing GPU name; use NAME[:COUNT] such as A100:1")
         if sep:
             if not count_text.strip().isdecimal():
-                raise UserError(
-                    f"--accelerator {part!r}: count {count_text!r} is not a whole number"
-                )
+                raise UserError(f"--accelerator {part!r}: count {count_text!r} is not a whole number")
             count = int(count_text)
             if count < 1:
                 raise UserError(f"--accelerator {part!r}: count must be at least 1")
@@ -122,6 +114,20 @@ def canonical_gpu_name(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(by_lower[c] for c in close)}?" if close else ""
     raise UserError(f"--accelerator: unknown GPU {name!r}{hint}")
+
+
+def skypilot_infra() -> tuple[str, dict[str, str]]:
+    """(SkyPilot version, the infra names it knows and their aliases), from data/skypilot-infra.json."""
+    import json
+    from importlib import resources
+
+    data = json.loads(resources.files("llm_atc").joinpath("data/skypilot-infra.json").read_text())
+    return data["skypilot"], {**{name: name for name in data["infra"]}, **data["aliases"]}
+
+
+def canonical_infra(name: str) -> str:
+    """``--cloud`` as SkyPilot spells it (aliases kept), or a one-line error with close matches."""
+    return closest(name, sorted(skypilot_infra()[1]), "cloud")
 
 
 def closest(value: str, choices: list[str], what: str) -> str:
@@ -198,7 +204,7 @@ MAX_SHOWN = 80
 def shorten(text: str, limit: int = MAX_SHOWN) -> str:
     """User text for an error message: repr'd, and cut in the middle when long."""
     shown = repr(text)
-    return shown if len(shown) <= limit else f"{shown[: limit // 2]}...{shown[-(limit // 2):]} ({len(text)} chars)"
+    return shown if len(shown) <= limit else f"{shown[: limit // 2]}...{shown[-(limit // 2) :]} ({len(text)} chars)"
 
 
 def read_text_file(value: str, *, option: str, max_bytes: int) -> str:

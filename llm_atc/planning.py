@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from llm_atc.errors import NotFoundError, UserError
 from llm_atc.storage import RUN_BASE
@@ -47,9 +48,8 @@ RUNTIME_OVERHEAD_GIB = 1.5
 # Without --max_model_len, serving is sized for the model's context, at most this.
 MAX_MODEL_LEN_CAP = 32768
 # The training recipe's defaults (recipes/train/finetune.py: MAX_SEQ_LEN, BATCH_SIZE, LORA_R).
-TRAIN_SEQ_LEN = 2048
-TRAIN_BATCH_SIZE = 4
-LORA_RANK = 16
+# Training's sequence length, batch size and LoRA rank are the recipes' (recipes_catalog.train_settings).
+LORA_RANK = 16  # peft's default, for LoRA parameters outside a training plan
 # Full fine-tune state per parameter: on one GPU the recipe trains in bf16 (weights, grads, Adam m
 # and v: 2+2+2+2 B); under FSDP it keeps fp32 master weights, grads and Adam m, v (4+4+4+4 B).
 FULL_SINGLE_GPU_BYTES_PER_PARAM = 8.0
@@ -59,22 +59,49 @@ MAX_NODES = 8
 # Only full nodes (this many GPUs or more) are stretched over several nodes.
 MULTI_NODE_MIN_GPUS = 8
 
-_NON_GATED_MLP = frozenset({
-    "gpt2", "gpt_bigcode", "gptj", "gpt_neo", "gpt_neox", "opt", "falcon", "bloom", "phi", "starcoder2",
-    "mpt", "codegen",
-})
-_TIED_BY_DEFAULT = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt", "bloom", "gemma", "gemma2", "gemma3",
-                              "gemma3_text"})
+_NON_GATED_MLP = frozenset(
+    {
+        "gpt2",
+        "gpt_bigcode",
+        "gptj",
+        "gpt_neo",
+        "gpt_neox",
+        "opt",
+        "falcon",
+        "bloom",
+        "phi",
+        "starcoder2",
+        "mpt",
+        "codegen",
+    }
+)
+_TIED_BY_DEFAULT = frozenset(
+    {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "bloom", "gemma", "gemma2", "gemma3", "gemma3_text"}
+)
 _QKV_BIAS = frozenset({"qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl"})
 
 # Quantization methods, by how vLLM stores their weights.
-_INT_METHODS = frozenset({"awq", "awq_marlin", "gptq", "gptq_marlin", "gptq_marlin_24", "marlin", "gptq_bitblas",
-                          "awq_triton", "squeezellm", "moe_wna16", "auto-round", "auto_round", "inc"})
+_INT_METHODS = frozenset(
+    {
+        "awq",
+        "awq_marlin",
+        "gptq",
+        "gptq_marlin",
+        "gptq_marlin_24",
+        "marlin",
+        "gptq_bitblas",
+        "awq_triton",
+        "squeezellm",
+        "moe_wna16",
+        "auto-round",
+        "auto_round",
+        "inc",
+    }
+)
 _FP8_METHODS = frozenset({"fp8", "fbgemm_fp8", "ptpc_fp8", "modelopt", "fp8_e4m3"})
 _BNB_METHODS = frozenset({"bitsandbytes", "bnb"})
 _MXFP4_METHODS = frozenset({"mxfp4"})
-QUANTIZATIONS = tuple(sorted(_INT_METHODS | _FP8_METHODS | _BNB_METHODS | _MXFP4_METHODS
-                             | {"compressed-tensors"}))
+QUANTIZATIONS = tuple(sorted(_INT_METHODS | _FP8_METHODS | _BNB_METHODS | _MXFP4_METHODS | {"compressed-tensors"}))
 # bitsandbytes NF4 with double quantization: 4 bits plus an 8-bit absmax per 64 weights.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64
 
@@ -96,17 +123,18 @@ class ModelInfo:
     adapter_of: str | None = None  # a LoRA adapter's base model (the config is the base's)
 
     @classmethod
-    def from_config(cls, config: Mapping, *, name: str | None = None, index_total_size: int | None = None,
-                    source: str = "config") -> "ModelInfo":
+    def from_config(
+        cls, config: Mapping, *, name: str | None = None, index_total_size: int | None = None, source: str = "config"
+    ) -> ModelInfo:
         return cls(name or str(config.get("_name_or_path") or "model"), dict(config), source, index_total_size)
 
 
 def load_model_info(
-    model: "str | ModelRef | ModelInfo | Mapping",
+    model: str | ModelRef | ModelInfo | Mapping,
     *,
     source: str | None = None,
-    registry: "Registry | None" = None,
-    store: "ObjectStore | None" = None,
+    registry: Registry | None = None,
+    store: ObjectStore | None = None,
 ) -> ModelInfo:
     """Read the config of ``model``: a Hub id, ``llm-atc/<run>``, a folder, a :class:`ModelRef`,
     or an already-read config dict / :class:`ModelInfo` (returned as is)."""
@@ -168,7 +196,7 @@ def _from_folder(name: str, folder: Path) -> ModelInfo:
     return ModelInfo(name, config, f"folder {folder}", _index_size(index))
 
 
-def _from_bucket(name: str, uri: "BucketURI", store: "ObjectStore | None") -> ModelInfo:
+def _from_bucket(name: str, uri: BucketURI, store: ObjectStore | None) -> ModelInfo:
     from llm_atc.storage import ObjectStore
 
     store = store or ObjectStore(uri.scheme)
@@ -208,8 +236,10 @@ def _hub_file(repo_id: str, filename: str) -> str:
     try:
         return hf_hub_download(repo_id, filename, token=os.environ.get("HF_TOKEN") or None)
     except errors.LocalEntryNotFoundError:
-        reason = (f"{filename} is not in the local Hugging Face cache and the Hub cannot be reached "
-                  "(offline, or HF_HUB_OFFLINE=1)")
+        reason = (
+            f"{filename} is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE=1)"
+        )
     except errors.GatedRepoError:
         reason = "the repository is gated and this token has no access (accept its license on huggingface.co)"
     except errors.RepositoryNotFoundError:
@@ -222,7 +252,7 @@ def _hub_file(repo_id: str, filename: str) -> str:
         reason = f"the Hub answered {_first_line(exc)}"
     except (errors.HFValidationError, ValueError) as exc:
         reason = _first_line(exc)
-    except Exception as exc:  # noqa: BLE001 - httpx/OSError/RuntimeError("client has been closed") when unreachable
+    except Exception as exc:
         reason = f"the Hugging Face Hub cannot be reached ({type(exc).__name__}: {_first_line(exc)})"
     raise UserError(f"cannot read config for {repo_id}: {reason}; {_FIX_HUB}")
 
@@ -283,7 +313,7 @@ class Architecture:
     quantization_config: Mapping | None = None
 
     @classmethod
-    def from_config(cls, config: Mapping, *, where: str = "config.json") -> "Architecture":
+    def from_config(cls, config: Mapping, *, where: str = "config.json") -> Architecture:
         cfg = _text_config(config)
         fields_ = {
             "hidden_size": _get(cfg, "hidden_size", "n_embd", "d_model", "dim"),
@@ -293,27 +323,31 @@ class Architecture:
         }
         missing = [name for name, value in fields_.items() if not isinstance(value, int) or value <= 0]
         if missing:
-            raise UserError(f"{where} lacks {', '.join(missing)}: cannot size the model "
-                            "(llm-atc plan sizes decoder-only language models)")
+            raise UserError(
+                f"{where} lacks {', '.join(missing)}: cannot size the model "
+                "(llm-atc plan sizes decoder-only language models)"
+            )
         hidden, layers, heads, vocab = fields_.values()
         model_type = str(cfg.get("model_type") or "")
         if cfg.get("multi_query") is True:
             kv_heads = 1
         else:
-            kv_heads = int(_get(cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num",
-                                default=heads))
+            kv_heads = int(
+                _get(cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num", default=heads)
+            )
         head_dim = cfg.get("head_dim")
         head_dim = int(head_dim) if isinstance(head_dim, int) and head_dim > 0 else hidden // heads
-        intermediate = int(_get(cfg, "intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim",
-                                default=4 * hidden))
+        intermediate = int(_get(cfg, "intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim", default=4 * hidden))
         tied = cfg.get("tie_word_embeddings")
         if tied is None:
             tied = model_type in _TIED_BY_DEFAULT
-        max_pos = _get(cfg, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
-                       "model_max_length")
+        max_pos = _get(
+            cfg, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "model_max_length"
+        )
         dtype = _get(cfg, "torch_dtype", "dtype") or _get(config, "torch_dtype", "dtype")
-        experts = int(_get(cfg, "num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts",
-                           default=0) or 0)
+        experts = int(
+            _get(cfg, "num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts", default=0) or 0
+        )
         moe = {}
         if experts > 1:
             moe_inter = int(_get(cfg, "moe_intermediate_size", default=intermediate))
@@ -324,12 +358,18 @@ class Architecture:
             mlp_only = cfg.get("mlp_only_layers") or []
             dense_layers += len(mlp_only) if isinstance(mlp_only, list) else 0
             step = int(_get(cfg, "decoder_sparse_step", "moe_layer_freq", default=1) or 1)
-            moe_layers = len([i for i in range(dense_layers, layers) if (i + 1) % step == 0]) if step > 1 \
+            moe_layers = (
+                len([i for i in range(dense_layers, layers) if (i + 1) % step == 0])
+                if step > 1
                 else layers - dense_layers
-            moe = dict(num_experts=experts, experts_per_token=int(_get(cfg, "num_experts_per_tok", "moe_top_k",
-                                                                       default=2)),
-                       moe_intermediate_size=moe_inter, shared_expert_intermediate_size=int(shared),
-                       moe_layers=max(0, moe_layers))
+            )
+            moe = dict(
+                num_experts=experts,
+                experts_per_token=int(_get(cfg, "num_experts_per_tok", "moe_top_k", default=2)),
+                moe_intermediate_size=moe_inter,
+                shared_expert_intermediate_size=int(shared),
+                moe_layers=max(0, moe_layers),
+            )
         mla = None
         if cfg.get("kv_lora_rank"):
             mla = {
@@ -340,15 +380,26 @@ class Architecture:
                 "q_lora_rank": int(cfg["q_lora_rank"]) if cfg.get("q_lora_rank") else None,
             }
         window, sliding = _sliding_layers(cfg, model_type, layers)
-        quant = config.get("quantization_config") or cfg.get("quantization_config") \
-            or config.get("compression_config")
+        quant = config.get("quantization_config") or cfg.get("quantization_config") or config.get("compression_config")
         return cls(
-            model_type=model_type, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
-            head_dim=head_dim, intermediate_size=intermediate, vocab_size=vocab, tied_embeddings=bool(tied),
-            gated_mlp=model_type not in _NON_GATED_MLP, qkv_bias=bool(cfg.get("attention_bias"))
-            or model_type in _QKV_BIAS, max_position_embeddings=int(max_pos) if max_pos else None,
-            checkpoint_dtype=str(dtype) if dtype else None, mla=mla, sliding_window=window,
-            sliding_layers=sliding, quantization_config=quant if isinstance(quant, dict) else None, **moe,
+            model_type=model_type,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=intermediate,
+            vocab_size=vocab,
+            tied_embeddings=bool(tied),
+            gated_mlp=model_type not in _NON_GATED_MLP,
+            qkv_bias=bool(cfg.get("attention_bias")) or model_type in _QKV_BIAS,
+            max_position_embeddings=int(max_pos) if max_pos else None,
+            checkpoint_dtype=str(dtype) if dtype else None,
+            mla=mla,
+            sliding_window=window,
+            sliding_layers=sliding,
+            quantization_config=quant if isinstance(quant, dict) else None,
+            **moe,
         )
 
     # -- linear layers, as (in_features, out_features) -------------------------------------
@@ -358,8 +409,11 @@ class Architecture:
         if self.mla:
             m = self.mla
             qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
-            q = ([(h, m["q_lora_rank"]), (m["q_lora_rank"], self.num_heads * qk)] if m["q_lora_rank"]
-                 else [(h, self.num_heads * qk)])
+            q = (
+                [(h, m["q_lora_rank"]), (m["q_lora_rank"], self.num_heads * qk)]
+                if m["q_lora_rank"]
+                else [(h, self.num_heads * qk)]
+            )
             return q + [
                 (h, m["kv_lora_rank"] + m["qk_rope_head_dim"]),
                 (m["kv_lora_rank"], self.num_heads * (m["qk_nope_head_dim"] + m["v_head_dim"])),
@@ -406,7 +460,8 @@ class Architecture:
             counts["experts"] = self.moe_layers * self.num_experts * expert
             if self.shared_expert_intermediate_size:
                 counts["shared_experts"] = self.moe_layers * sum(
-                    i * o for i, o in self.mlp_linears(self.shared_expert_intermediate_size))
+                    i * o for i, o in self.mlp_linears(self.shared_expert_intermediate_size)
+                )
             counts["router"] = self.moe_layers * h * self.num_experts
         return counts
 
@@ -420,8 +475,7 @@ class Architecture:
         if self.is_moe:
             total += self.moe_layers * (self.hidden_size + self.num_experts)  # the router
             if self.shared_expert_intermediate_size:
-                total += self.moe_layers * sum(
-                    i + o for i, o in self.mlp_linears(self.shared_expert_intermediate_size))
+                total += self.moe_layers * sum(i + o for i, o in self.mlp_linears(self.shared_expert_intermediate_size))
         return rank * total
 
     # -- KV cache ------------------------------------------------------------------------------
@@ -469,8 +523,13 @@ def _sliding_layers(cfg: Mapping, model_type: str, layers: int) -> tuple[int | N
 
 
 def _dtype_bytes(name: str | None) -> int | None:
-    return {"float16": 2, "half": 2, "bfloat16": 2, "float32": 4, "float": 4, "float8_e4m3fn": 1,
-            "float8": 1}.get(str(name).lower().replace("torch.", "")) if name else None
+    return (
+        {"float16": 2, "half": 2, "bfloat16": 2, "float32": 4, "float": 4, "float8_e4m3fn": 1, "float8": 1}.get(
+            str(name).lower().replace("torch.", "")
+        )
+        if name
+        else None
+    )
 
 
 @dataclass(frozen=True)
@@ -503,8 +562,9 @@ def _quantization(arch: Architecture, requested: str | None) -> Quantization | N
     method = {"compressed_tensors": "compressed-tensors", "auto_round": "auto-round"}.get(method, method)
     if method not in QUANTIZATIONS:
         if requested:
-            raise UserError(f"--quantization {requested!r}: unknown method; llm-atc plan knows "
-                            f"{', '.join(QUANTIZATIONS)}")
+            raise UserError(
+                f"--quantization {requested!r}: unknown method; llm-atc plan knows {', '.join(QUANTIZATIONS)}"
+            )
         return Quantization(method, 16, -1, from_checkpoint)  # sized from the index, if any
     bits = _get(qc, "bits", "w_bit", "weight_bits", "num_bits", default=None)
     group = _get(qc, "group_size", "q_group_size", default=128)
@@ -583,17 +643,22 @@ class MemoryEstimate:
             if gpus == 1:  # bf16 weights, grads and Adam m, v (the recipe keeps bf16 on one GPU)
                 state = self.params * FULL_SINGLE_GPU_BYTES_PER_PARAM
             else:  # FSDP full shard of fp32 weights, grads and Adam; two bf16 layers gathered at a time
-                state = self.params * self.optimizer_bytes_per_param / gpus \
-                    + 2 * 2 * self.arch.largest_layer_parameters()
+                state = (
+                    self.params * self.optimizer_bytes_per_param / gpus + 2 * 2 * self.arch.largest_layer_parameters()
+                )
             return int(state + self.activation_bytes + overhead)
         # lora / qlora: every GPU holds the whole (frozen) base (DDP)
-        return int(self.weight_bytes + self.trainable_params * self.optimizer_bytes_per_param
-                   + self.activation_bytes + overhead)
+        return int(
+            self.weight_bytes
+            + self.trainable_params * self.optimizer_bytes_per_param
+            + self.activation_bytes
+            + overhead
+        )
 
     def usable_per_gpu(self, gpu_memory_gib: float) -> int:
         return int(gpu_memory_gib * GIB * self.memory_fraction)
 
-    def fit(self, gpu_memory_gib: float, count: int, nodes: int = 1) -> "Fit":
+    def fit(self, gpu_memory_gib: float, count: int, nodes: int = 1) -> Fit:
         reason = self.tensor_parallel_ok(count)
         need, usable = self.need_per_gpu(count, nodes), self.usable_per_gpu(gpu_memory_gib)
         if reason is None and nodes > self.arch.num_layers:
@@ -639,8 +704,10 @@ class MemoryEstimate:
     def kv_formula(self) -> str:
         a, b = self.arch, self.dtype_bytes
         if a.mla:
-            per = f"{a.num_layers} layers × ({a.mla['kv_lora_rank']} kv_lora_rank + " \
-                  f"{a.mla['qk_rope_head_dim']} rope dims) × {b} B"
+            per = (
+                f"{a.num_layers} layers × ({a.mla['kv_lora_rank']} kv_lora_rank + "
+                f"{a.mla['qk_rope_head_dim']} rope dims) × {b} B"
+            )
         else:
             per = f"{a.num_layers} layers × {a.num_kv_heads} KV heads × {a.head_dim} head dim × 2 (K,V) × {b} B"
         if a.sliding_layers and a.sliding_window and a.sliding_window < self.max_model_len:
@@ -657,17 +724,17 @@ class Fit:
 
 
 def estimate_memory(
-    model: "ModelInfo | Mapping | str",
+    model: ModelInfo | Mapping | str,
     *,
     mode: str = "serve",
     max_model_len: int | None = None,
     dtype: str | None = None,
     quantization: str | None = None,
-    batch_size: int = TRAIN_BATCH_SIZE,
-    lora_rank: int = LORA_RANK,
+    train_envs: Mapping[str, str] | None = None,
 ) -> MemoryEstimate:
     """The memory terms of ``model`` (a :class:`ModelInfo`, a config dict, or anything
-    :func:`load_model_info` reads) served or fine-tuned in ``mode``."""
+    :func:`load_model_info` reads) served or fine-tuned in ``mode``; a fine-tune is sized with its
+    recipe's sequence length, batch size and LoRA rank (``train_envs`` overrides them, as ``--envs`` does)."""
     if mode not in MODES:
         raise UserError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     if dtype is not None and dtype not in DTYPES:
@@ -680,8 +747,10 @@ def estimate_memory(
         if dtype not in (None, "auto"):
             raise UserError(f"--dtype applies to --mode serve; --mode {mode} trains in bfloat16")
         if quantization:
-            raise UserError(f"--quantization applies to --mode serve; --mode {mode} loads the weights in "
-                            "bfloat16" + (" and quantizes them to 4-bit NF4 itself" if mode == "qlora" else ""))
+            raise UserError(
+                f"--quantization applies to --mode serve; --mode {mode} loads the weights in "
+                "bfloat16" + (" and quantizes them to 4-bit NF4 itself" if mode == "qlora" else "")
+            )
         if arch.quantization_config:
             method = arch.quantization_config.get("quant_method", "quantized")
             raise UserError(f"{info.name} is a {method} checkpoint; fine-tune its unquantized base model instead")
@@ -709,8 +778,10 @@ def estimate_memory(
     if mode == "serve":
         length = max_model_len or arch.default_max_model_len()
         if arch.max_position_embeddings and length > arch.max_position_embeddings:
-            notes.append(f"--max_model_len {length} exceeds the model's {arch.max_position_embeddings} positions; "
-                         "vLLM refuses it unless RoPE scaling allows it")
+            notes.append(
+                f"--max_model_len {length} exceeds the model's {arch.max_position_embeddings} positions; "
+                "vLLM refuses it unless RoPE scaling allows it"
+            )
         if quant is None:
             weights = params * nbytes
             formula = f"{_fmt_count(params)} params × {nbytes} B ({dtype_name})"
@@ -718,37 +789,73 @@ def estimate_memory(
             weights = info.index_total_size
             formula = f"{quant.method} checkpoint: safetensors total_size {_fmt_bytes(weights)}"
         elif quant.bits >= 16:
-            raise UserError(f"cannot size {info.name}'s {quant.method} weights without a safetensors index; "
-                            "pass a folder with model.safetensors.index.json")
+            raise UserError(
+                f"cannot size {info.name}'s {quant.method} weights without a safetensors index; "
+                "pass a folder with model.safetensors.index.json"
+            )
         else:
             weights = int(linear * quant.bytes_per_param + other * nbytes)
-            formula = (f"{_fmt_count(linear)} linear params × {quant.bytes_per_param:.3f} B ({quant.method}, "
-                       f"{quant.bits:g}-bit, group {quant.group_size}) + {_fmt_count(other)} others × {nbytes} B")
+            formula = (
+                f"{_fmt_count(linear)} linear params × {quant.bytes_per_param:.3f} B ({quant.method}, "
+                f"{quant.bits:g}-bit, group {quant.group_size}) + {_fmt_count(other)} others × {nbytes} B"
+            )
             if not quant.from_checkpoint and quant.method not in _FP8_METHODS | _BNB_METHODS:
-                notes.append(f"--quantization {quant.method} needs a {quant.method} checkpoint; vLLM quantizes "
-                             "on the fly only for fp8 and bitsandbytes")
+                notes.append(
+                    f"--quantization {quant.method} needs a {quant.method} checkpoint; vLLM quantizes "
+                    "on the fly only for fp8 and bitsandbytes"
+                )
         kv_token = arch.num_layers * arch.kv_elements_per_token_per_layer() * nbytes
         kv_cache = arch.kv_cache_tokens(length) * arch.kv_elements_per_token_per_layer() * nbytes
         return MemoryEstimate(
-            model=info.name, mode=mode, arch=arch, params=params, params_source=params_source,
-            params_from_config=from_config, dtype=dtype_name, dtype_bytes=nbytes,
-            quantization=quant.method if quant else None, weight_bytes=int(weights), weight_formula=formula,
-            max_model_len=length, kv_bytes_per_token=kv_token, kv_cache_bytes=kv_cache,
-            memory_fraction=GPU_MEMORY_UTILIZATION, notes=tuple(notes),
+            model=info.name,
+            mode=mode,
+            arch=arch,
+            params=params,
+            params_source=params_source,
+            params_from_config=from_config,
+            dtype=dtype_name,
+            dtype_bytes=nbytes,
+            quantization=quant.method if quant else None,
+            weight_bytes=int(weights),
+            weight_formula=formula,
+            max_model_len=length,
+            kv_bytes_per_token=kv_token,
+            kv_cache_bytes=kv_cache,
+            memory_fraction=GPU_MEMORY_UTILIZATION,
+            notes=tuple(notes),
         )
 
-    seq = max_model_len or TRAIN_SEQ_LEN
+    from llm_atc.recipes_catalog import train_settings
+
+    settings = train_settings(mode, dict(train_envs or {}))
+    seq, batch_size, lora_rank = (
+        max_model_len or settings["MAX_SEQ_LEN"],
+        settings["BATCH_SIZE"],
+        settings.get("LORA_R", LORA_RANK),
+    )
     activations = _activation_bytes(arch, seq * batch_size)
     if mode == "full":
         weights = params * 2
         return MemoryEstimate(
-            model=info.name, mode=mode, arch=arch, params=params, params_source=params_source,
-            params_from_config=from_config, dtype=dtype_name, dtype_bytes=2, quantization=None,
-            weight_bytes=weights, weight_formula=f"{_fmt_count(params)} params × 2 B (bfloat16)",
-            max_model_len=seq, trainable_params=params, optimizer_bytes_per_param=FULL_FSDP_BYTES_PER_PARAM,
+            model=info.name,
+            mode=mode,
+            arch=arch,
+            params=params,
+            params_source=params_source,
+            params_from_config=from_config,
+            dtype=dtype_name,
+            dtype_bytes=2,
+            quantization=None,
+            weight_bytes=weights,
+            weight_formula=f"{_fmt_count(params)} params × 2 B (bfloat16)",
+            max_model_len=seq,
+            trainable_params=params,
+            optimizer_bytes_per_param=FULL_FSDP_BYTES_PER_PARAM,
             state_formula="1 GPU: bf16 weights + bf16 grads + bf16 Adam m, v = 8 B/param; "
-                          "FSDP on N GPUs: (fp32 weights + fp32 grads + fp32 Adam m, v) 16 B/param / N",
-            activation_bytes=activations, batch_size=batch_size, memory_fraction=TRAIN_MEMORY_FRACTION,
+            "FSDP on N GPUs: (fp32 weights + fp32 grads + fp32 Adam m, v) 16 B/param / N",
+            activation_bytes=activations,
+            batch_size=batch_size,
+            memory_fraction=TRAIN_MEMORY_FRACTION,
         )
     trainable = arch.lora_parameters(lora_rank)
     if mode == "lora":
@@ -756,16 +863,30 @@ def estimate_memory(
         formula = f"{_fmt_count(params)} frozen params × 2 B (bfloat16)"
     else:
         weights = int(linear * NF4_BYTES_PER_PARAM + other * 4)
-        formula = (f"{_fmt_count(linear)} linear params × {NF4_BYTES_PER_PARAM:.3f} B (NF4, double quant) + "
-                   f"{_fmt_count(other)} others × 4 B (float32 after prepare_model_for_kbit_training)")
+        formula = (
+            f"{_fmt_count(linear)} linear params × {NF4_BYTES_PER_PARAM:.3f} B (NF4, double quant) + "
+            f"{_fmt_count(other)} others × 4 B (float32 after prepare_model_for_kbit_training)"
+        )
     return MemoryEstimate(
-        model=info.name, mode=mode, arch=arch, params=params, params_source=params_source,
-        params_from_config=from_config, dtype=dtype_name, dtype_bytes=2, quantization="nf4" if mode == "qlora"
-        else None, weight_bytes=weights, weight_formula=formula, max_model_len=seq, trainable_params=trainable,
+        model=info.name,
+        mode=mode,
+        arch=arch,
+        params=params,
+        params_source=params_source,
+        params_from_config=from_config,
+        dtype=dtype_name,
+        dtype_bytes=2,
+        quantization="nf4" if mode == "qlora" else None,
+        weight_bytes=weights,
+        weight_formula=formula,
+        max_model_len=seq,
+        trainable_params=trainable,
         optimizer_bytes_per_param=16.0,
         state_formula=f"LoRA r={lora_rank} on every linear layer: fp32 adapter weights + grads + Adam m, v "
-                      "= 16 B per trainable param",
-        activation_bytes=activations, batch_size=batch_size, memory_fraction=TRAIN_MEMORY_FRACTION,
+        "= 16 B per trainable param",
+        activation_bytes=activations,
+        batch_size=batch_size,
+        memory_fraction=TRAIN_MEMORY_FRACTION,
     )
 
 
@@ -819,153 +940,12 @@ class Offer:
         return self.spot_region if use_spot else self.price_region
 
 
-def _import_sky():
-    from llm_atc.backends.skypilot import import_sky
-
-    return import_sky()
-
-
-def catalog_dir() -> Path:
-    """Where SkyPilot reads its catalog: ``${SKY_RUNTIME_DIR:-~}/.sky/catalogs/v8`` (fixed when
-    SkyPilot is imported)."""
-    _import_sky()
-    from sky.catalog import common
-
-    return Path(common.get_catalog_path("x")).parent
-
-
-def catalog_clouds() -> list[str]:
-    """Clouds whose GPU catalog is already on disk (listing others would try to download them)."""
-    from sky.skylet import constants
-
-    root = catalog_dir()
-    return [cloud for cloud in constants.ALL_CLOUDS if (root / cloud / "vms.csv").is_file()]
-
-
-class _quiet_sky:
-    """Keep SkyPilot's log lines and payloads off stdout while reading the catalog (--json)."""
-
-    def __enter__(self):
-        import contextlib
-        import logging
-        import sys
-
-        self._logger = logging.getLogger("sky")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.CRITICAL)
-        self._redirect = contextlib.redirect_stdout(sys.stderr)
-        self._redirect.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._redirect.__exit__(*exc)
-        self._logger.setLevel(self._level)
-        return False
-
-
 def _number(value: Any) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):
         return None
     return None if math.isnan(number) else number
-
-
-def list_offers(clouds: list[str], region: str | None = None) -> list[Offer]:
-    """GPU offers of ``clouds`` from SkyPilot's catalog, one per (cloud, instance type, GPU, count),
-    each at its cheapest region on-demand and its cheapest region on spot."""
-    import re
-
-    _import_sky()
-    from sky import catalog
-    from sky.utils import accelerator_registry
-
-    try:
-        with _quiet_sky():
-            listing = catalog.list_accelerators(
-                gpus_only=True, clouds=list(clouds), all_regions=True, case_sensitive=False,
-                region_filter=f"^{re.escape(region)}$" if region else None,
-            )
-    except Exception as exc:  # noqa: BLE001 - SkyPilot raises requests/ValueError/CloudError alike
-        raise UserError(
-            f"cannot read SkyPilot's GPU catalog for {', '.join(clouds)}: {_first_line(exc)} "
-            f"(SkyPilot downloads it to {catalog_dir()} on first use; run `sky gpus list` once online)"
-        ) from None
-    grouped: dict[tuple, list] = {}
-    for name, infos in listing.items():
-        if accelerator_registry.is_schedulable_non_gpu_accelerator(name) or name.lower().startswith("tpu"):
-            continue
-        for info in infos:
-            count = _number(info.accelerator_count)
-            if not count or count != int(count):
-                continue  # fractional GPUs
-            key = (info.cloud, info.instance_type, name, int(count))
-            grouped.setdefault(key, []).append(info)
-    memory = _device_memory(listing, _other_catalogs(listing, clouds))
-    offers = []
-    for (cloud, instance_type, name, count), infos in grouped.items():
-        priced = [(p, i.region) for i in infos if (p := _number(i.price)) is not None]
-        spot = [(p, i.region) for i in infos if (p := _number(i.spot_price)) is not None]
-        price, price_region = min(priced) if priced else (None, None)
-        spot_price, spot_region = min(spot) if spot else (None, None)
-        own = [m for i in infos if (m := _number(i.device_memory))]
-        gib, source = (min(own), "catalog GpuInfo") if own else memory.get(name, (None, None))
-        offers.append(Offer(str(cloud), instance_type, name, count, gib, source, price, price_region,
-                            spot_price, spot_region))
-    return sorted(offers, key=lambda o: (o.accelerator, o.count, o.cloud, o.price or math.inf))
-
-
-def _other_catalogs(listing: Mapping[str, list], clouds: list[str]) -> Mapping[str, list]:
-    """GPUs whose rows carry no memory (GCP's GpuInfo is just the name), as listed by the catalogs
-    of the other clouds already on disk (never downloaded); empty when there are none."""
-    import re
-
-    from sky import catalog
-
-    missing = [name for name, infos in listing.items() if not any(_number(i.device_memory) for i in infos)]
-    others = [c for c in catalog_clouds() if c not in {x.lower() for x in clouds}]
-    if not missing or not others:
-        return {}
-    try:
-        with _quiet_sky():
-            return catalog.list_accelerators(gpus_only=True, clouds=others, case_sensitive=False,
-                                             name_filter="^(?:" + "|".join(map(re.escape, missing)) + ")$")
-    except Exception:  # noqa: BLE001 - only a memory hint; metadata.csv and gpu_names come next
-        return {}
-
-
-def _device_memory(listing: Mapping[str, list],
-                   elsewhere: Mapping[str, list] | None = None) -> dict[str, tuple[float, str]]:
-    """GPU memory (GiB) per accelerator name, for offers whose own row has none (GCP's GpuInfo is
-    just the name): the catalog's GpuInfo of that GPU on another cloud (listed, or on disk), else
-    the catalog's ``common/metadata.csv``, else ``sky.utils.gpu_names`` (which SkyPilot uses for
-    memory variants)."""
-    import csv
-
-    from sky.utils import gpu_names
-
-    found: dict[str, tuple[float, str]] = {}
-    elsewhere = elsewhere or {}
-    for name in listing:
-        sizes = [m for i in [*listing[name], *elsewhere.get(name, [])] if (m := _number(i.device_memory))]
-        if sizes:
-            found[name] = (min(sizes), "catalog GpuInfo (another cloud)")
-    metadata = catalog_dir() / "common" / "metadata.csv"
-    table: dict[str, float] = {}
-    if metadata.is_file():
-        with metadata.open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                size = _number(row.get("MemoryGB"))
-                if row.get("GPU") and size:
-                    table[row["GPU"].lower()] = size
-    for name in listing:
-        if name in found:
-            continue
-        if name.lower() in table:
-            found[name] = (table[name.lower()], "catalog metadata.csv")
-        elif (size := gpu_names.get_gpu_device_memory_gib(name)) is not None:
-            found[name] = (float(size), "sky.utils.gpu_names")
-    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -1004,9 +984,16 @@ class Option:
             "accelerator": o.accelerator,
             "count": o.count,
             "nodes": self.nodes,
-            **({"tensor_parallel": o.count, "pipeline_parallel": self.nodes} if self.mode == "serve" else
-               {"gpus": o.count * self.nodes, "sharding": "fsdp" if self.mode == "full" and
-                o.count * self.nodes > 1 else ("ddp" if o.count * self.nodes > 1 else None)}),
+            **(
+                {"tensor_parallel": o.count, "pipeline_parallel": self.nodes}
+                if self.mode == "serve"
+                else {
+                    "gpus": o.count * self.nodes,
+                    "sharding": "fsdp"
+                    if self.mode == "full" and o.count * self.nodes > 1
+                    else ("ddp" if o.count * self.nodes > 1 else None),
+                }
+            ),
             "cloud": o.cloud,
             "instance_type": o.instance_type,
             "region": self.region,
@@ -1085,21 +1072,26 @@ def _resolve_clouds(cloud: str | None, region: str | None) -> list[str]:
     if region and not cloud:
         raise UserError("--region needs --cloud to say which cloud the region is in")
     if cloud:
-        from llm_atc.backends.skypilot import canonical_infra
+        from llm_atc.options import canonical_infra
 
         name = canonical_infra(cloud.strip().lower())
         if name in ("local",):
             raise UserError("--cloud local has no catalog; pass a cloud such as aws or gcp")
         return [name]
+    from llm_atc.backends.skypilot import catalog_clouds, catalog_dir
+
     clouds = catalog_clouds()
     if not clouds:
-        raise UserError(f"no SkyPilot GPU catalog in {catalog_dir()}: run `sky gpus list` once online "
-                        "(it downloads the catalog), or pass --cloud")
+        raise UserError(
+            f"no SkyPilot GPU catalog in {catalog_dir()}: run `sky gpus list` once online "
+            "(it downloads the catalog), or pass --cloud"
+        )
     return clouds
 
 
-def plan_offers(estimate: MemoryEstimate, offers: list[Offer], *, use_spot: bool = False,
-                max_nodes: int = MAX_NODES) -> tuple[list[Option], dict[str, str]]:
+def plan_offers(
+    estimate: MemoryEstimate, offers: list[Offer], *, use_spot: bool = False, max_nodes: int = MAX_NODES
+) -> tuple[list[Option], dict[str, str]]:
     """The cheapest fitting option per (GPU, cloud), and why the other GPU types do not fit.
 
     Each offer is tried on one node; past one node only the largest count per node of that GPU
@@ -1119,20 +1111,26 @@ def plan_offers(estimate: MemoryEstimate, offers: list[Offer], *, use_spot: bool
         if offer.gpu_memory_gib is None:
             reasons.setdefault(offer.accelerator, (0, "its memory per GPU is unknown to SkyPilot's catalog"))
             continue
-        stretch = (estimate.multi_node and offer.count >= MULTI_NODE_MIN_GPUS
-                   and offer.count == largest[(offer.cloud, offer.accelerator)])
+        stretch = (
+            estimate.multi_node
+            and offer.count >= MULTI_NODE_MIN_GPUS
+            and offer.count == largest[(offer.cloud, offer.accelerator)]
+        )
         for nodes in range(1, (max_nodes if stretch else 1) + 1):
             fit = estimate.fit(offer.gpu_memory_gib, offer.count, nodes)
             if fit.ok:
-                option = Option(offer, nodes, fit.need_bytes, fit.usable_bytes, price * nodes,
-                                offer.region(use_spot), estimate.mode)
+                option = Option(
+                    offer, nodes, fit.need_bytes, fit.usable_bytes, price * nodes, offer.region(use_spot), estimate.mode
+                )
                 key = (offer.cloud, offer.accelerator)
                 if key not in best or _rank(option) < _rank(best[key]):
                     best[key] = option
                 break
             tried = offer.count * nodes
             if tried >= reasons.get(offer.accelerator, (-1, ""))[0]:
-                where = f"{offer.count} x {round(offer.gpu_memory_gib, 1):g} GiB" + (f" x {nodes} nodes" if nodes > 1 else "")
+                where = f"{offer.count} x {round(offer.gpu_memory_gib, 1):g} GiB" + (
+                    f" x {nodes} nodes" if nodes > 1 else ""
+                )
                 reasons[offer.accelerator] = (tried, f"{where}: {fit.reason}")
             if fit.reason and "tensor parallel" in fit.reason:
                 break
@@ -1147,7 +1145,7 @@ def _rank(option: Option) -> tuple:
 
 
 def make_plan(
-    model: "str | ModelRef | ModelInfo | Mapping",
+    model: str | ModelRef | ModelInfo | Mapping,
     *,
     mode: str = "serve",
     max_model_len: int | None = None,
@@ -1158,13 +1156,17 @@ def make_plan(
     use_spot: bool = False,
     source: str | None = None,
     max_nodes: int = MAX_NODES,
-    registry: "Registry | None" = None,
+    registry: Registry | None = None,
+    train_envs: Mapping[str, str] | None = None,
 ) -> Plan:
     """Size ``model`` and price every GPU type in SkyPilot's catalog that fits it."""
     info = load_model_info(model, source=source, registry=registry)
-    estimate = estimate_memory(info, mode=mode, max_model_len=max_model_len, dtype=dtype,
-                               quantization=quantization)
+    estimate = estimate_memory(
+        info, mode=mode, max_model_len=max_model_len, dtype=dtype, quantization=quantization, train_envs=train_envs
+    )
     clouds = _resolve_clouds(cloud, region)
+    from llm_atc.backends.skypilot import list_offers
+
     offers = list_offers(clouds, region)
     if region and not offers:
         raise UserError(f"SkyPilot's catalog lists no GPUs in region {region!r} of {', '.join(clouds)}")
@@ -1188,7 +1190,7 @@ class AutoChoice:
 
 
 def auto_accelerators(
-    model: "str | ModelRef | ModelInfo | Mapping",
+    model: str | ModelRef | ModelInfo | Mapping,
     *,
     mode: str = "serve",
     max_model_len: int | None = None,
@@ -1199,23 +1201,39 @@ def auto_accelerators(
     use_spot: bool = False,
     max_nodes: int = 1,
     source: str | None = None,
-    registry: "Registry | None" = None,
+    registry: Registry | None = None,
+    train_envs: Mapping[str, str] | None = None,
 ) -> AutoChoice:
     """The GPU types that fit, cheapest first, on the fewest nodes; raises a one-line
     :class:`UserError` when none does within ``max_nodes``."""
-    plan = make_plan(model, mode=mode, max_model_len=max_model_len, dtype=dtype, quantization=quantization,
-                     cloud=cloud, region=region, use_spot=use_spot, source=source, max_nodes=max(max_nodes, 1),
-                     registry=registry)
+    plan = make_plan(
+        model,
+        mode=mode,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        quantization=quantization,
+        cloud=cloud,
+        region=region,
+        use_spot=use_spot,
+        source=source,
+        max_nodes=max(max_nodes, 1),
+        registry=registry,
+        train_envs=train_envs,
+    )
     if not plan.options:
-        raise UserError(f"--accelerator auto: no GPU in SkyPilot's catalog ({', '.join(plan.clouds)}) fits "
-                        f"{plan.model.name} ({_summary(plan.estimate)}){_hint(plan.estimate)}")
+        raise UserError(
+            f"--accelerator auto: no GPU in SkyPilot's catalog ({', '.join(plan.clouds)}) fits "
+            f"{plan.model.name} ({_summary(plan.estimate)}){_hint(plan.estimate)}"
+        )
     return AutoChoice(tuple(plan.auto), plan.num_nodes or 1, plan.estimate.max_model_len, plan)
 
 
 def _summary(e: MemoryEstimate) -> str:
     if e.mode == "serve":
-        return (f"{_fmt_bytes(e.weight_bytes)} of weights + {_fmt_bytes(e.kv_cache_bytes)} of KV cache for "
-                f"{e.max_model_len} tokens")
+        return (
+            f"{_fmt_bytes(e.weight_bytes)} of weights + {_fmt_bytes(e.kv_cache_bytes)} of KV cache for "
+            f"{e.max_model_len} tokens"
+        )
     return f"{e.mode} fine-tune of {_fmt_count(e.params)} params"
 
 
@@ -1243,14 +1261,29 @@ def iter_terms(e: MemoryEstimate) -> Iterator[tuple[str, str]]:
     yield "Weights", f"{_fmt_bytes(e.weight_bytes)} = {e.weight_formula}"
     overhead = _fmt_bytes(e.overhead_bytes_per_gpu)
     if e.mode == "serve":
-        yield "KV cache", (f"{e.kv_bytes_per_token / 1024:.0f} KiB/token = {e.kv_formula()}; "
-                           f"{e.max_model_len} tokens (max_model_len) = {_fmt_bytes(e.kv_cache_bytes)}")
+        yield (
+            "KV cache",
+            (
+                f"{e.kv_bytes_per_token / 1024:.0f} KiB/token = {e.kv_formula()}; "
+                f"{e.max_model_len} tokens (max_model_len) = {_fmt_bytes(e.kv_cache_bytes)}"
+            ),
+        )
         yield "Runtime", f"{overhead} per GPU (CUDA context, activations, CUDA graphs)"
-        yield "Fits if", (f"weights / GPUs + KV cache / stages + runtime <= {e.memory_fraction:g} x GPU memory "
-                          "(gpu_memory_utilization); tensor parallel = GPUs per node, pipeline = nodes")
+        yield (
+            "Fits if",
+            (
+                f"weights / GPUs + KV cache / stages + runtime <= {e.memory_fraction:g} x GPU memory "
+                "(gpu_memory_utilization); tensor parallel = GPUs per node, pipeline = nodes"
+            ),
+        )
     else:
         yield "Trainable", f"{_fmt_count(e.trainable_params)} params; {e.state_formula}"
-        yield "Activations", (f"{_fmt_bytes(e.activation_bytes)} per GPU (batch {e.batch_size} x "
-                              f"{e.max_model_len} tokens, gradient checkpointing, float32 logits)")
+        yield (
+            "Activations",
+            (
+                f"{_fmt_bytes(e.activation_bytes)} per GPU (batch {e.batch_size} x "
+                f"{e.max_model_len} tokens, gradient checkpointing, float32 logits)"
+            ),
+        )
         yield "Runtime", f"{overhead} per GPU"
         yield "Fits if", f"weights + state + activations + runtime <= {e.memory_fraction:g} x GPU memory"

@@ -6,7 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 from llm_atc import ui
 from llm_atc.errors import LaunchError
@@ -64,7 +64,13 @@ def wait_ready(
                 if status == 200:
                     return time.monotonic() - start
                 if status == 401:
-                    raise LaunchError(f"{url} is up but refuses {'our API key' if api_key else 'requests without an API key'} (401)")
+                    raise LaunchError(
+                        f"{url} is up but refuses {'our API key' if api_key else 'requests without an API key'} (401)"
+                    )
+                if status == 404:  # engines answer HTTP only once loaded: the server is up, the path is wrong
+                    raise LaunchError(
+                        f"{url} answers 404 on {path}: it is not a {engine} server, or not this version's"
+                    )
                 spinner.update(elapsed, f"{path} -> {status or 'no answer'}")
             else:
                 spinner.update(elapsed, "waiting for the endpoint")
@@ -87,8 +93,10 @@ def served_models(base_url: str, engine: str = "vllm", name: str = "", api_key: 
     status, body = probe(base_url.rstrip("/") + "/v1/models", api_key=api_key)
     if status == 401:
         what = "refuses the API key llm-atc has for it" if api_key else "needs its API key"
-        raise LaunchError(f"this endpoint {what} (401 Unauthorized): {base_url}; "
-                          "send `Authorization: Bearer <key>`, the key from `llm-atc endpoint NAME --show_key`")
+        raise LaunchError(
+            f"this endpoint {what} (401 Unauthorized): {base_url}; "
+            "send `Authorization: Bearer <key>`, the key from `llm-atc endpoint NAME --show_key`"
+        )
     if status != 200:
         raise LaunchError(f"{base_url}/v1/models answered {status or 'nothing'}")
     try:

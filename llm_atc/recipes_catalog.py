@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -49,7 +49,7 @@ def get_recipe(ref: str) -> Recipe:
     raise NotFoundError(f"no recipe {ref!r}; see `llm-atc recipes`")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _parse(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
@@ -61,3 +61,20 @@ def _summary(path: Path) -> str:
         if line.strip():
             break
     return ""
+
+
+# `llm-atc plan --mode` / `train --model_type` -> the training recipe that runs it
+TRAIN_RECIPES = {"full": "train/vicuna", "lora": "train/lora", "qlora": "train/qlora"}
+
+
+def train_settings(mode: str, overrides: dict[str, str] | None = None) -> dict[str, int]:
+    """The recipe's sequence length, batch size and LoRA rank for a training mode (what the node
+    trains with, so what the planner sizes), with ``--envs`` overrides applied."""
+    envs = {**get_recipe(TRAIN_RECIPES[mode]).load().get("envs", {}), **(overrides or {})}
+    settings = {}
+    for key in ("MAX_SEQ_LEN", "BATCH_SIZE", "LORA_R"):
+        try:
+            settings[key] = int(envs[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return settings

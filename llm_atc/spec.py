@@ -10,8 +10,7 @@ from llm_atc.errors import UserError
 from llm_atc.models import ModelRef, resolve_model
 from llm_atc.options import (
     Accelerator,
-    read_text_file,
-    shorten,
+    canonical_infra,
     check_cluster_name,
     check_port,
     check_resource_amount,
@@ -19,6 +18,8 @@ from llm_atc.options import (
     parse_accelerators,
     parse_env_pairs,
     parse_extra_args,
+    read_text_file,
+    shorten,
     split_envs_and_secrets,
 )
 from llm_atc.registry import Registry
@@ -220,9 +221,15 @@ def parse_replicas(
 ) -> ReplicaPolicy | None:
     """``--replicas N`` or ``MIN..MAX`` (MIN may be 0) with the autoscaling and spot options."""
     if replicas is None:
-        extra = [flag for flag, given in (("--target_qps", target_qps is not None),
-                                          ("--ondemand_fallback", ondemand_fallback is not None),
-                                          ("--dynamic_ondemand_fallback", dynamic_ondemand_fallback)) if given]
+        extra = [
+            flag
+            for flag, given in (
+                ("--target_qps", target_qps is not None),
+                ("--ondemand_fallback", ondemand_fallback is not None),
+                ("--dynamic_ondemand_fallback", dynamic_ondemand_fallback),
+            )
+            if given
+        ]
         if extra:
             raise UserError(f"{extra[0]} goes with --replicas (a SkyServe service)")
         return None
@@ -267,16 +274,19 @@ def parse_placement(
     if cloud:
         cloud = cloud.strip().lower()
         if cloud != LOCAL:
-            from llm_atc.backends import skypilot
-
-            cloud = skypilot.canonical_infra(cloud)
+            cloud = canonical_infra(cloud)
     if disk_size is not None and disk_size < 1:
         raise UserError(f"--disk_size {disk_size}: must be a positive number of GB")
     known = None if cloud in gpus.CUSTOM_GPU_INFRA else gpus.known_gpus()
     no_gpu = (accelerator or "").strip().lower() == NONE
     accelerators = parse_accelerators(accelerator, known) if accelerator and not no_gpu else ()
     return Placement(
-        cloud, region, zone, accelerators, use_spot, disk_size,
+        cloud,
+        region,
+        zone,
+        accelerators,
+        use_spot,
+        disk_size,
         cpus=check_resource_amount(cpus, option="--cpus", unit="vCPUs"),
         memory=check_resource_amount(memory, option="--memory", unit="GB"),
     )
@@ -292,13 +302,25 @@ def _auto(model, **options):
 
     with ui.spinner("Sizing the model against SkyPilot's GPU catalog"):
         choice = planning.auto_accelerators(model, **options)
-    ui.info(f"--accelerator auto: {choice.accelerator_text}"
-            + (f" on {choice.num_nodes} nodes" if choice.num_nodes > 1 else ""))
+    ui.info(
+        f"--accelerator auto: {choice.accelerator_text}"
+        + (f" on {choice.num_nodes} nodes" if choice.num_nodes > 1 else "")
+    )
     return choice
 
 
 def _placement_and_envs(
-    *, cloud, region, zone, accelerator, use_spot, disk_size, cpus, memory, envs, secrets,
+    *,
+    cloud,
+    region,
+    zone,
+    accelerator,
+    use_spot,
+    disk_size,
+    cpus,
+    memory,
+    envs,
+    secrets,
     needs_accelerator: str | None,
 ) -> tuple[Placement, dict[str, str], dict[str, str]]:
     """The placement and the envs split from secrets.
@@ -310,8 +332,14 @@ def _placement_and_envs(
     if is_local and (cpus or memory):
         raise UserError("--cpus and --memory do not apply to --cloud local")
     placement = parse_placement(
-        cloud=cloud, region=region, zone=zone, accelerator=None if is_local else accelerator,
-        use_spot=use_spot, disk_size=disk_size, cpus=cpus, memory=memory,
+        cloud=cloud,
+        region=region,
+        zone=zone,
+        accelerator=None if is_local else accelerator,
+        use_spot=use_spot,
+        disk_size=disk_size,
+        cpus=cpus,
+        memory=memory,
     )
     if not is_local and needs_accelerator and not placement.accelerators:
         raise UserError(f"--accelerator is required on a cloud, e.g. {needs_accelerator}")
@@ -382,19 +410,41 @@ def build_serve_spec(
         # --cpus alone asks for CPUs, as with train; vLLM then runs its CPU build on the node.
         accelerator = NONE if cpus else DEFAULT_ACCELERATOR
     if not is_local and (accelerator or "").strip().lower() == AUTO:
-        choice = _auto(model, mode="serve", max_model_len=max_model_len, dtype=dtype, quantization=quantization,
-                       cloud=cloud, region=region, use_spot=use_spot, registry=registry)
+        choice = _auto(
+            model,
+            mode="serve",
+            max_model_len=max_model_len,
+            dtype=dtype,
+            quantization=quantization,
+            cloud=cloud,
+            region=region,
+            use_spot=use_spot,
+            registry=registry,
+        )
         accelerator = choice.accelerator_text
         max_model_len = max_model_len or choice.max_model_len
     placement, plain, secret_values = _placement_and_envs(
-        cloud=cloud, region=region, zone=zone, accelerator=accelerator, use_spot=use_spot,
-        disk_size=disk_size, cpus=cpus, memory=memory, envs=envs, secrets=secrets,
+        cloud=cloud,
+        region=region,
+        zone=zone,
+        accelerator=accelerator,
+        use_spot=use_spot,
+        disk_size=disk_size,
+        cpus=cpus,
+        memory=memory,
+        envs=envs,
+        secrets=secrets,
         needs_accelerator=None,
     )
     if keep_on_failure and is_local:
         raise UserError("--keep_on_failure applies to clusters; locally a failed engine has already exited")
-    policy = parse_replicas(replicas, target_qps=target_qps, ondemand_fallback=ondemand_fallback,
-                            dynamic_ondemand_fallback=dynamic_ondemand_fallback, use_spot=use_spot)
+    policy = parse_replicas(
+        replicas,
+        target_qps=target_qps,
+        ondemand_fallback=ondemand_fallback,
+        dynamic_ondemand_fallback=dynamic_ondemand_fallback,
+        use_spot=use_spot,
+    )
     if policy is not None and is_local:
         raise UserError("--replicas runs a SkyServe service on clusters; it does not apply to --cloud local")
     if num_nodes < 1:
@@ -404,11 +454,15 @@ def build_serve_spec(
 
         cache_weights = str(BucketURI.parse(cache_weights, option="--cache_weights"))
         if model.hub_id is None or is_local or engine != "vllm":
-            raise UserError("--cache_weights stages a Hugging Face model for vLLM on clusters; llm-atc/<run> and "
-                            "folders already load from their own place")
+            raise UserError(
+                "--cache_weights stages a Hugging Face model for vLLM on clusters; llm-atc/<run> and "
+                "folders already load from their own place"
+            )
     if num_nodes > 1 and (is_local or engine != "vllm" or policy is not None):
-        raise UserError("--num_nodes > 1 spans one vLLM over several nodes of a cluster: not with --cloud local, "
-                        "--engine transformers or --replicas")
+        raise UserError(
+            "--num_nodes > 1 spans one vLLM over several nodes of a cluster: not with --cloud local, "
+            "--engine transformers or --replicas"
+        )
     return ServeSpec(
         model=model,
         cluster=check_cluster_name(cluster) if cluster else cluster_name_for(model.name),
@@ -452,6 +506,7 @@ class TrainSpec(LaunchSpec):
     base_model: str = DEFAULT_BASE_MODEL
     description: str = ""
     num_nodes: int = 1
+    resume: bool = False  # continue the failed or stopped run of this name from its last checkpoint
 
     @property
     def data_is_local(self) -> bool:
@@ -482,13 +537,14 @@ def build_train_spec(
     detach_setup: bool = False,
     detach_run: bool = False,
     no_setup: bool = False,
+    resume: bool = False,
 ) -> TrainSpec:
     """Turn raw ``train`` option values into a validated :class:`TrainSpec`; raises UserError."""
     import time
     from pathlib import Path
 
     from llm_atc.models import HUB_ID_RE, check_run_name
-    from llm_atc.registry import home
+    from llm_atc.paths import home
     from llm_atc.storage import BucketURI
 
     if model_type not in MODEL_TYPES:
@@ -514,13 +570,28 @@ def build_train_spec(
     if Path(base).expanduser().is_dir():
         base = str(Path(base).expanduser().resolve())
     if not is_local and (accelerator or "").strip().lower() == AUTO:
-        choice = _auto(base, mode=MODEL_TYPES[model_type], cloud=cloud, region=region, use_spot=use_spot,
-                       max_nodes=8 if model_type == "vicuna" else 1)
+        choice = _auto(
+            base,
+            mode=MODEL_TYPES[model_type],
+            cloud=cloud,
+            region=region,
+            use_spot=use_spot,
+            max_nodes=8 if model_type == "vicuna" else 1,
+            train_envs=parse_env_pairs(envs, option="--envs"),
+        )
         accelerator = choice.accelerator_text
         num_nodes = max(num_nodes, choice.num_nodes)
     placement, plain, secret_values = _placement_and_envs(
-        cloud=cloud, region=region, zone=zone, accelerator=accelerator, use_spot=use_spot,
-        disk_size=disk_size, cpus=cpus, memory=memory, envs=envs, secrets=secrets,
+        cloud=cloud,
+        region=region,
+        zone=zone,
+        accelerator=accelerator,
+        use_spot=use_spot,
+        disk_size=disk_size,
+        cpus=cpus,
+        memory=memory,
+        envs=envs,
+        secrets=secrets,
         # CPU-only training is allowed when asked for explicitly with --cpus.
         needs_accelerator=None if cpus else "A100-80GB:8 or L4:1 (or --cpus N to train on CPUs)",
     )
@@ -539,6 +610,7 @@ def build_train_spec(
         detach_setup=detach_setup,
         detach_run=detach_run,
         no_setup=no_setup,
+        resume=resume,
     )
 
 

@@ -1,35 +1,14 @@
-"""Reconcile registry records with what their backends see now."""
+"""The rows of `llm-atc status`: the registry's records, reconciled with what their backends see now."""
 
 from __future__ import annotations
 
 import time
 
-from llm_atc.backends import LiveState, backend_for
-from llm_atc import ui
+from llm_atc.app.lifecycle import reconcile
+from llm_atc.registry import Registry, Status
 from llm_atc.ui import escape
-from llm_atc.registry import Record, Registry, Status
 
 _STYLES = {Status.RUNNING: "green", Status.FAILED: "red", Status.LAUNCHING: "yellow"}
-
-
-def refresh(records: list[Record], registry: Registry) -> dict[int, LiveState]:
-    """Live states by record id; records whose state changed are updated in the registry."""
-    by_backend: dict[str, list[Record]] = {}
-    for record in records:
-        if record.kind == "serve" and record.status not in (Status.DOWN,):
-            by_backend.setdefault("local" if record.is_local else "skypilot", []).append(record)
-    states: dict[int, LiveState] = {}
-    for kind, group in by_backend.items():
-        if kind == "local":
-            states.update(backend_for(group[0]).states(group))
-            continue
-        with ui.spinner("Asking SkyPilot about the clusters (starts its API server the first time)"):
-            states.update(backend_for(group[0]).states(group))
-    for record in records:
-        state = states.get(record.id)
-        if state is not None and state.status != record.status:
-            registry.update(record, status=state.status)
-    return states
 
 
 def current_rows(
@@ -46,7 +25,7 @@ def current_rows(
         if show_all or key not in seen:
             records.append(record)
         seen.add(key)
-    states = refresh(records, registry)
+    states = reconcile(records, registry)
     rows = []
     for record in records:
         if not show_all and record.status == Status.DOWN:

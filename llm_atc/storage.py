@@ -1,7 +1,8 @@
-"""Checkpoints in S3 and GCS: parse URIs, check, list, download and upload.
+"""Checkpoints in S3 and GCS for the CLI: parse URIs, check, list, download and upload.
 
-boto3 honours ``AWS_ENDPOINT_URL`` (S3-compatible stores, moto) and
-google-cloud-storage honours ``STORAGE_EMULATOR_HOST``; both are imported lazily.
+The client is the node's own (``recipes/train/buckets.py``: boto3 honours ``AWS_ENDPOINT_URL``,
+google-cloud-storage ``STORAGE_EMULATOR_HOST``; both imported lazily); this module adds one-line
+errors, progress bars and incremental downloads.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from llm_atc.errors import NotFoundError, UserError
 
@@ -31,7 +32,7 @@ class BucketURI:
     prefix: str = ""
 
     @classmethod
-    def parse(cls, uri: str, *, option: str = "--source") -> "BucketURI":
+    def parse(cls, uri: str, *, option: str = "--source") -> BucketURI:
         scheme, sep, rest = uri.partition("://")
         if not sep or scheme not in ("s3", "gs"):
             raise UserError(f"{option} {uri!r} must be an s3://BUCKET/PATH or gs://BUCKET/PATH URI")
@@ -41,14 +42,14 @@ class BucketURI:
         return cls(scheme, bucket, prefix.strip("/"))
 
     @classmethod
-    def for_run(cls, store: str, bucket: str, run: str) -> "BucketURI":
+    def for_run(cls, store: str, bucket: str, run: str) -> BucketURI:
         """Where run ``run`` keeps its checkpoint: ``<bucket>/llm-atc/<run>``."""
         scheme = {"S3": "s3", "GCS": "gs"}[store.upper()]
         if not _BUCKET_RE.fullmatch(bucket):
             raise UserError(f"--checkpoint_bucket {bucket!r} is not a valid bucket name")
         return cls(scheme, bucket, f"{RUN_PREFIX}/{run}")
 
-    def child(self, *parts: str) -> "BucketURI":
+    def child(self, *parts: str) -> BucketURI:
         return BucketURI(self.scheme, self.bucket, "/".join(p.strip("/") for p in (self.prefix, *parts) if p))
 
     @property
@@ -75,84 +76,49 @@ class Checkpoint:
 
 
 class ObjectStore:
-    """The few bucket operations we need, over boto3 or google-cloud-storage."""
+    """Bucket operations for the CLI: the node's own client (``recipes/train/buckets.py``), with
+    SDK errors turned into one-line UserErrors."""
 
     def __init__(self, scheme: str):
         self.scheme = scheme
-        self._client = None
 
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = _s3_client() if self.scheme == "s3" else _gcs_client()
-        return self._client
+    def _bucket(self, uri: BucketURI):
+        from llm_atc.recipes.train.buckets import Bucket
+
+        return Bucket(f"{uri.scheme}://{uri.bucket}/{uri.prefix}")
 
     def bucket_exists(self, bucket: str) -> bool:
         with _translate_errors(self.scheme, bucket):
-            if self.scheme == "s3":
-                from botocore.exceptions import ClientError
-
-                try:
-                    self.client.head_bucket(Bucket=bucket)
-                    return True
-                except ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
-                        return False
-                    raise
-            return self.client.bucket(bucket).exists(**_gcs_call())
+            return self._bucket(BucketURI(self.scheme, bucket)).exists()
 
     def list_objects(self, uri: BucketURI) -> Iterator[tuple[str, int, str]]:
         """``(key relative to uri.prefix, size, etag)`` for every object under the prefix."""
-        prefix = uri.prefix + "/" if uri.prefix else ""
         with _translate_errors(self.scheme, uri.bucket):
-            if self.scheme == "s3":
-                pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix)
-                for page in pages:
-                    for obj in page.get("Contents", []):
-                        yield obj["Key"][len(prefix):], obj["Size"], obj.get("ETag", "").strip('"')
-            else:
-                for blob in self.client.list_blobs(uri.bucket, prefix=prefix, **_gcs_call()):
-                    yield blob.name[len(prefix):], blob.size, blob.etag or blob.md5_hash or ""
+            listing = self._bucket(uri).listing()
+        for key, (size, etag) in listing.items():
+            yield key, size, etag
 
     def list_children(self, uri: BucketURI) -> list[str]:
         """Names of the "folders" directly under the prefix."""
-        prefix = uri.prefix + "/" if uri.prefix else ""
         with _translate_errors(self.scheme, uri.bucket):
-            if self.scheme == "s3":
-                names = []
-                pages = self.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=uri.bucket, Prefix=prefix, Delimiter="/"
-                )
-                for page in pages:
-                    names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-                return sorted(names)
-            iterator = self.client.list_blobs(uri.bucket, prefix=prefix, delimiter="/", **_gcs_call())
-            list(iterator)  # prefixes are filled in while pages are consumed
-            return sorted(p[len(prefix):].rstrip("/") for p in iterator.prefixes)
+            return self._bucket(uri).children()
 
     def read_text(self, uri: BucketURI) -> str:
         with _translate_errors(self.scheme, uri.bucket):
-            if self.scheme == "s3":
-                return self.client.get_object(Bucket=uri.bucket, Key=uri.prefix)["Body"].read().decode()
-            return self.client.bucket(uri.bucket).blob(uri.prefix).download_as_text(**_gcs_call())
+            return self._bucket(uri).read_text()
 
     def download(self, uri: BucketURI, dest: Path, callback: Callable[[int], None]) -> None:
         with _translate_errors(self.scheme, uri.bucket):
-            if self.scheme == "s3":
-                self.client.download_file(uri.bucket, uri.prefix, str(dest), Callback=callback)
-            else:
-                blob = self.client.bucket(uri.bucket).blob(uri.prefix)
-                blob.download_to_filename(str(dest), **_gcs_call(transfer=True))
-                callback(dest.stat().st_size)
+            self._bucket(uri).download_file("", dest, callback)
 
     def upload(self, path: Path, uri: BucketURI, callback: Callable[[int], None]) -> None:
         with _translate_errors(self.scheme, uri.bucket):
-            if self.scheme == "s3":
-                self.client.upload_file(str(path), uri.bucket, uri.prefix, Callback=callback)
-            else:
-                blob = self.client.bucket(uri.bucket).blob(uri.prefix)
-                blob.upload_from_filename(str(path), **_gcs_call(transfer=True))
-                callback(path.stat().st_size)
+            self._bucket(uri).upload_file(path, "", callback)
+
+    def delete_all(self, uri: BucketURI) -> int:
+        """Delete everything under the prefix; how many objects there were."""
+        with _translate_errors(self.scheme, uri.bucket):
+            return self._bucket(uri).delete()
 
 
 def check_checkpoint(uri: BucketURI, store: ObjectStore | None = None) -> Checkpoint:
@@ -167,27 +133,22 @@ def check_checkpoint(uri: BucketURI, store: ObjectStore | None = None) -> Checkp
         return Checkpoint(uri, is_adapter=False)
     if "adapter_config.json" in top:
         config = json.loads(store.read_text(uri.child("adapter_config.json")))
-        return Checkpoint(
-            uri, is_adapter=True, base_model=config.get("base_model_name_or_path"), rank=config.get("r")
-        )
+        return Checkpoint(uri, is_adapter=True, base_model=config.get("base_model_name_or_path"), rank=config.get("r"))
     raise UserError(f"{uri} holds no config.json or adapter_config.json; it is not a model checkpoint")
 
 
-def _gcs_call(*, transfer: bool = False) -> dict:
-    """Bounded timeouts and retries for google-cloud-storage calls (its default retries for 120 s)."""
-    from google.api_core.retry import Retry
-    from google.cloud.storage.retry import DEFAULT_RETRY
-
-    deadline = 600.0 if transfer else 20.0
-    retry: Retry = DEFAULT_RETRY.with_deadline(deadline).with_timeout(deadline)
-    return {"timeout": (5, deadline), "retry": retry}
-
-
 # Settings a task passes to the node that also tell this machine's clients where the store is.
-STORE_ENV_KEYS = frozenset({
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_REGION", "AWS_DEFAULT_REGION", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT",
-})
+STORE_LOCATION_KEYS = frozenset(
+    {
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "STORAGE_EMULATOR_HOST",
+        "GOOGLE_CLOUD_PROJECT",
+    }
+)
+STORE_ENV_KEYS = STORE_LOCATION_KEYS | {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 
 
 @contextmanager
@@ -210,23 +171,6 @@ def store_env(*settings: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _s3_client():
-    import boto3
-
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-
-
-def _gcs_client():
-    from google.cloud import storage
-
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        project = os.environ.get("GOOGLE_CLOUD_PROJECT", "llm-atc-local")
-        return storage.Client(project=project, credentials=AnonymousCredentials())
-    return storage.Client()
-
-
 class _translate_errors:
     """Turn SDK credential/connection errors into one-line UserErrors."""
 
@@ -243,8 +187,13 @@ class _translate_errors:
         name = type(exc).__name__
         if name in ("NoCredentialsError", "DefaultCredentialsError"):
             raise UserError(f"no credentials for {where}: {_first_line(exc)}") from None
-        if name in ("EndpointConnectionError", "ConnectionError", "ConnectTimeoutError", "TransportError",
-                    "RetryError"):
+        if name in (
+            "EndpointConnectionError",
+            "ConnectionError",
+            "ConnectTimeoutError",
+            "TransportError",
+            "RetryError",
+        ):
             raise UserError(f"cannot reach the object store for {where}: {_first_line(exc)}") from None
         if name in ("NotFound", "NoSuchKey"):
             raise NotFoundError(f"{where}: not found ({_first_line(exc)})") from None
@@ -256,7 +205,6 @@ class _translate_errors:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
 
 
 @contextmanager
@@ -291,7 +239,9 @@ def download_checkpoint(uri: BucketURI, dest: Path, store: ObjectStore | None = 
     todo = [
         (key, size)
         for key, (size, etag) in objects.items()
-        if not ((dest / key).is_file() and (dest / key).stat().st_size == size and known.get(key, [size, etag])[1] == etag)
+        if not (
+            (dest / key).is_file() and (dest / key).stat().st_size == size and known.get(key, [size, etag])[1] == etag
+        )
     ]
     if not todo and marker.is_file():
         return dest
@@ -308,12 +258,24 @@ def download_checkpoint(uri: BucketURI, dest: Path, store: ObjectStore | None = 
     return dest
 
 
+def delete_prefix(uri: BucketURI, store: ObjectStore | None = None) -> int:
+    """Delete everything under ``uri`` (as a folder); how many objects there were."""
+    store = store or ObjectStore(uri.scheme)
+    return store.delete_all(uri) if store.bucket_exists(uri.bucket) else 0
+
+
+def store_settings(envs: dict[str, str]) -> dict[str, str]:
+    """The settings in ``envs`` that say where the object store is (not its credentials): kept with a
+    record, so later checks of its bucket go to the same endpoint."""
+    return {key: value for key, value in envs.items() if key in STORE_LOCATION_KEYS}
+
+
 def upload_path(path: Path, uri: BucketURI, store: ObjectStore | None = None) -> list[str]:
     """Upload a file, or a folder's files, under ``uri`` with a progress bar; returns the names."""
     store = store or ObjectStore(uri.scheme)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     names = [f.name if path.is_file() else str(f.relative_to(path)) for f in files]
     with _transfer_progress(f"Uploading to {uri}", sum(f.stat().st_size for f in files)) as advance:
-        for file, name in zip(files, names):
+        for file, name in zip(files, names, strict=True):
             store.upload(file, uri.child(name), advance)
     return names

@@ -12,8 +12,8 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from llm_atc.errors import LaunchError, UserError
 from llm_atc.readiness import READY_PATHS, probe
@@ -75,10 +75,27 @@ def forward(record: Record, *, local_port: int | None = None, timeout: float = O
     port = pick_port(local_port or 0, option="--local_port")
     errors = tempfile.TemporaryFile()
     process = subprocess.Popen(
-        ["ssh", "-F", str(config), "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
-         "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
-         "-L", f"127.0.0.1:{port}:127.0.0.1:{record.port or 8000}", record.cluster],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True,
+        [
+            "ssh",
+            "-F",
+            str(config),
+            "-N",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=4",
+            "-L",
+            f"127.0.0.1:{port}:127.0.0.1:{record.port or 8000}",
+            record.cluster,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=errors,
+        start_new_session=True,
     )
     tunnel = Tunnel(process, port, errors)
     try:

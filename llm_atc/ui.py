@@ -7,8 +7,8 @@ lets scripts capture the endpoint.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from rich.console import Console
 
@@ -68,7 +68,7 @@ def raw_out(text: str) -> None:
 
 
 @contextmanager
-def spinner(message: str) -> Iterator["Spinner"]:
+def spinner(message: str) -> Iterator[Spinner]:
     """A rich spinner on stderr showing ``message`` and the elapsed time."""
     handle = Spinner(message)
     if _quiet or not _err.is_terminal:

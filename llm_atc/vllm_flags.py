@@ -21,7 +21,7 @@ OWNED = {
     "served_model_name": f"{_USE} --name (clients send it as `model`)",
     "port": f"{_USE} --port",
     "host": "is set by llm-atc: 127.0.0.1 locally, every interface on a node (reach a private node with "
-            "`llm-atc endpoint NAME --forward`)",
+    "`llm-atc endpoint NAME --forward`)",
     "api_key": f"{_USE} --secret VLLM_API_KEY=KEY (or --no_auth); by default each deployment gets its own key",
     "hf_token": f"{_USE} --secret HF_TOKEN (a flag would write the token into the task)",
     "tensor_parallel_size": f"{_USE} --accelerator (vLLM uses every GPU of the node)",

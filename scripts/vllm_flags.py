@@ -19,8 +19,13 @@ def main() -> None:
     parser = make_arg_parser(FlexibleArgumentParser())
     flags = {}
     for action in parser._actions:
-        takes = "none" if action.nargs == 0 else "many" if action.nargs in ("+", "*") else (
-            "optional" if action.nargs == "?" else "one")
+        takes = (
+            "none"
+            if action.nargs == 0
+            else "many"
+            if action.nargs in ("+", "*")
+            else ("optional" if action.nargs == "?" else "one")
+        )
         for option in action.option_strings:
             flags[option] = {"dest": action.dest, "value": takes}
     rows = ",\n".join(f"  {json.dumps(name)}: {json.dumps(flags[name])}" for name in sorted(flags))

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,11 +26,15 @@ import pytest
 # Engines (`llm-atc engines install vllm`, a few GB) are installed once per machine, in the
 # user's own llm-atc home; the tests use them from there.
 os.environ.setdefault(
-    "LLM_ATC_ENGINES", str(Path(os.environ.get("LLM_ATC_HOME") or Path.home() / ".llm_atc") / "engines"))
+    "LLM_ATC_ENGINES", str(Path(os.environ.get("LLM_ATC_HOME") or Path.home() / ".llm_atc") / "engines")
+)
 # SkyPilot reads HOME and its server port when first imported, so the whole test
 # session gets its own HOME and API server port before anything imports it.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="llm-atc-tests-home-"))
 os.environ["HOME"] = str(_SESSION_HOME)
+# Managed jobs' controller runs inside the session's API server (no controller VM to provision).
+(_SESSION_HOME / ".sky").mkdir()
+(_SESSION_HOME / ".sky" / "config.yaml").write_text("jobs:\n  controller:\n    consolidation_mode: true\n")
 os.environ["SKYPILOT_DISABLE_USAGE_COLLECTION"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("LLM_ATC_HOME", None)
@@ -243,8 +248,9 @@ VLLM_KEY = "llm-atc-tests-key"
 TEMPLATE_MARKER = "[[llm-atc template]]"
 # A chat template of our own: its marker shows in the prompt vLLM renders (see /tokenize).
 CHAT_TEMPLATE = (
-    "{{ bos_token }}" + TEMPLATE_MARKER +
-    "{% for m in messages %}{{ m['role'] + ':\n' + m['content'] + '\n' }}{% endfor %}"
+    "{{ bos_token }}"
+    + TEMPLATE_MARKER
+    + "{% for m in messages %}{{ m['role'] + ':\n' + m['content'] + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}"
 )
 EOS_TOKEN = "Ġnumber"  # one token of the tiny model's tokenizer, made an extra end of generation
@@ -281,15 +287,42 @@ def vllm_engine():
 
     found = engines.installed("vllm")
     if found is None:
-        pytest.fail("vLLM is not installed for llm-atc: run `.venv/bin/llm-atc engines install vllm` "
-                    f"(it goes to {engines.engines_home()})")
+        pytest.fail(
+            "vLLM is not installed for llm-atc: run `.venv/bin/llm-atc engines install vllm` "
+            f"(it goes to {engines.engines_home()})"
+        )
     return found
 
 
 def sharegpt(n: int = 8) -> list[dict]:
-    return [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
-                                              {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."}]}
-            for i in range(n)]
+    return [
+        {
+            "id": f"c{i}",
+            "conversations": [
+                {"from": "human", "value": f"What is {i} plus {i}?"},
+                {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."},
+            ],
+        }
+        for i in range(n)
+    ]
+
+
+def train_args(data: Path, tiny_model, name: str, *extra: str) -> list[str]:
+    """`llm-atc train` of a LoRA run on ``data`` from the tiny model, on this machine."""
+    return [
+        "train",
+        "--model_type",
+        "lora",
+        "--finetune_data",
+        str(data),
+        "--base_model",
+        str(tiny_model),
+        "--cloud",
+        "local",
+        "--name",
+        name,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -304,9 +337,9 @@ def lora_run(session_home, session_dir, tiny_model) -> str:
     data = session_dir / "chats.json"
     data.write_text(json.dumps(sharegpt()))
     with using_home(session_home):
-        result = run_cli("train", "--model_type", "lora", "--finetune_data", str(data), "--base_model",
-                         str(tiny_model), "--cloud", "local", "--name", "tiny-lora",
-                         "--envs", "MERGE=0 MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2")
+        result = run_cli(
+            *train_args(data, tiny_model, "tiny-lora", "--envs", "MERGE=0 MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2")
+        )
     assert result.exit_code == 0, result
     return "tiny-lora"
 
@@ -327,8 +360,9 @@ class LiveDeployment:
     def client(self, **kwargs):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.base_url, api_key=kwargs.pop("api_key", self.api_key), max_retries=0,
-                      timeout=60, **kwargs)
+        return OpenAI(
+            base_url=self.base_url, api_key=kwargs.pop("api_key", self.api_key), max_retries=0, timeout=60, **kwargs
+        )
 
 
 @pytest.fixture(scope="session")
@@ -341,20 +375,165 @@ def vllm_deployment(vllm_engine, session_home, session_dir, tiny_model, lora_run
     marker = session_dir / "pwned"
     with using_home(session_home):
         result = run_cli(
-            "serve", "--name", str(tiny_model), "--cloud", "local", "--engine", "auto", "--port", "0",
-            "-c", "vllm-session", "--max_model_len", "128", "--chat_template", str(template),
-            "--eos_token", EOS_TOKEN, "--lora", f"ad=llm-atc/{lora_run}",
-            "--vllm_args", f"--enforce-eager --response-role '{RESPONSE_ROLE.format(marker=marker)}'",
-            "--envs", f"VLLM_CPU_KVCACHE_SPACE=1 NOTE='$(touch {marker})'",
-            "--secret", f"VLLM_API_KEY={VLLM_KEY}", "--timeout", "600",
+            "serve",
+            "--name",
+            str(tiny_model),
+            "--cloud",
+            "local",
+            "--engine",
+            "auto",
+            "--port",
+            "0",
+            "-c",
+            "vllm-session",
+            "--max_model_len",
+            "128",
+            "--chat_template",
+            str(template),
+            "--eos_token",
+            EOS_TOKEN,
+            "--lora",
+            f"ad=llm-atc/{lora_run}",
+            "--vllm_args",
+            f"--enforce-eager --response-role '{RESPONSE_ROLE.format(marker=marker)}'",
+            "--envs",
+            f"VLLM_CPU_KVCACHE_SPACE=1 NOTE='$(touch {marker})'",
+            "--secret",
+            f"VLLM_API_KEY={VLLM_KEY}",
+            "--timeout",
+            "600",
         )
         assert result.exit_code == 0, result
         from llm_atc.registry import Registry
 
         record = Registry().find("vllm-session")
     try:
-        yield LiveDeployment(session_home, "vllm-session", record.endpoint + "/v1", VLLM_KEY, str(tiny_model),
-                             "ad", marker, result)
+        yield LiveDeployment(
+            session_home, "vllm-session", record.endpoint + "/v1", VLLM_KEY, str(tiny_model), "ad", marker, result
+        )
     finally:
         with using_home(session_home):
             run_cli("stop", "vllm-session")
+
+
+# --- the one boundary that cannot run here: a public cloud provisioning a GPU VM -----------------
+
+
+class FakeCluster:
+    """A cluster as ``sky.status`` describes it."""
+
+    def __init__(self, name: str, status: str):
+        from sky.utils import status_lib
+
+        self.name, self.status = name, status_lib.ClusterStatus[status]
+        self.handle = types.SimpleNamespace(head_ip="10.0.0.1", launched_resources=None)
+        self.resources_str = "1x(gpus=L4:1)"
+
+
+class FakeSky:
+    """Stands in for SkyPilot's client SDK where it would provision cloud VMs; every call is recorded.
+
+    Its calls return their results directly as "request ids"; ``get`` hands them back. The "VM's"
+    engine, when a test needs one, is a real server at ``engine_url``.
+    """
+
+    def __init__(self, engine_url: str | None = None, job_status: str = "RUNNING", interrupt: bool = False):
+        self.engine_url, self.job_state, self.interrupt = engine_url, job_status, interrupt
+        self.launches, self.downs, self.stops, self.cancels = [], [], [], []
+        self.clusters: dict[str, str] = {}  # cluster name -> SkyPilot status (UP, STOPPED, INIT)
+        self.jobs = FakeManagedJobs()
+
+    def launch(self, task, **kwargs):
+        self.launches.append((task, kwargs))
+        self.clusters[kwargs["cluster_name"]] = "UP"
+        return (1, None)
+
+    def stream_and_get(self, request_id):
+        return request_id
+
+    get = stream_and_get
+
+    def status(self, cluster_names=None):
+        return [
+            FakeCluster(name, state)
+            for name, state in self.clusters.items()
+            if cluster_names is None or name in cluster_names
+        ]
+
+    def endpoints(self, cluster, port):
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return {port: self.engine_url}
+
+    def job_status(self, cluster, job_ids):
+        from sky.skylet.job_lib import JobStatus
+
+        return {job_ids[0]: JobStatus[self.job_state]}
+
+    def stop(self, cluster):
+        self.stops.append(cluster)
+        self.clusters[cluster] = "STOPPED"
+
+    def cancel(self, cluster, job_ids=None):
+        self.cancels.append((cluster, job_ids))
+
+    def down(self, cluster):
+        import sky
+
+        if cluster not in self.clusters:
+            raise sky.exceptions.ClusterDoesNotExist(f"Cluster {cluster!r} does not exist.")
+        self.downs.append(cluster)
+        del self.clusters[cluster]
+
+    def tail_logs(self, cluster, job_id, follow, tail=0, output_stream=None):
+        lines = [f"engine line {i}" for i in range(30)] + ["\x1b[31mValueError: not a model\x1b[0m"]
+        (output_stream or sys.stdout).write("\n".join(lines[-tail:] if tail else lines) + "\n")
+        return 0 if self.job_state == "SUCCEEDED" else 1
+
+
+class FakeManagedJobs:
+    """``sky.jobs``: a jobs controller that records what it is asked and reports ``statuses``."""
+
+    def __init__(self):
+        self.launches, self.cancels = [], []
+        self.statuses: dict[int, str] = {}  # job id -> ManagedJobStatus name
+
+    def launch(self, task, name=None):
+        self.launches.append((task, name))
+        job_id = 10 + len(self.launches)
+        self.statuses[job_id] = "PENDING"
+        return ([job_id], None)
+
+    def queue_v2(self, refresh, skip_finished=False, job_ids=None):
+        from sky.jobs import ManagedJobStatus
+
+        jobs = [
+            {"job_id": i, "status": ManagedJobStatus[s]}
+            for i, s in self.statuses.items()
+            if job_ids is None or i in job_ids
+        ]
+        return (jobs, len(jobs), {}, len(jobs))
+
+    def cancel(self, name=None, job_ids=None):
+        self.cancels.append(job_ids)
+        for job_id in job_ids or []:
+            self.statuses[job_id] = "CANCELLED"
+
+    def tail_logs(self, name=None, job_id=None, follow=True, tail=None, output_stream=None):
+        (output_stream or sys.stdout).write(f"managed job {job_id}: llm-atc: training finished: steps=2\n")
+        return 0
+
+
+@pytest.fixture
+def sky_boundary(monkeypatch):
+    """``install(**FakeSky options)`` puts a FakeSky behind every SkyPilotBackend; returns it."""
+    from llm_atc.backends.skypilot import SkyPilotBackend
+
+    holder = {}
+
+    def install(**kwargs):
+        holder["sky"] = FakeSky(**kwargs)
+        monkeypatch.setattr(SkyPilotBackend, "sdk", property(lambda self: holder["sky"]))
+        return holder["sky"]
+
+    return install

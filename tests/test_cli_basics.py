@@ -8,7 +8,6 @@ import venv
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -16,7 +15,8 @@ def test_help_imports_no_heavy_module():
     code = (
         "import sys; from llm_atc.cli import main; sys.argv = ['llm-atc', '--help']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "heavy = sorted(m for m in ('sky', 'torch', 'transformers', 'boto3', 'google.cloud.storage') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('sky', 'torch', 'transformers', 'boto3', 'google.cloud.storage')"
+        " if m in sys.modules)\n"
         "print('HEAVY', heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -33,8 +33,9 @@ def test_every_command_has_help(cli):
 
 
 def test_cli_reference_is_up_to_date():
-    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "cli_reference.py"), "--check"],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "cli_reference.py"), "--check"], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr
 
 
@@ -60,34 +61,64 @@ def installed_venv(tmp_path_factory) -> Path:
     """
     work = tmp_path_factory.mktemp("install")
     wheels = work / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
     target = work / "venv"
     venv.create(target, with_pip=False)
     site = next(target.glob("lib/python3*/site-packages"))
     deps = [p for p in sys.path if p.endswith("site-packages")]
     (site / "deps.pth").write_text("\n".join(deps) + "\n")
     (wheel,) = wheels.glob("llm_atc-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     return target
 
 
 def test_recipes_ship_inside_the_installed_package(installed_venv, tmp_path):
-    out = subprocess.run([str(installed_venv / "bin" / "python"), "-m", "llm_atc", "recipes", "--path"],
-                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    out = subprocess.run(
+        [str(installed_venv / "bin" / "python"), "-m", "llm_atc", "recipes", "--path"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout
     assert "serve/vllm" in out and "serve/transformers" in out
     assert str(installed_venv) in out and str(ROOT / "recipes") not in out
-    flags = subprocess.run([str(installed_venv / "bin" / "python"), "-c",
-                            "from llm_atc.vllm_flags import pinned_flags; print(pinned_flags()[0])"],
-                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    flags = subprocess.run(
+        [
+            str(installed_venv / "bin" / "python"),
+            "-c",
+            "from llm_atc.vllm_flags import pinned_flags; print(pinned_flags()[0])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout
     assert flags.strip() == "0.32.0"  # the flag list --vllm_args is checked against ships with the package
 
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    command = ("python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/llm-atc engines install vllm"
-               " && bash scripts/slurm-up.sh && .venv/bin/python -m pytest")
+    command = (
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/llm-atc engines install vllm"
+        " && bash scripts/slurm-up.sh && .venv/bin/python -m pytest"
+    )
     assert f"```bash\n{command}\n```" in readme
     assert command in ci
+
+
+def test_code_style():
+    """ruff's lint and format checks (settings in pyproject.toml) pass on the whole tree."""
+    for args in (["check", "."], ["format", "--check", "."]):
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "ruff"), *args], capture_output=True, text=True, cwd=ROOT
+        )
+        assert done.returncode == 0, done.stdout + done.stderr

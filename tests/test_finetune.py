@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, unique
 
 TRAIN_DIR = ROOT / "recipes" / "train"
@@ -39,8 +38,10 @@ def load_finetune():
 
 ft = load_finetune()
 
-WORDS = ("the model can train serve cloud cluster token data file run job fine tune help answer "
-         "question please thanks you a of to and is it").split()
+WORDS = (
+    "the model can train serve cloud cluster token data file run job fine tune help answer "
+    "question please thanks you a of to and is it"
+).split()
 
 
 def sentence(rng: random.Random, n: int) -> str:
@@ -83,13 +84,16 @@ def test_module_top_level_needs_only_the_stdlib(tmp_path):
 
 def test_load_sharegpt(tmp_path):
     data = [
-        {"id": "a", "conversations": [
-            {"from": "system", "value": "Be kind."},
-            {"from": "human", "value": "Hi"},
-            {"from": "gpt", "value": "Hello!"},
-            {"from": "user", "value": "More?"},
-            {"from": "chatgpt", "value": "Sure."},
-        ]},
+        {
+            "id": "a",
+            "conversations": [
+                {"from": "system", "value": "Be kind."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello!"},
+                {"from": "user", "value": "More?"},
+                {"from": "chatgpt", "value": "Sure."},
+            ],
+        },
         {"id": "b", "conversations": [{"from": "human", "value": "Q"}, {"from": "assistant", "value": "A"}]},
     ]
     path = tmp_path / "chats.json"
@@ -108,10 +112,21 @@ def test_load_sharegpt(tmp_path):
 
 def test_load_openai_jsonl_and_json_list(tmp_path):
     records = [
-        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
-                      {"role": "assistant", "content": "A1"}]},
-        {"messages": [{"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"},
-                      {"role": "user", "content": "U3"}, {"role": "assistant", "content": "A3"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "U1"},
+                {"role": "assistant", "content": "A1"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "U2"},
+                {"role": "assistant", "content": "A2"},
+                {"role": "user", "content": "U3"},
+                {"role": "assistant", "content": "A3"},
+            ]
+        },
     ]
     jsonl = tmp_path / "chats.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
@@ -131,29 +146,86 @@ GOOD_SHAREGPT = {"conversations": [{"from": "human", "value": "u"}, {"from": "gp
     "name, text, index, fragments",
     [
         ("invalid JSON", '[\n  {"conversations": []},\n  {"conversations": [,]}\n]', 3, ["line 3", "invalid JSON"]),
-        ("JSONL line 3 invalid", f"{GOOD_JSONL}\n{GOOD_JSONL}\n{{not json\n{GOOD_JSONL}\n", 3,
-         ["line 3", "invalid JSON"]),
-        ("unknown role", json.dumps([GOOD_SHAREGPT, {"conversations": [
-            {"from": "human", "value": "u"}, {"from": "robot", "value": "a"}]}]), 1,
-         ["record 1", "turn 1", "'robot'"]),
-        ("empty value", json.dumps([GOOD_SHAREGPT, GOOD_SHAREGPT, GOOD_SHAREGPT, {"conversations": [
-            {"from": "human", "value": "u"}, {"from": "gpt", "value": "a"},
-            {"from": "human", "value": "u"}, {"from": "gpt", "value": "  "}]}]), 3,
-         ["record 3: turn 3 ('gpt') has an empty value"]),
-        ("no assistant turn", f"{GOOD_JSONL}\n" + json.dumps({"messages": [{"role": "user", "content": "u"}]}), 2,
-         ["line 2", "no assistant turn"]),
+        (
+            "JSONL line 3 invalid",
+            f"{GOOD_JSONL}\n{GOOD_JSONL}\n{{not json\n{GOOD_JSONL}\n",
+            3,
+            ["line 3", "invalid JSON"],
+        ),
+        (
+            "unknown role",
+            json.dumps(
+                [GOOD_SHAREGPT, {"conversations": [{"from": "human", "value": "u"}, {"from": "robot", "value": "a"}]}]
+            ),
+            1,
+            ["record 1", "turn 1", "'robot'"],
+        ),
+        (
+            "empty value",
+            json.dumps(
+                [
+                    GOOD_SHAREGPT,
+                    GOOD_SHAREGPT,
+                    GOOD_SHAREGPT,
+                    {
+                        "conversations": [
+                            {"from": "human", "value": "u"},
+                            {"from": "gpt", "value": "a"},
+                            {"from": "human", "value": "u"},
+                            {"from": "gpt", "value": "  "},
+                        ]
+                    },
+                ]
+            ),
+            3,
+            ["record 3: turn 3 ('gpt') has an empty value"],
+        ),
+        (
+            "no assistant turn",
+            f"{GOOD_JSONL}\n" + json.dumps({"messages": [{"role": "user", "content": "u"}]}),
+            2,
+            ["line 2", "no assistant turn"],
+        ),
         ("empty file", "  \n\n", 0, ["empty"]),
-        ("assistant first", json.dumps([{"conversations": [{"from": "gpt", "value": "a"},
-                                                           {"from": "human", "value": "u"}]}]), 0,
-         ["record 0", "before the first user turn"]),
-        ("system not first", json.dumps([GOOD_SHAREGPT, {"conversations": [
-            {"from": "human", "value": "u"}, {"from": "system", "value": "s"}, {"from": "gpt", "value": "a"}]}]), 1,
-         ["record 1", "turn 1", "system turn is only allowed first"]),
+        (
+            "assistant first",
+            json.dumps([{"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "u"}]}]),
+            0,
+            ["record 0", "before the first user turn"],
+        ),
+        (
+            "system not first",
+            json.dumps(
+                [
+                    GOOD_SHAREGPT,
+                    {
+                        "conversations": [
+                            {"from": "human", "value": "u"},
+                            {"from": "system", "value": "s"},
+                            {"from": "gpt", "value": "a"},
+                        ]
+                    },
+                ]
+            ),
+            1,
+            ["record 1", "turn 1", "system turn is only allowed first"],
+        ),
         ("no turns list", json.dumps([{"id": 1, "text": "hello"}]), 0, ["record 0", "'conversations' or 'messages'"]),
         ("empty list", "[]", 0, ["no conversations"]),
-        ("non-string content", f"{GOOD_JSONL}\n" + json.dumps({"messages": [
-            {"role": "user", "content": [{"type": "text", "text": "u"}]},
-            {"role": "assistant", "content": "a"}]}), 2, ["line 2", "turn 0", "non-string content"]),
+        (
+            "non-string content",
+            f"{GOOD_JSONL}\n"
+            + json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": [{"type": "text", "text": "u"}]},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            ),
+            2,
+            ["line 2", "turn 0", "non-string content"],
+        ),
     ],
 )
 def test_bad_data_names_the_first_bad_record(tmp_path, name, text, index, fragments):
@@ -182,7 +254,7 @@ CONVERSATION = [
 def masked_runs(tokenizer, encoded) -> list[str]:
     """The decoded text of each run of consecutive masked tokens."""
     runs, current = [], []
-    for token, flag in zip(encoded["input_ids"], encoded["assistant_masks"]):
+    for token, flag in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True):
         if flag:
             current.append(token)
         elif current:
@@ -194,7 +266,7 @@ def masked_runs(tokenizer, encoded) -> list[str]:
 
 
 def unmasked_text(tokenizer, encoded) -> str:
-    return tokenizer.decode([t for t, f in zip(encoded["input_ids"], encoded["assistant_masks"]) if not f])
+    return tokenizer.decode([t for t, f in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True) if not f])
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +350,13 @@ def test_config_defaults():
     assert config.base_model == "meta-llama/Llama-2-7b-hf" and config.merge and not config.wandb
     lora = ft.read_config({"DATA": "d.json", "MERGE": "0", "LR": "", "WANDB_API_KEY": "k"})
     assert (lora.model_type, lora.lr, lora.merge, lora.wandb, lora.lora_r, lora.lora_alpha) == (
-        "lora", 2e-4, False, True, 16, 32)
+        "lora",
+        2e-4,
+        False,
+        True,
+        16,
+        32,
+    )
     with pytest.raises(SystemExit, match="DATA is not set"):
         ft.read_config({})
     with pytest.raises(SystemExit, match="MAX_STEPS='four'"):
@@ -300,8 +378,9 @@ def test_qlora_model_setup():
 
     lora_kwargs, lora_peft = ft.model_setup(ft.read_config({"DATA": "d.json"}), cuda=False)
     assert lora_kwargs == {"dtype": torch.float32} and lora_peft.r == 16
-    full_kwargs, full_peft = ft.model_setup(ft.read_config({"DATA": "d.json", "MODEL_TYPE": "full"}),
-                                            cuda=True, world_size=8)
+    full_kwargs, full_peft = ft.model_setup(
+        ft.read_config({"DATA": "d.json", "MODEL_TYPE": "full"}), cuda=True, world_size=8
+    )
     assert full_kwargs == {"dtype": torch.float32} and full_peft is None  # FSDP keeps fp32 master weights
     single, _ = ft.model_setup(ft.read_config({"DATA": "d.json", "MODEL_TYPE": "full"}), cuda=True)
     assert single == {"dtype": torch.bfloat16}
@@ -313,29 +392,40 @@ def test_qlora_model_setup():
 
 
 def train_env(tiny_model, data, output, work, **overrides) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SKYPILOT_", "WANDB_", "PYTEST_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update({
-        "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "MODEL_TYPE": "lora",
-        "MODEL_BASE": str(tiny_model),
-        "DATA": str(data),
-        "OUTPUT_URI": str(output),
-        "WORK_DIR": str(work),
-        "MAX_STEPS": "4",
-        "MAX_SEQ_LEN": "128",
-        "BATCH_SIZE": "2",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SKYPILOT_", "WANDB_", "PYTEST_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    env.update(
+        {
+            "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")]),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "MODEL_TYPE": "lora",
+            "MODEL_BASE": str(tiny_model),
+            "DATA": str(data),
+            "OUTPUT_URI": str(output),
+            "WORK_DIR": str(work),
+            "MAX_STEPS": "4",
+            "MAX_SEQ_LEN": "128",
+            "BATCH_SIZE": "2",
+        }
+    )
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
 
 def start(env: dict, log: Path) -> subprocess.Popen:
     with log.open("wb") as handle:
-        return subprocess.Popen(["bash", str(RUN_SH)], env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            ["bash", str(RUN_SH)],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -371,8 +461,9 @@ def finished(text: str) -> tuple[int, float, str]:
     return steps, loss, output
 
 
-def wait_until(predicate, process: subprocess.Popen, log: Path, what: str, timeout: float = 150,
-               interval: float = 0.02) -> None:
+def wait_until(
+    predicate, process: subprocess.Popen, log: Path, what: str, timeout: float = 150, interval: float = 0.02
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -390,8 +481,12 @@ def check_generates(folder: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Train a model"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Train a model"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
@@ -402,8 +497,11 @@ def local_runs(tiny_model, tmp_path_factory):
     """full, lora (merged) and lora (MERGE=0) runs into local folders, side by side."""
     root = tmp_path_factory.mktemp("local-runs")
     data = write_sharegpt(root / "chats.json")
-    variants = {"full": {"MODEL_TYPE": "full"}, "lora": {"MODEL_TYPE": "lora"},
-                "adapter": {"MODEL_TYPE": "lora", "MERGE": "0"}}
+    variants = {
+        "full": {"MODEL_TYPE": "full"},
+        "lora": {"MODEL_TYPE": "lora"},
+        "adapter": {"MODEL_TYPE": "lora", "MERGE": "0"},
+    }
     processes = {}
     for name, overrides in variants.items():
         env = train_env(tiny_model, data, root / name / "out", root / name / "work", OMP_NUM_THREADS=1, **overrides)
@@ -480,13 +578,18 @@ RESUME_GRAD_ACCUM = 48
 def test_resume_after_kill(tiny_model, tmp_path):
     data = write_sharegpt(tmp_path / "chats.json", RESUME_CONVERSATIONS)
     work, out = tmp_path / "work", tmp_path / "out"
-    env = train_env(tiny_model, data, out, work, MODEL_TYPE="lora", SAVE_STEPS=2, MAX_STEPS=6,
-                    GRAD_ACCUM=RESUME_GRAD_ACCUM)
+    env = train_env(
+        tiny_model, data, out, work, MODEL_TYPE="lora", SAVE_STEPS=2, MAX_STEPS=6, GRAD_ACCUM=RESUME_GRAD_ACCUM
+    )
     log = tmp_path / "first.log"
     process = start(env, log)
     try:
-        wait_until(lambda: (work / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file(),
-                   process, log, "checkpoint-2")
+        wait_until(
+            lambda: (work / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file(),
+            process,
+            log,
+            "checkpoint-2",
+        )
     finally:
         stop(process)  # SIGTERM to the group, as a preempted node would die
     assert not FINISHED.search(log.read_text())
@@ -507,22 +610,32 @@ def test_s3_data_output_and_remote_resume(tiny_model, tmp_path, s3):
     s3.upload_file(str(write_sharegpt(tmp_path / "chats.json", RESUME_CONVERSATIONS)), bucket, "data/chats.json")
     output = f"s3://{bucket}/llm-atc/run1"
     work = tmp_path / "work"
-    env = train_env(tiny_model, f"s3://{bucket}/data/chats.json", output, work,
-                    MODEL_TYPE="full", SAVE_STEPS=2, MAX_STEPS=6, GRAD_ACCUM=RESUME_GRAD_ACCUM)
+    env = train_env(
+        tiny_model,
+        f"s3://{bucket}/data/chats.json",
+        output,
+        work,
+        MODEL_TYPE="full",
+        SAVE_STEPS=2,
+        MAX_STEPS=6,
+        GRAD_ACCUM=RESUME_GRAD_ACCUM,
+    )
 
     def keys(prefix="llm-atc/run1/"):
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
     def uploaded_steps():
-        return sorted(ft._step(k.split("/")[3]) for k in keys("llm-atc/run1/checkpoints/")
-                      if k.endswith("/" + ft.UPLOADED_MARKER))
+        return sorted(
+            ft._step(k.split("/")[3]) for k in keys("llm-atc/run1/checkpoints/") if k.endswith("/" + ft.UPLOADED_MARKER)
+        )
 
     log = tmp_path / "first.log"
     process = start(env, log)
     try:
-        wait_until(lambda: "llm-atc: uploaded checkpoint-2 " in log.read_text(), process, log,
-                   "an uploaded checkpoint-2")
+        wait_until(
+            lambda: "llm-atc: uploaded checkpoint-2 " in log.read_text(), process, log, "an uploaded checkpoint-2"
+        )
     finally:
         stop(process)
     assert not FINISHED.search(log.read_text())
@@ -548,8 +661,15 @@ def test_gcs_data_and_output(tiny_model, tmp_path, gcs):
     bucket = gcs.create_bucket(unique("ft-gcs"))
     bucket.blob("data/chats.json").upload_from_filename(str(write_sharegpt(tmp_path / "chats.json")))
     output = f"gs://{bucket.name}/llm-atc/run1"
-    env = train_env(tiny_model, f"gs://{bucket.name}/data/chats.json", output, tmp_path / "work",
-                    MODEL_TYPE="lora", MAX_STEPS=2, SAVE_STEPS=1)
+    env = train_env(
+        tiny_model,
+        f"gs://{bucket.name}/data/chats.json",
+        output,
+        tmp_path / "work",
+        MODEL_TYPE="lora",
+        MAX_STEPS=2,
+        SAVE_STEPS=1,
+    )
     text = run_train(env, tmp_path / "train.log")
     assert "uploaded checkpoint-1" in text  # the intermediate checkpoint went to the bucket ...
     steps, _, uri = finished(text)

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from openai import OpenAI
-
 from conftest import assert_one_line_error, free_port, unique
+from openai import OpenAI
 
 URL_RE = re.compile(r"http://127\.0\.0\.1:(\d+)/v1")
 
@@ -92,9 +91,7 @@ def client_for(base_url: str) -> OpenAI:
 
 
 def chat(client: OpenAI, model: str) -> str:
-    reply = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4
-    )
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4)
     assert reply.choices, reply
     content = reply.choices[0].message.content
     assert isinstance(content, str) and content, reply
@@ -102,8 +99,9 @@ def chat(client: OpenAI, model: str) -> str:
 
 
 def serve_cli(cli, name: str, cluster: str, *extra: str):
-    return cli("serve", "--name", name, "--cloud", "local", "--engine", "transformers", "--port", "0", "-c", cluster,
-               *extra)
+    return cli(
+        "serve", "--name", name, "--cloud", "local", "--engine", "transformers", "--port", "0", "-c", cluster, *extra
+    )
 
 
 def kill_group(pgid: int) -> None:
@@ -282,7 +280,7 @@ def test_folder_that_is_not_a_model_fails_in_one_line(cli, tmp_path):
     assert_one_line_error(result, "engine exited")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     error_at = next(i for i, line in enumerate(lines) if line.startswith("Error: "))
-    tail = lines[error_at + 1:]
+    tail = lines[error_at + 1 :]
     assert tail, result  # the engine's last log lines follow the error
     log_lines = [line for line in Path(record_for(cluster).details["log"]).read_text().splitlines() if line.strip()]
     assert tail[-3:] == log_lines[-3:], result
@@ -301,8 +299,19 @@ def test_busy_port_is_one_line_and_records_nothing_running(cli, tiny_model):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", port))
         holder.listen(1)
-        result = cli("serve", "--name", str(tiny_model), "--cloud", "local", "--engine", "transformers",
-                     "--port", str(port), "-c", cluster)
+        result = cli(
+            "serve",
+            "--name",
+            str(tiny_model),
+            "--cloud",
+            "local",
+            "--engine",
+            "transformers",
+            "--port",
+            str(port),
+            "-c",
+            cluster,
+        )
     assert_one_line_error(result, str(port))
     assert not [r for r in records_for(cluster) if r.status in ("RUNNING", "LAUNCHING")]
     status = cli("status")

@@ -154,7 +154,9 @@ def test_resolve_run_without_registry_entry():
     """An unknown llm-atc/<run> is a NotFoundError telling the user to pass --source."""
     raises_one_line(
         lambda: resolve_model("llm-atc/run-1"),
-        "llm-atc/run-1", "--source", "s3://BUCKET/llm-atc/run-1",
+        "llm-atc/run-1",
+        "--source",
+        "s3://BUCKET/llm-atc/run-1",
         error=NotFoundError,
     )
 
@@ -162,8 +164,16 @@ def test_resolve_run_without_registry_entry():
 def test_resolve_run_from_registry():
     """A trained run's checkpoint URI comes from the registry."""
     registry = Registry()
-    registry.add(Record(name="run-1", kind="train", model="base", cluster="llm-atc-train-run-1",
-                        status=Status.SUCCEEDED, checkpoint_uri="gs://ckpts/llm-atc/run-1"))
+    registry.add(
+        Record(
+            name="run-1",
+            kind="train",
+            model="base",
+            cluster="llm-atc-train-run-1",
+            status=Status.SUCCEEDED,
+            checkpoint_uri="gs://ckpts/llm-atc/run-1",
+        )
+    )
     ref = resolve_model("llm-atc/run-1")
     assert ref.name == "llm-atc/run-1" and ref.run == "run-1"
     assert ref.bucket == BucketURI("gs", "ckpts", "llm-atc/run-1")
@@ -173,16 +183,32 @@ def test_resolve_run_from_registry():
 def test_resolve_run_from_registry_local_checkpoint(tmp_path):
     """A run trained locally resolves to its checkpoint folder."""
     registry = Registry(tmp_path / "r.db")
-    registry.add(Record(name="loc", kind="train", model="base", cluster="c", status=Status.SUCCEEDED,
-                        checkpoint_uri=str(tmp_path / "ckpt")))
+    registry.add(
+        Record(
+            name="loc",
+            kind="train",
+            model="base",
+            cluster="c",
+            status=Status.SUCCEEDED,
+            checkpoint_uri=str(tmp_path / "ckpt"),
+        )
+    )
     ref = resolve_model("llm-atc/loc", registry=registry)
     assert ref.path == tmp_path / "ckpt" and ref.bucket is None
 
 
 def test_source_wins_over_registry():
     """--source is used even when the registry knows the run."""
-    Registry().add(Record(name="run-1", kind="train", model="b", cluster="c", status=Status.SUCCEEDED,
-                          checkpoint_uri="gs://ckpts/llm-atc/run-1"))
+    Registry().add(
+        Record(
+            name="run-1",
+            kind="train",
+            model="b",
+            cluster="c",
+            status=Status.SUCCEEDED,
+            checkpoint_uri="gs://ckpts/llm-atc/run-1",
+        )
+    )
     ref = resolve_model("llm-atc/run-1", source="s3://other/llm-atc/run-1/")
     assert ref.bucket == BucketURI("s3", "other", "llm-atc/run-1")
     ref = resolve_model("my-org/my-model", source="s3://other/weights")
@@ -210,8 +236,9 @@ def test_resolve_folder_without_config(tmp_path):
     """A folder without a model config is a UserError; a missing path a NotFoundError."""
     (tmp_path / "empty").mkdir()
     raises_one_line(lambda: resolve_model(str(tmp_path / "empty")), "no config.json")
-    raises_one_line(lambda: resolve_model("./does-not-exist"), "'./does-not-exist'", "no such folder",
-                    error=NotFoundError)
+    raises_one_line(
+        lambda: resolve_model("./does-not-exist"), "'./does-not-exist'", "no such folder", error=NotFoundError
+    )
 
 
 @pytest.mark.parametrize("name", ["x; touch /tmp/pwned", "$(id)", "a b", "`id`", "org/m && id", "a/b/c", "-rf"])
@@ -282,8 +309,7 @@ def test_serve_spec_vllm_defaults_to_one_a100(accelerator):
 
 def test_serve_spec_transformers_asks_for_no_gpu_unless_given():
     """--engine transformers runs on CPUs: no accelerator unless one is given; --cpus/--memory pass through."""
-    spec = build_serve_spec(MODEL, engine="transformers", cloud="slurm", region="localcluster", cpus="1",
-                            memory="8+")
+    spec = build_serve_spec(MODEL, engine="transformers", cloud="slurm", region="localcluster", cpus="1", memory="8+")
     assert spec.placement.accelerators == ()
     assert (spec.placement.cpus, spec.placement.memory) == ("1", "8+")
     assert spec.placement.infra == "slurm/localcluster"
@@ -323,7 +349,11 @@ def test_serve_spec_splits_envs_and_secrets(monkeypatch):
     )
     assert spec.envs == {"MODEL_SIZE": "7", "PLAIN_B": "2"}
     assert spec.secrets == {
-        "WANDB_API_KEY": "x", "HF_TOKEN": "hf-from-env", "X_TOKEN": "t", "X_KEY": "k", "X_SECRET": "s",
+        "WANDB_API_KEY": "x",
+        "HF_TOKEN": "hf-from-env",
+        "X_TOKEN": "t",
+        "X_KEY": "k",
+        "X_SECRET": "s",
         "PLAIN": "not-a-secret-name",
     }
     assert "hf-from-env" not in repr(spec)
@@ -367,8 +397,9 @@ def test_serve_spec_bad_options(kwargs, fragments):
 @pytest.mark.parametrize("cluster", ["Bad", "1abc", "abc-", "a_b", "a" * 64, "a b", "x;id"])
 def test_serve_spec_bad_cluster_names(cluster):
     """--cluster must be a lowercase slug starting with a letter."""
-    raises_one_line(lambda: build_serve_spec(MODEL, cluster=cluster), f"--cluster {cluster!r}",
-                    "not a valid cluster name")
+    raises_one_line(
+        lambda: build_serve_spec(MODEL, cluster=cluster), f"--cluster {cluster!r}", "not a valid cluster name"
+    )
 
 
 def test_serve_spec_local_port_zero_and_cluster():

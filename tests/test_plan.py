@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_one_line_error
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -54,9 +53,9 @@ def model_folder(tmp_path: Path, name: str, *, index: bool = True) -> Path:
 def catalog():
     """The fixture catalog where SkyPilot reads its catalog (fixed when sky was imported: this
     session's HOME, or SKY_RUNTIME_DIR); whatever was there is put back afterwards."""
-    from llm_atc import planning
+    from llm_atc.backends import skypilot
 
-    target = planning.catalog_dir()
+    target = skypilot.catalog_dir()
     backup = target.with_name(target.name + ".llm-atc-test-backup")
     if target.exists():
         target.rename(backup)
@@ -137,20 +136,23 @@ def test_kv_cache_per_token_minds_gqa_sliding_windows_and_mla():
     assert estimate_memory(config("Llama-2-7b-hf"), max_model_len=1024).kv_cache_bytes == 1024 * 512 * 1024
 
 
-@pytest.mark.parametrize("name, gpu_gib, count, fits", [
-    ("Llama-2-70b-hf", 80, 1, False),  # fp16 weights alone are 128 GiB
-    ("Llama-2-70b-hf", 80, 2, True),
-    ("Mixtral-8x7B-v0.1", 80, 1, False),  # 87 GiB of fp16 weights
-    ("Mixtral-8x7B-v0.1", 80, 2, True),
-    ("Qwen2.5-0.5B-Instruct", 15, 1, True),  # T4 (AWS reports 15360 MiB)
-    ("Qwen2.5-0.5B-Instruct", 22.35, 1, True),  # L4
-    ("Llama-2-7b-hf", 22.35, 1, True),  # L4: 12.6 GiB + 2 GiB KV + runtime
-    ("Llama-2-7b-hf", 15, 1, False),  # T4
-    ("Llama-2-7B-AWQ", 15, 1, True),
-    ("Llama-2-13b-hf", 24, 1, False),  # A10G
-    ("Llama-2-13b-hf", 40, 1, True),  # A100 40GB
-    ("Meta-Llama-3-8B", 22.35, 1, True),
-])
+@pytest.mark.parametrize(
+    "name, gpu_gib, count, fits",
+    [
+        ("Llama-2-70b-hf", 80, 1, False),  # fp16 weights alone are 128 GiB
+        ("Llama-2-70b-hf", 80, 2, True),
+        ("Mixtral-8x7B-v0.1", 80, 1, False),  # 87 GiB of fp16 weights
+        ("Mixtral-8x7B-v0.1", 80, 2, True),
+        ("Qwen2.5-0.5B-Instruct", 15, 1, True),  # T4 (AWS reports 15360 MiB)
+        ("Qwen2.5-0.5B-Instruct", 22.35, 1, True),  # L4
+        ("Llama-2-7b-hf", 22.35, 1, True),  # L4: 12.6 GiB + 2 GiB KV + runtime
+        ("Llama-2-7b-hf", 15, 1, False),  # T4
+        ("Llama-2-7B-AWQ", 15, 1, True),
+        ("Llama-2-13b-hf", 24, 1, False),  # A10G
+        ("Llama-2-13b-hf", 40, 1, True),  # A100 40GB
+        ("Meta-Llama-3-8B", 22.35, 1, True),
+    ],
+)
 def test_known_serving_deployments(name, gpu_gib, count, fits):
     from llm_atc.planning import estimate_memory
 
@@ -168,18 +170,21 @@ def test_tensor_parallel_must_divide_the_heads():
     assert "power of two" in estimate_memory(config("Llama-2-7b-hf")).fit(80, 3).reason
 
 
-@pytest.mark.parametrize("name, mode, gpu_gib, count, fits", [
-    ("Llama-2-7b-hf", "full", 80, 1, True),  # bf16 weights + grads + Adam: 8 B/param = 50 GiB
-    ("Llama-2-7b-hf", "full", 40, 1, False),
-    ("Llama-2-7b-hf", "full", 40, 2, False),  # FSDP: fp32 state, 16 B/param / 2
-    ("Llama-2-7b-hf", "full", 40, 4, True),
-    ("Llama-2-7b-hf", "lora", 24, 1, True),
-    ("Llama-2-7b-hf", "lora", 15, 1, False),
-    ("Llama-2-7b-hf", "qlora", 15, 1, True),
-    ("Llama-2-70b-hf", "qlora", 80, 1, True),
-    ("Llama-2-70b-hf", "qlora", 48, 1, False),
-    ("Llama-2-70b-hf", "lora", 80, 8, False),  # DDP: every GPU holds the 128 GiB base
-])
+@pytest.mark.parametrize(
+    "name, mode, gpu_gib, count, fits",
+    [
+        ("Llama-2-7b-hf", "full", 80, 1, True),  # bf16 weights + grads + Adam: 8 B/param = 50 GiB
+        ("Llama-2-7b-hf", "full", 40, 1, False),
+        ("Llama-2-7b-hf", "full", 40, 2, False),  # FSDP: fp32 state, 16 B/param / 2
+        ("Llama-2-7b-hf", "full", 40, 4, True),
+        ("Llama-2-7b-hf", "lora", 24, 1, True),
+        ("Llama-2-7b-hf", "lora", 15, 1, False),
+        ("Llama-2-7b-hf", "qlora", 15, 1, True),
+        ("Llama-2-70b-hf", "qlora", 80, 1, True),
+        ("Llama-2-70b-hf", "qlora", 48, 1, False),
+        ("Llama-2-70b-hf", "lora", 80, 8, False),  # DDP: every GPU holds the 128 GiB base
+    ],
+)
 def test_known_training_setups(name, mode, gpu_gib, count, fits):
     from llm_atc.planning import estimate_memory
 
@@ -205,10 +210,10 @@ def test_training_terms():
 
 
 def test_offers_come_from_skypilots_catalog(catalog):
-    from llm_atc import planning
+    from llm_atc.backends import skypilot
 
-    assert planning.catalog_clouds() == ["aws", "gcp", "lambda"]
-    offers = {(o.cloud, o.instance_type): o for o in planning.list_offers(["aws", "gcp", "lambda"])}
+    assert skypilot.catalog_clouds() == ["aws", "gcp", "lambda"]
+    offers = {(o.cloud, o.instance_type): o for o in skypilot.list_offers(["aws", "gcp", "lambda"])}
     g6 = offers[("AWS", "g6.xlarge")]
     assert (g6.accelerator, g6.count, g6.price, g6.price_region) == ("L4", 1, 0.8048, "us-east-1")
     assert g6.gpu_memory_gib == pytest.approx(22888 / 1024) and g6.memory_source == "catalog GpuInfo"
@@ -222,11 +227,13 @@ def test_offers_come_from_skypilots_catalog(catalog):
 
 
 def test_memory_falls_back_to_metadata_then_gpu_names(catalog):
-    from llm_atc import planning
+    from llm_atc.backends import skypilot
 
-    gcp = {o.accelerator: o for o in planning.list_offers(["gcp"])}  # GCP rows carry no GpuInfo
+    gcp = {o.accelerator: o for o in skypilot.list_offers(["gcp"])}  # GCP rows carry no GpuInfo
     assert (gcp["L4"].gpu_memory_gib, gcp["L4"].memory_source) == (
-        pytest.approx(22888 / 1024), "catalog GpuInfo (another cloud)")  # AWS's catalog, on disk
+        pytest.approx(22888 / 1024),
+        "catalog GpuInfo (another cloud)",
+    )  # AWS's catalog, on disk
     assert gcp["T4"].gpu_memory_gib == 15  # AWS reports 15360 MiB
     metadata = catalog / "common" / "metadata.csv"
     saved = metadata.read_text()
@@ -234,10 +241,10 @@ def test_memory_falls_back_to_metadata_then_gpu_names(catalog):
     aws.rename(catalog / "aws.off")
     lam.rename(catalog / "lambda.off")
     try:
-        gcp = {o.accelerator: o for o in planning.list_offers(["gcp"])}
+        gcp = {o.accelerator: o for o in skypilot.list_offers(["gcp"])}
         assert (gcp["T4"].gpu_memory_gib, gcp["T4"].memory_source) == (16, "catalog metadata.csv")
         metadata.write_text("GPU,MemoryGB,Manufacturer\n")
-        gcp = {o.accelerator: o for o in planning.list_offers(["gcp"])}
+        gcp = {o.accelerator: o for o in skypilot.list_offers(["gcp"])}
     finally:
         metadata.write_text(saved)
         (catalog / "aws.off").rename(aws)
@@ -247,15 +254,18 @@ def test_memory_falls_back_to_metadata_then_gpu_names(catalog):
     assert gcp["L4"].gpu_memory_gib is None  # no source knows it: the plan skips it, with a reason
 
 
-@pytest.mark.parametrize("name, use_spot, expected", [
-    ("Qwen2.5-0.5B-Instruct", False, ("T4:1", "AWS", "g4dn.xlarge", 0.526)),
-    ("Qwen2.5-0.5B-Instruct", True, ("T4:1", "AWS", "g4dn.xlarge", 0.1865)),
-    ("Llama-2-7b-hf", False, ("L4:1", "GCP", "g2-standard-4", 0.707)),
-    ("Llama-2-13b-hf", False, ("A6000:1", "Lambda", "gpu_1x_a6000", 0.80)),
-    ("Llama-2-70b-hf", False, ("A6000:4", "Lambda", "gpu_4x_a6000", 3.20)),
-    ("Mixtral-8x7B-v0.1", False, ("A6000:4", "Lambda", "gpu_4x_a6000", 3.20)),
-    ("Mixtral-8x7B-v0.1", True, ("T4:8", "AWS", "g4dn.metal", 2.87)),  # spot in us-west-2
-])
+@pytest.mark.parametrize(
+    "name, use_spot, expected",
+    [
+        ("Qwen2.5-0.5B-Instruct", False, ("T4:1", "AWS", "g4dn.xlarge", 0.526)),
+        ("Qwen2.5-0.5B-Instruct", True, ("T4:1", "AWS", "g4dn.xlarge", 0.1865)),
+        ("Llama-2-7b-hf", False, ("L4:1", "GCP", "g2-standard-4", 0.707)),
+        ("Llama-2-13b-hf", False, ("A6000:1", "Lambda", "gpu_1x_a6000", 0.80)),
+        ("Llama-2-70b-hf", False, ("A6000:4", "Lambda", "gpu_4x_a6000", 3.20)),
+        ("Mixtral-8x7B-v0.1", False, ("A6000:4", "Lambda", "gpu_4x_a6000", 3.20)),
+        ("Mixtral-8x7B-v0.1", True, ("T4:8", "AWS", "g4dn.metal", 2.87)),  # spot in us-west-2
+    ],
+)
 def test_cheapest_plan(catalog, name, use_spot, expected):
     from llm_atc.planning import make_plan
 
@@ -282,7 +292,8 @@ def _brute_force(estimate, listing: dict, use_spot: bool) -> float:
 def test_plan_matches_brute_force(catalog, use_spot):
     from sky import catalog as sky_catalog
 
-    from llm_atc.planning import estimate_memory, list_offers, plan_offers
+    from llm_atc.backends.skypilot import list_offers
+    from llm_atc.planning import estimate_memory, plan_offers
 
     clouds = ["aws", "gcp", "lambda"]
     listing = sky_catalog.list_accelerators(gpus_only=True, clouds=clouds, all_regions=True)
@@ -310,7 +321,12 @@ def test_cloud_and_region_filters(catalog):
     assert plan.clouds == ["aws"] and {o.offer.cloud for o in plan.options} == {"AWS"}
     assert (plan.best.accelerators, plan.best.hourly, plan.best.region) == ("L4:1", 0.8853, "us-west-2")
     assert make_plan(config("Llama-2-7b-hf"), cloud="lambda").auto == [
-        "A10:1", "A6000:1", "A100:1", "H100:1", "A100-80GB:8"]
+        "A10:1",
+        "A6000:1",
+        "A100:1",
+        "H100:1",
+        "A100-80GB:8",
+    ]
 
 
 def test_past_one_node_plans_pipeline_stages(catalog):
@@ -334,10 +350,8 @@ def test_feasible_accelerators_for_accelerator_auto(catalog, tmp_path):
     from llm_atc.errors import UserError
     from llm_atc.planning import auto_accelerators
 
-    assert feasible(str(model_folder(tmp_path, "Qwen2.5-0.5B-Instruct")))[:3] == [
-        "T4:1", "L4:1", "A10:1"]
-    assert feasible(config("Llama-2-70b-hf"), cloud="gcp") == ["L4:8", "A100-80GB:2", "A100:4",
-                                                                            "H100:8"]
+    assert feasible(str(model_folder(tmp_path, "Qwen2.5-0.5B-Instruct")))[:3] == ["T4:1", "L4:1", "A10:1"]
+    assert feasible(config("Llama-2-70b-hf"), cloud="gcp") == ["L4:8", "A100-80GB:2", "A100:4", "H100:8"]
     choice = auto_accelerators(config("Mistral-7B-v0.1"), use_spot=True)
     assert choice.num_nodes == 1 and choice.max_model_len == 32768
     assert choice.accelerator_text == ",".join(choice.accelerators) and choice.accelerators[0] == "L4:1"
@@ -363,14 +377,21 @@ def test_bucket_run_reads_config_through_the_object_store(s3, catalog):
     from llm_atc.planning import load_model_info
 
     s3.create_bucket(Bucket="plans")
-    s3.put_object(Bucket="plans", Key="llm-atc/r1/config.json",
-                  Body=(CONFIGS / "Mixtral-8x7B-v0.1.config.json").read_bytes())
-    s3.put_object(Bucket="plans", Key="llm-atc/r1/model.safetensors.index.json",
-                  Body=(CONFIGS / "Mixtral-8x7B-v0.1.safetensors.index.json").read_bytes())
+    s3.put_object(
+        Bucket="plans", Key="llm-atc/r1/config.json", Body=(CONFIGS / "Mixtral-8x7B-v0.1.config.json").read_bytes()
+    )
+    s3.put_object(
+        Bucket="plans",
+        Key="llm-atc/r1/model.safetensors.index.json",
+        Body=(CONFIGS / "Mixtral-8x7B-v0.1.safetensors.index.json").read_bytes(),
+    )
     info = load_model_info("llm-atc/r1", source="s3://plans/llm-atc/r1")
     assert info.source == "s3://plans/llm-atc/r1" and info.index_total_size == 93405585408
-    s3.put_object(Bucket="plans", Key="llm-atc/ad/adapter_config.json",
-                  Body=json.dumps({"base_model_name_or_path": "no-org/no-such-base"}).encode())
+    s3.put_object(
+        Bucket="plans",
+        Key="llm-atc/ad/adapter_config.json",
+        Body=json.dumps({"base_model_name_or_path": "no-org/no-such-base"}).encode(),
+    )
     from llm_atc.errors import UserError
 
     with pytest.raises(UserError, match="cannot read config for no-org/no-such-base"):
@@ -392,36 +413,57 @@ def test_plan_json(cli, catalog, tmp_path):
     assert terms["kv_bytes_per_token"] == 80 * 8 * 128 * 2 * 2 and terms["max_model_len"] == 4096
     assert terms["gpu_memory_utilization"] == 0.9 and terms["weight_bytes"] == 2 * terms["params"]
     first = plan["options"][0]
-    assert set(first) >= {"accelerators", "count", "nodes", "tensor_parallel", "cloud", "instance_type", "region",
-                          "gpu_memory_gib", "need_per_gpu_gib", "usable_per_gpu_gib", "hourly", "price",
-                          "spot_price"}
+    assert set(first) >= {
+        "accelerators",
+        "count",
+        "nodes",
+        "tensor_parallel",
+        "cloud",
+        "instance_type",
+        "region",
+        "gpu_memory_gib",
+        "need_per_gpu_gib",
+        "usable_per_gpu_gib",
+        "hourly",
+        "price",
+        "spot_price",
+    }
     assert first["accelerators"] == plan["auto"][0] == "A6000:4" and first["hourly"] == 3.2
     assert [o["hourly"] for o in plan["options"] if o["nodes"] == 1] == sorted(
-        o["hourly"] for o in plan["options"] if o["nodes"] == 1)
+        o["hourly"] for o in plan["options"] if o["nodes"] == 1
+    )
     assert plan["infeasible"] == [  # Lambda's A10 comes one per node only
-        {"accelerator": "A10", "reason": "1 x 24 GiB: needs 131.2 GiB per GPU, 21.6 GiB usable"}]
+        {"accelerator": "A10", "reason": "1 x 24 GiB: needs 131.2 GiB per GPU, 21.6 GiB usable"}
+    ]
     assert plan["num_nodes"] == 1 and result.stderr == ""
 
 
 def test_plan_table(cli, catalog, tmp_path):
-    result = cli("plan", "--name", str(model_folder(tmp_path, "Mixtral-8x7B-v0.1")), "--mode", "qlora",
-                 "--use_spot")
+    result = cli("plan", "--name", str(model_folder(tmp_path, "Mixtral-8x7B-v0.1")), "--mode", "qlora", "--use_spot")
     assert result.exit_code == 0, result
     for text in ("Parameters", "46.70B (safetensors index", "Activations", "SPOT $/H", "--accelerator auto: "):
         assert text in result.stdout, result
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (("--name", "./no-such-folder"), ("no such folder",)),
-    (("--name", "llm-atc-tests/no-such-model"),
-     ("cannot read config for llm-atc-tests/no-such-model", "pass HF_TOKEN or a local folder")),
-    (("--name", "{folder}", "--quantization", "int3"), ("--quantization 'int3'",)),
-    (("--name", "{folder}", "--region", "us-east-1"), ("--region needs --cloud",)),
-    (("--name", "{folder}", "--mode", "full", "--quantization", "awq"), ("--quantization applies to --mode serve",)),
-    (("--name", "{folder}", "--max_model_len", "0"), ("--max_model_len 0",)),
-    (("--name", "{folder}", "--mode", "lora", "--dtype", "float32"), ("--dtype applies to --mode serve",)),
-    (("--name", "{folder}", "--dtype", "fp4"), ("--dtype 'fp4'",)),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (("--name", "./no-such-folder"), ("no such folder",)),
+        (
+            ("--name", "llm-atc-tests/no-such-model"),
+            ("cannot read config for llm-atc-tests/no-such-model", "pass HF_TOKEN or a local folder"),
+        ),
+        (("--name", "{folder}", "--quantization", "int3"), ("--quantization 'int3'",)),
+        (("--name", "{folder}", "--region", "us-east-1"), ("--region needs --cloud",)),
+        (
+            ("--name", "{folder}", "--mode", "full", "--quantization", "awq"),
+            ("--quantization applies to --mode serve",),
+        ),
+        (("--name", "{folder}", "--max_model_len", "0"), ("--max_model_len 0",)),
+        (("--name", "{folder}", "--mode", "lora", "--dtype", "float32"), ("--dtype applies to --mode serve",)),
+        (("--name", "{folder}", "--dtype", "fp4"), ("--dtype 'fp4'",)),
+    ],
+)
 def test_one_line_errors(cli, tmp_path, args, fragments):
     folder = model_folder(tmp_path, "Llama-2-7b-hf")
     result = cli("plan", *(a.format(folder=folder) for a in args))
@@ -472,10 +514,24 @@ def test_train_accelerator_auto_accounts_for_the_mode(catalog, tmp_path):
     data = tmp_path / "d.json"
     data.write_text("[]")
     base = model_folder(tmp_path, "Llama-2-7b-hf")
-    qlora = build_train_spec(model_type="qlora", finetune_data=str(data), checkpoint_bucket="bkt",
-                             checkpoint_store="S3", base_model=str(base), accelerator="auto", cloud="aws")
-    full = build_train_spec(model_type="vicuna", finetune_data=str(data), checkpoint_bucket="bkt",
-                            checkpoint_store="S3", base_model=str(base), accelerator="auto", cloud="aws")
+    qlora = build_train_spec(
+        model_type="qlora",
+        finetune_data=str(data),
+        checkpoint_bucket="bkt",
+        checkpoint_store="S3",
+        base_model=str(base),
+        accelerator="auto",
+        cloud="aws",
+    )
+    full = build_train_spec(
+        model_type="vicuna",
+        finetune_data=str(data),
+        checkpoint_bucket="bkt",
+        checkpoint_store="S3",
+        base_model=str(base),
+        accelerator="auto",
+        cloud="aws",
+    )
     cheapest_qlora, cheapest_full = qlora.placement.accelerators[0], full.placement.accelerators[0]
     assert cheapest_qlora.count == 1
     assert (cheapest_full.count * full.num_nodes) > 1  # a full fine-tune of 7B needs more than one GPU

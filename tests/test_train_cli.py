@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import assert_one_line_error
 
 
@@ -44,9 +43,26 @@ def sky_task(config: dict):
 def test_dryrun_task_per_model_type(cli, s3, data_file, model_type, env_type):
     s3.create_bucket(Bucket="ckpts")
     result = cli(
-        "train", "--model_type", model_type, "--finetune_data", str(data_file), "--checkpoint_bucket", "ckpts",
-        "--checkpoint_store", "S3", "--name", "run1", "--accelerator", "A100-80GB:8", "--num_nodes", "2",
-        "--cloud", "aws", "--envs", "WANDB_API_KEY=wandb-secret EPOCHS=1", "--dryrun",
+        "train",
+        "--model_type",
+        model_type,
+        "--finetune_data",
+        str(data_file),
+        "--checkpoint_bucket",
+        "ckpts",
+        "--checkpoint_store",
+        "S3",
+        "--name",
+        "run1",
+        "--accelerator",
+        "A100-80GB:8",
+        "--num_nodes",
+        "2",
+        "--cloud",
+        "aws",
+        "--envs",
+        "WANDB_API_KEY=wandb-secret EPOCHS=1",
+        "--dryrun",
     )
     assert result.exit_code == 0, result
     config = yaml.safe_load(result.stdout)
@@ -67,8 +83,21 @@ def test_dryrun_task_per_model_type(cli, s3, data_file, model_type, env_type):
 def test_spot_run_is_a_managed_job_task(cli, gcs, data_file):
     bucket = gcs.create_bucket("spot-ckpts")
     result = cli(
-        "train", "--model_type", "lora", "--finetune_data", str(data_file), "--checkpoint_bucket", bucket.name,
-        "--checkpoint_store", "GCS", "--name", "spot1", "--accelerator", "L4:1", "--use_spot", "--dryrun",
+        "train",
+        "--model_type",
+        "lora",
+        "--finetune_data",
+        str(data_file),
+        "--checkpoint_bucket",
+        bucket.name,
+        "--checkpoint_store",
+        "GCS",
+        "--name",
+        "spot1",
+        "--accelerator",
+        "L4:1",
+        "--use_spot",
+        "--dryrun",
     )
     assert result.exit_code == 0, result
     task = sky_task(yaml.safe_load(result.stdout))
@@ -102,8 +131,22 @@ def test_bad_data_is_reported_before_launch(cli, s3, tmp_path, content, fragment
     s3.create_bucket(Bucket="bad-data")
     path = tmp_path / "bad.json"
     path.write_text(content)
-    result = cli("train", "--model_type", "lora", "--finetune_data", str(path), "--checkpoint_bucket", "bad-data",
-                 "--checkpoint_store", "S3", "--name", "r", "--accelerator", "L4", "-y")
+    result = cli(
+        "train",
+        "--model_type",
+        "lora",
+        "--finetune_data",
+        str(path),
+        "--checkpoint_bucket",
+        "bad-data",
+        "--checkpoint_store",
+        "S3",
+        "--name",
+        "r",
+        "--accelerator",
+        "L4",
+        "-y",
+    )
     assert_one_line_error(result, "--finetune_data", fragment)
     assert "Contents" not in s3.list_objects_v2(Bucket="bad-data")
 
@@ -115,13 +158,19 @@ def test_bad_data_is_reported_before_launch(cli, s3, tmp_path, content, fragment
         (["--checkpoint_bucket", "b"], "--checkpoint_store is required"),
         (["--checkpoint_bucket", "b", "--checkpoint_store", "AZURE"], "choose one of S3, GCS"),
         (["--checkpoint_bucket", "b", "--checkpoint_store", "local"], "--cloud local"),
-        (["--checkpoint_bucket", "no-such-bucket", "--checkpoint_store", "S3", "--accelerator", "L4"],
-         "no-such-bucket"),
+        (
+            ["--checkpoint_bucket", "no-such-bucket", "--checkpoint_store", "S3", "--accelerator", "L4"],
+            "no-such-bucket",
+        ),
         (["--checkpoint_bucket", "bkt", "--checkpoint_store", "S3"], "--accelerator is required"),
-        (["--checkpoint_bucket", "bkt", "--checkpoint_store", "S3", "--accelerator", "L4", "--name", "a b"],
-         "not a valid run name"),
-        (["--checkpoint_bucket", "b", "--checkpoint_store", "S3", "--accelerator", "L4"],
-         "--checkpoint_bucket 'b' is not a valid bucket name"),
+        (
+            ["--checkpoint_bucket", "bkt", "--checkpoint_store", "S3", "--accelerator", "L4", "--name", "a b"],
+            "not a valid run name",
+        ),
+        (
+            ["--checkpoint_bucket", "b", "--checkpoint_store", "S3", "--accelerator", "L4"],
+            "--checkpoint_bucket 'b' is not a valid bucket name",
+        ),
     ],
 )
 def test_missing_or_bad_options(cli, s3, data_file, args, fragment):
@@ -138,11 +187,33 @@ def test_a_taken_name_is_refused(cli, s3, data_file):
     from llm_atc.registry import Record, Registry
 
     s3.create_bucket(Bucket="taken")
-    Registry().add(Record(name="used", kind="train", model="m", cluster="c", status="SUCCEEDED",
-                          checkpoint_uri="s3://taken/llm-atc/used"))
-    result = cli("train", "--model_type", "lora", "--finetune_data", str(data_file), "--checkpoint_bucket", "taken",
-                 "--checkpoint_store", "S3", "--name", "used", "--accelerator", "L4", "--dryrun")
-    assert_one_line_error(result, "'used' already exists")
+    Registry().add(
+        Record(
+            name="used",
+            kind="train",
+            model="m",
+            cluster="c",
+            status="SUCCEEDED",
+            checkpoint_uri="s3://taken/llm-atc/used",
+        )
+    )
+    result = cli(
+        "train",
+        "--model_type",
+        "lora",
+        "--finetune_data",
+        str(data_file),
+        "--checkpoint_bucket",
+        "taken",
+        "--checkpoint_store",
+        "S3",
+        "--name",
+        "used",
+        "--accelerator",
+        "L4",
+        "--dryrun",
+    )
+    assert_one_line_error(result, "'used' exists (SUCCEEDED)", "llm-atc down used")
 
 
 def test_list_with_remote_marks_where_runs_are(cli, s3):
@@ -153,8 +224,17 @@ def test_list_with_remote_marks_where_runs_are(cli, s3):
     s3.put_object(Bucket="listing", Key="llm-atc/bucket-only/config.json", Body=b"{}")
     registry = Registry()
     for name in ("both", "registry-only"):
-        registry.add(Record(name=name, kind="train", model="m", cluster="c", status="SUCCEEDED",
-                            checkpoint_uri=f"s3://listing/llm-atc/{name}", details={"model_type": "lora"}))
+        registry.add(
+            Record(
+                name=name,
+                kind="train",
+                model="m",
+                cluster="c",
+                status="SUCCEEDED",
+                checkpoint_uri=f"s3://listing/llm-atc/{name}",
+                details={"model_type": "lora"},
+            )
+        )
     result = cli("list", "--remote", "--checkpoint_bucket", "listing", "--checkpoint_store", "S3")
     assert result.exit_code == 0, result
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
@@ -165,37 +245,55 @@ def test_list_with_remote_marks_where_runs_are(cli, s3):
     assert "registry-only" in filtered.stdout and "both" not in filtered.stdout
 
 
-def test_local_data_is_uploaded_on_launch(s3, data_file, monkeypatch):
+def test_local_data_is_uploaded_on_launch(cli, s3, data_file, sky_boundary):
     """Everything up to SkyPilot runs for real; the cloud launch itself is the recorded boundary."""
-    from llm_atc import training
-    from llm_atc.spec import build_train_spec
-
+    sky = sky_boundary()
     s3.create_bucket(Bucket="upload")
-    spec = build_train_spec(model_type="lora", finetune_data=str(data_file), checkpoint_bucket="upload",
-                            checkpoint_store="S3", name="up1", accelerator="L4:1", detach_run=True)
-    launched = []
-
-    class Boundary:
-        def launch(self, task, **kwargs):
-            launched.append((task, kwargs))
-            return 7
-
-    record = training.launch_train(training.prepare_train(spec), backend=Boundary())
+    result = cli(
+        "train",
+        "--model_type",
+        "lora",
+        "--finetune_data",
+        str(data_file),
+        "--checkpoint_bucket",
+        "upload",
+        "--checkpoint_store",
+        "S3",
+        "--name",
+        "up1",
+        "--accelerator",
+        "L4:1",
+        "--detach_run",
+        "-y",
+    )
+    assert result.exit_code == 0, result
     body = s3.get_object(Bucket="upload", Key="llm-atc/up1/data/chats.json")["Body"].read()
     assert json.loads(body) == json.loads(data_file.read_text())
-    (task, kwargs), = launched
-    assert kwargs == {"cluster": "llm-atc-train-up1", "stream": True, "no_setup": False, "down": True}
+    ((task, kwargs),) = sky.launches
+    assert kwargs == {"cluster_name": "llm-atc-train-up1", "no_setup": False, "down": True}
     assert task.envs["DATA"] == "s3://upload/llm-atc/up1/data/chats.json"
-    assert (record.status, record.checkpoint_uri, record.details["job_id"]) == (
-        "RUNNING", "s3://upload/llm-atc/up1", 7)
+    from llm_atc.registry import Registry
+
+    record = Registry().find("up1", kind="train")
+    assert (record.status, record.checkpoint_uri, record.details["job_id"]) == ("RUNNING", "s3://upload/llm-atc/up1", 1)
 
 
 def test_train_locally_then_serve_the_run(cli, tiny_model, data_file, llm_atc_home):
     """The whole local path: a real LoRA run on CPU, recorded, then served as llm-atc/<run>."""
     result = cli(
-        "train", "--model_type", "lora", "--finetune_data", str(data_file), "--cloud", "local",
-        "--base_model", str(tiny_model), "--name", "tiny-lora",
-        "--envs", "MAX_STEPS=3 MAX_SEQ_LEN=128 BATCH_SIZE=2 GRAD_ACCUM=1",
+        "train",
+        "--model_type",
+        "lora",
+        "--finetune_data",
+        str(data_file),
+        "--cloud",
+        "local",
+        "--base_model",
+        str(tiny_model),
+        "--name",
+        "tiny-lora",
+        "--envs",
+        "MAX_STEPS=3 MAX_SEQ_LEN=128 BATCH_SIZE=2 GRAD_ACCUM=1",
     )
     assert result.exit_code == 0, result
     output = llm_atc_home / "checkpoints" / "tiny-lora"
@@ -209,8 +307,17 @@ def test_train_locally_then_serve_the_run(cli, tiny_model, data_file, llm_atc_ho
     listed = cli("list")
     assert "tiny-lora" in listed.stdout and "SUCCEEDED" in listed.stdout
 
-    served = cli("serve", "--name", "llm-atc/tiny-lora", "--cloud", "local", "--port", "0",  # vLLM, being installed
-                 "--envs", "VLLM_CPU_KVCACHE_SPACE=1")
+    served = cli(
+        "serve",
+        "--name",
+        "llm-atc/tiny-lora",
+        "--cloud",
+        "local",
+        "--port",
+        "0",  # vLLM, being installed
+        "--envs",
+        "VLLM_CPU_KVCACHE_SPACE=1",
+    )
     try:
         assert served.exit_code == 0, served
         from openai import OpenAI
@@ -227,29 +334,38 @@ def test_train_locally_then_serve_the_run(cli, tiny_model, data_file, llm_atc_ho
         cli("stop", "llm-atc/tiny-lora")
 
 
-def test_gcs_upload_and_remote_listing(cli, gcs, data_file):
-    """The same upload and --remote listing against the GCS emulator."""
-    from llm_atc import training
-    from llm_atc.spec import build_train_spec
-
+def test_gcs_upload_and_remote_listing(cli, gcs, data_file, sky_boundary):
+    """The same upload and --remote listing against the GCS emulator; --use_spot is a managed job."""
+    sky = sky_boundary()
     bucket = gcs.create_bucket("gcs-runs")
     bucket.blob("llm-atc/elsewhere/config.json").upload_from_string("{}")
-    spec = build_train_spec(model_type="qlora", finetune_data=str(data_file), checkpoint_bucket="gcs-runs",
-                            checkpoint_store="GCS", name="g1", accelerator="L4:1", use_spot=True)
-    managed = []
-
-    class Boundary:
-        def launch_managed(self, task, **kwargs):
-            managed.append((task, kwargs))
-            return 11
-
-    record = training.launch_train(training.prepare_train(spec), backend=Boundary())
+    result = cli(
+        "train",
+        "--model_type",
+        "qlora",
+        "--finetune_data",
+        str(data_file),
+        "--checkpoint_bucket",
+        "gcs-runs",
+        "--checkpoint_store",
+        "GCS",
+        "--name",
+        "g1",
+        "--accelerator",
+        "L4:1",
+        "--use_spot",
+        "-y",
+    )
+    assert result.exit_code == 0, result
     assert json.loads(bucket.blob("llm-atc/g1/data/chats.json").download_as_bytes()) == sharegpt()
-    (task, kwargs), = managed
-    assert kwargs == {"name": "g1", "stream": True}
+    ((task, name),) = sky.jobs.launches
+    assert name == "g1" and sky.launches == []
     (resources,) = task.resources
     assert resources.use_spot and task.envs["MODEL_TYPE"] == "qlora"
-    assert record.details["managed_job_id"] == 11
+    from llm_atc.registry import Registry
+
+    record = Registry().find("g1", kind="train")
+    assert record.details["job_id"] == 11 and record.mode == "managed"
 
     result = cli("list", "--remote", "--checkpoint_bucket", "gcs-runs", "--checkpoint_store", "GCS")
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
@@ -259,18 +375,26 @@ def test_gcs_upload_and_remote_listing(cli, gcs, data_file):
 
 def test_python_api_trains_lists_and_serves(tiny_model, data_file):
     """llm_atc.train() → TrainingRun → run.serve() → a chat → stopped; llm_atc.list()/get() see both."""
-    import llm_atc
     from openai import OpenAI
 
-    run = llm_atc.train("lora", str(data_file), cloud="local", base_model=str(tiny_model), name="api-lora",
-                        envs=["MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2 GRAD_ACCUM=1"])
+    import llm_atc
+
+    run = llm_atc.train(
+        "lora",
+        str(data_file),
+        cloud="local",
+        base_model=str(tiny_model),
+        name="api-lora",
+        envs=["MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2 GRAD_ACCUM=1"],
+    )
     assert isinstance(run, llm_atc.TrainingRun)
     assert run.status() == "SUCCEEDED" and (Path(run.checkpoint_uri) / "config.json").is_file()
     assert "training finished" in run.logs()
     with run.serve(cloud="local", engine="transformers", port=0) as deployment:
         assert deployment.name == "llm-atc/api-lora" and deployment.status() == "RUNNING"
         reply = OpenAI(base_url=deployment.base_url, api_key="x").chat.completions.create(
-            model=deployment.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+            model=deployment.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
         assert reply.choices[0].message.role == "assistant"
     assert deployment.status() == "STOPPED"
     assert [type(item).__name__ for item in llm_atc.list()] == ["Deployment", "TrainingRun"]

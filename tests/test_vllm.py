@@ -16,7 +16,6 @@ import httpx
 import openai
 import psutil
 import pytest
-
 from conftest import EOS_TOKEN, RESPONSE_ROLE, TEMPLATE_MARKER, assert_one_line_error, unique
 
 
@@ -31,8 +30,9 @@ def post(deployment, path: str, body: dict) -> httpx.Response:
 
 
 def engine_processes(deployment) -> list[psutil.Process]:
-    from llm_atc.registry import Registry
     from conftest import using_home
+
+    from llm_atc.registry import Registry
 
     with using_home(deployment.home):
         record = Registry().find(deployment.cluster)
@@ -42,11 +42,15 @@ def engine_processes(deployment) -> list[psutil.Process]:
 
 def test_chat_stream_and_completions_through_the_openai_client(vllm_deployment):
     client = vllm_deployment.client()
-    reply = client.chat.completions.create(model=vllm_deployment.model, max_tokens=4,
-                                           messages=[{"role": "user", "content": "Hello!"}])
+    reply = client.chat.completions.create(
+        model=vllm_deployment.model, max_tokens=4, messages=[{"role": "user", "content": "Hello!"}]
+    )
     assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
-    chunks = list(client.chat.completions.create(model=vllm_deployment.model, max_tokens=4, stream=True,
-                                                 messages=[{"role": "user", "content": "Hello!"}]))
+    chunks = list(
+        client.chat.completions.create(
+            model=vllm_deployment.model, max_tokens=4, stream=True, messages=[{"role": "user", "content": "Hello!"}]
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     completion = client.completions.create(model=vllm_deployment.model, prompt="Hello", max_tokens=4)
     assert completion.choices[0].text and completion.usage.completion_tokens == 4
@@ -56,8 +60,9 @@ def test_chat_stream_and_completions_through_the_openai_client(vllm_deployment):
 
 
 def test_engine_auto_chose_vllm_and_the_snippet_reads_the_key(vllm_deployment):
-    from llm_atc.registry import Registry
     from conftest import using_home
+
+    from llm_atc.registry import Registry
 
     with using_home(vllm_deployment.home):
         assert Registry().find(vllm_deployment.cluster).engine == "vllm"
@@ -67,12 +72,20 @@ def test_engine_auto_chose_vllm_and_the_snippet_reads_the_key(vllm_deployment):
 
 
 def test_chat_template_is_the_one_vllm_renders(vllm_deployment):
-    rendered = post(vllm_deployment, "/tokenize", {
-        "model": vllm_deployment.model, "messages": [{"role": "user", "content": "hi"}],
-        "add_generation_prompt": True, "return_token_strs": True})
+    rendered = post(
+        vllm_deployment,
+        "/tokenize",
+        {
+            "model": vllm_deployment.model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "add_generation_prompt": True,
+            "return_token_strs": True,
+        },
+    )
     assert rendered.status_code == 200, rendered.text
-    text = post(vllm_deployment, "/detokenize", {"model": vllm_deployment.model,
-                                                 "tokens": rendered.json()["tokens"]}).json()["prompt"]
+    text = post(
+        vllm_deployment, "/detokenize", {"model": vllm_deployment.model, "tokens": rendered.json()["tokens"]}
+    ).json()["prompt"]
     assert text.startswith("<s>" + TEMPLATE_MARKER) and text.endswith("user:\nhi\nassistant:\n")
 
 
@@ -83,8 +96,11 @@ def test_eos_token_ends_generation_in_vllm(vllm_deployment, tiny_model, token, f
 
     token_id = AutoTokenizer.from_pretrained(tiny_model).convert_tokens_to_ids(token)
     reply = vllm_deployment.client().chat.completions.create(
-        model=vllm_deployment.model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=6,
-        logit_bias={str(token_id): 100})
+        model=vllm_deployment.model,
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=6,
+        logit_bias={str(token_id): 100},
+    )
     assert (reply.choices[0].finish_reason, reply.usage.completion_tokens) == (finish, tokens)
 
 
@@ -99,21 +115,26 @@ def test_lora_adapter_from_a_trained_run_answers_under_its_name(vllm_deployment)
     models = {m["id"]: m for m in get(vllm_deployment, "/v1/models").json()["data"]}
     assert models[vllm_deployment.adapter]["parent"] == vllm_deployment.model
     reply = vllm_deployment.client().chat.completions.create(
-        model=vllm_deployment.adapter, messages=[{"role": "user", "content": "What is 2 plus 2?"}], max_tokens=4)
+        model=vllm_deployment.adapter, messages=[{"role": "user", "content": "What is 2 plus 2?"}], max_tokens=4
+    )
     assert reply.model == vllm_deployment.adapter and reply.usage.completion_tokens >= 1
 
 
 def test_vllm_args_reach_vllm_as_data(vllm_deployment):
     """`--response-role '$(touch ...)'` is echoed by vLLM as the role: passed through, never evaluated."""
-    body = post(vllm_deployment, "/v1/chat/completions", {
-        "model": vllm_deployment.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).json()
+    body = post(
+        vllm_deployment,
+        "/v1/chat/completions",
+        {"model": vllm_deployment.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    ).json()
     assert body["choices"][0]["message"]["role"] == RESPONSE_ROLE.format(marker=vllm_deployment.marker)
     assert not vllm_deployment.marker.exists()
 
 
 def test_the_log_shows_the_exact_command_from_the_task(vllm_deployment):
-    from llm_atc.registry import Registry
     from conftest import run_cli, using_home
+
+    from llm_atc.registry import Registry
 
     with using_home(vllm_deployment.home):
         record = Registry().find(vllm_deployment.cluster)
@@ -129,7 +150,13 @@ def test_the_log_shows_the_exact_command_from_the_task(vllm_deployment):
 
 def test_usage_reporting_is_off(vllm_deployment):
     """The engine runs with vLLM's and Hugging Face's reporting switched off, and vLLM wrote no usage file."""
-    environments = [e for e in (proc.environ() for proc in engine_processes(vllm_deployment)) if e]
+    environments = []
+    for proc in engine_processes(vllm_deployment):
+        try:
+            environments.append(proc.environ())
+        except psutil.Error:  # a helper process that has just exited
+            continue
+    environments = [e for e in environments if e]
     assert len(environments) >= 2  # the API server and the engine core, at least
     assert all(e.get("VLLM_NO_USAGE_STATS") == "1" and e.get("DO_NOT_TRACK") == "1" for e in environments)
     assert all("llm-atc-tests-home" in e["HOME"] for e in environments)
@@ -142,8 +169,21 @@ def test_a_model_vllm_cannot_load_fails_in_one_line(cli, vllm_engine, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     cluster = unique("vllm-broken")
-    result = cli("serve", "--name", str(folder), "--cloud", "local", "--engine", "vllm", "--port", "0",
-                 "-c", cluster, "--timeout", "300")
+    result = cli(
+        "serve",
+        "--name",
+        str(folder),
+        "--cloud",
+        "local",
+        "--engine",
+        "vllm",
+        "--port",
+        "0",
+        "-c",
+        cluster,
+        "--timeout",
+        "300",
+    )
     assert_one_line_error(result, "the engine exited")
     assert "no-such-architecture" in result.stderr, result.stderr  # vLLM's (transformers') own words
     from llm_atc.registry import Registry
@@ -155,14 +195,29 @@ def test_a_model_vllm_cannot_load_fails_in_one_line(cli, vllm_engine, tmp_path):
 
 def test_an_eos_token_the_tokenizer_lacks_fails_before_vllm_loads(cli, vllm_engine, tiny_model):
     cluster = unique("vllm-eos")
-    result = cli("serve", "--name", str(tiny_model), "--cloud", "local", "--engine", "vllm", "--port", "0",
-                 "-c", cluster, "--eos_token", "<no-such-token>", "--timeout", "120")
+    result = cli(
+        "serve",
+        "--name",
+        str(tiny_model),
+        "--cloud",
+        "local",
+        "--engine",
+        "vllm",
+        "--port",
+        "0",
+        "-c",
+        cluster,
+        "--eos_token",
+        "<no-such-token>",
+        "--timeout",
+        "120",
+    )
     assert_one_line_error(result, "the engine exited")
     assert "is not a single token" in result.stderr
 
 
 def test_without_the_engine_one_line_says_how_to_get_it(cli, tiny_model, tmp_path, monkeypatch):
-    from llm_atc.backends.local import choose_engine
+    from llm_atc.app.serve import choose_engine
 
     monkeypatch.setenv("LLM_ATC_ENGINES", str(tmp_path / "no-engines"))
     result = cli("serve", "--name", str(tiny_model), "--cloud", "local", "--engine", "vllm", "-c", unique("none"))
@@ -184,14 +239,22 @@ def test_the_shipped_flag_list_is_the_pinned_vllm_parser(vllm_engine):
     import subprocess
 
     from conftest import ROOT
+
     from llm_atc.vllm_flags import pinned_flags
 
-    fresh = subprocess.run([str(vllm_engine.python), str(ROOT / "scripts" / "vllm_flags.py")], capture_output=True,
-                           text=True, timeout=300, cwd=ROOT)
+    fresh = subprocess.run(
+        [str(vllm_engine.python), str(ROOT / "scripts" / "vllm_flags.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     version, flags = pinned_flags()
     assert json.loads(fresh.stdout) == {"vllm": version, "flags": flags}
     from llm_atc.engines import VLLM_VERSION
     from llm_atc.recipes_catalog import get_recipe
 
-    assert version == VLLM_VERSION == vllm_engine.version == str(get_recipe("serve/vllm").load()["envs"]["VLLM_VERSION"])
+    assert (
+        version == VLLM_VERSION == vllm_engine.version == str(get_recipe("serve/vllm").load()["envs"]["VLLM_VERSION"])
+    )

@@ -1,7 +1,7 @@
-"""Deployments on SkyPilot clusters, through the SkyPilot 0.14 client SDK.
+"""Workloads on SkyPilot (jobs on clusters, managed jobs, SkyServe services), through its 0.14 client SDK.
 
-SkyPilot is imported on first use only; every process we start gets
-``SKYPILOT_DISABLE_USAGE_COLLECTION=1`` unless the user set that variable.
+This is the only module that imports SkyPilot, and only on first use; every process we start
+gets ``SKYPILOT_DISABLE_USAGE_COLLECTION=1`` unless the user set that variable.
 """
 
 from __future__ import annotations
@@ -9,15 +9,16 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import math
 import os
 import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
-from llm_atc.backends._base import LiveState
+from llm_atc.backends._base import LiveState, Workload
 from llm_atc.errors import LaunchError, NotFoundError, UserError
-from llm_atc.options import closest
 from llm_atc.registry import Record, Status
 
 USAGE_ENV = "SKYPILOT_DISABLE_USAGE_COLLECTION"
@@ -31,20 +32,7 @@ def import_sky():
     return sky
 
 
-def infra_names() -> list[str]:
-    """Every infra SkyPilot knows: its clouds, kubernetes, slurm, ssh, and aliases."""
-    import_sky()
-    from sky.utils import registry
-
-    return sorted({*registry.CLOUD_REGISTRY.keys(), *registry.CLOUD_REGISTRY._aliases})
-
-
-def canonical_infra(name: str) -> str:
-    """``name`` spelt as SkyPilot spells it, or a one-line error with close matches."""
-    return closest(name, infra_names(), "cloud")
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unsupported_feature(cloud: str | None, region: str | None, feature: str) -> str | None:
     """SkyPilot's reason why ``cloud`` (``region``) cannot do ``feature``, or None.
 
@@ -67,7 +55,7 @@ def unsupported_feature(cloud: str | None, region: str | None, feature: str) -> 
         cloud_obj.check_features_are_supported(resources, {wanted}, region)
     except sky.exceptions.NotSupportedError as exc:
         return _one_line(exc)
-    except Exception:  # noqa: BLE001 - the cloud's own check cannot run here (SDK missing, cluster unreachable)
+    except Exception:
         # What the cloud never supports, whatever the cluster: SkyPilot's static table.
         return getattr(type(cloud_obj), "_CLOUD_UNSUPPORTED_FEATURES", {}).get(wanted)
     return None
@@ -99,6 +87,163 @@ def build_task(config: dict, secrets: dict[str, str]):
         raise UserError(f"SkyPilot rejected the task: {_one_line(exc)}") from None
 
 
+# --- SkyPilot's GPU catalog (for `llm-atc plan` and --accelerator auto) -----------------------------
+
+
+def catalog_dir() -> Path:
+    """Where SkyPilot reads its catalog: ``${SKY_RUNTIME_DIR:-~}/.sky/catalogs/v8`` (fixed when
+    SkyPilot is imported)."""
+    import_sky()
+    from sky.catalog import common
+
+    return Path(common.get_catalog_path("x")).parent
+
+
+def catalog_clouds() -> list[str]:
+    """Clouds whose GPU catalog is already on disk (listing others would try to download them)."""
+    from sky.skylet import constants
+
+    root = catalog_dir()
+    return [cloud for cloud in constants.ALL_CLOUDS if (root / cloud / "vms.csv").is_file()]
+
+
+class _quiet_sky:
+    """Keep SkyPilot's log lines and payloads off stdout while reading the catalog (--json)."""
+
+    def __enter__(self):
+        import contextlib
+        import logging
+        import sys
+
+        self._logger = logging.getLogger("sky")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.CRITICAL)
+        self._redirect = contextlib.redirect_stdout(sys.stderr)
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
+        self._logger.setLevel(self._level)
+        return False
+
+
+def list_offers(clouds: list[str], region: str | None = None) -> list:
+    """GPU offers (``planning.Offer``) of ``clouds`` from SkyPilot's catalog, one per (cloud, instance
+    type, GPU, count), each at its cheapest region on-demand and its cheapest region on spot."""
+    import re
+
+    from llm_atc import planning
+
+    _number = planning._number
+
+    import_sky()
+    from sky import catalog
+    from sky.utils import accelerator_registry
+
+    try:
+        with _quiet_sky():
+            listing = catalog.list_accelerators(
+                gpus_only=True,
+                clouds=list(clouds),
+                all_regions=True,
+                case_sensitive=False,
+                region_filter=f"^{re.escape(region)}$" if region else None,
+            )
+    except Exception as exc:
+        raise UserError(
+            f"cannot read SkyPilot's GPU catalog for {', '.join(clouds)}: {_one_line(exc)} "
+            f"(SkyPilot downloads it to {catalog_dir()} on first use; run `sky gpus list` once online)"
+        ) from None
+    grouped: dict[tuple, list] = {}
+    for name, infos in listing.items():
+        if accelerator_registry.is_schedulable_non_gpu_accelerator(name) or name.lower().startswith("tpu"):
+            continue
+        for info in infos:
+            count = _number(info.accelerator_count)
+            if not count or count != int(count):
+                continue  # fractional GPUs
+            key = (info.cloud, info.instance_type, name, int(count))
+            grouped.setdefault(key, []).append(info)
+    memory = _device_memory(listing, _other_catalogs(listing, clouds))
+    offers = []
+    for (cloud, instance_type, name, count), infos in grouped.items():
+        priced = [(p, i.region) for i in infos if (p := _number(i.price)) is not None]
+        spot = [(p, i.region) for i in infos if (p := _number(i.spot_price)) is not None]
+        price, price_region = min(priced) if priced else (None, None)
+        spot_price, spot_region = min(spot) if spot else (None, None)
+        own = [m for i in infos if (m := _number(i.device_memory))]
+        gib, source = (min(own), "catalog GpuInfo") if own else memory.get(name, (None, None))
+        offers.append(
+            planning.Offer(
+                str(cloud), instance_type, name, count, gib, source, price, price_region, spot_price, spot_region
+            )
+        )
+    return sorted(offers, key=lambda o: (o.accelerator, o.count, o.cloud, o.price or math.inf))
+
+
+def _other_catalogs(listing: Mapping[str, list], clouds: list[str]) -> Mapping[str, list]:
+    """GPUs whose rows carry no memory (GCP's GpuInfo is just the name), as listed by the catalogs
+    of the other clouds already on disk (never downloaded); empty when there are none."""
+    import re
+
+    from sky import catalog
+
+    from llm_atc.planning import _number
+
+    missing = [name for name, infos in listing.items() if not any(_number(i.device_memory) for i in infos)]
+    others = [c for c in catalog_clouds() if c not in {x.lower() for x in clouds}]
+    if not missing or not others:
+        return {}
+    try:
+        with _quiet_sky():
+            return catalog.list_accelerators(
+                gpus_only=True,
+                clouds=others,
+                case_sensitive=False,
+                name_filter="^(?:" + "|".join(map(re.escape, missing)) + ")$",
+            )
+    except Exception:
+        return {}
+
+
+def _device_memory(
+    listing: Mapping[str, list], elsewhere: Mapping[str, list] | None = None
+) -> dict[str, tuple[float, str]]:
+    """GPU memory (GiB) per accelerator name, for offers whose own row has none (GCP's GpuInfo is
+    just the name): the catalog's GpuInfo of that GPU on another cloud (listed, or on disk), else
+    the catalog's ``common/metadata.csv``, else ``sky.utils.gpu_names`` (which SkyPilot uses for
+    memory variants)."""
+    import csv
+
+    from sky.utils import gpu_names
+
+    from llm_atc.planning import _number
+
+    found: dict[str, tuple[float, str]] = {}
+    elsewhere = elsewhere or {}
+    for name in listing:
+        sizes = [m for i in [*listing[name], *elsewhere.get(name, [])] if (m := _number(i.device_memory))]
+        if sizes:
+            found[name] = (min(sizes), "catalog GpuInfo (another cloud)")
+    metadata = catalog_dir() / "common" / "metadata.csv"
+    table: dict[str, float] = {}
+    if metadata.is_file():
+        with metadata.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                size = _number(row.get("MemoryGB"))
+                if row.get("GPU") and size:
+                    table[row["GPU"].lower()] = size
+    for name in listing:
+        if name in found:
+            continue
+        if name.lower() in table:
+            found[name] = (table[name.lower()], "catalog metadata.csv")
+        elif (size := gpu_names.get_gpu_device_memory_gib(name)) is not None:
+            found[name] = (float(size), "sky.utils.gpu_names")
+    return found
+
+
 @contextmanager
 def sky_errors(cluster: str | None = None) -> Iterator[None]:
     """Turn SkyPilot's exceptions into our one-line errors."""
@@ -115,8 +260,11 @@ def sky_errors(cluster: str | None = None) -> Iterator[None]:
         raise UserError(_one_line(exc)) from None
     except sky.exceptions.ApiServerConnectionError as exc:
         raise LaunchError(f"cannot reach the SkyPilot API server: {_one_line(exc)}") from None
-    except (sky.exceptions.ResourcesUnavailableError, sky.exceptions.NoCloudAccessError,
-            sky.exceptions.CloudError) as exc:
+    except (
+        sky.exceptions.ResourcesUnavailableError,
+        sky.exceptions.NoCloudAccessError,
+        sky.exceptions.CloudError,
+    ) as exc:
         raise LaunchError(_one_line(exc)) from None
     except ValueError as exc:
         if cluster and "not found" in str(exc).lower():
@@ -130,7 +278,7 @@ def ssh_config(cluster: str) -> Path:
     import_sky()
     from sky.client.cli import command  # the function SkyPilot's CLI uses to write ~/.sky/generated/ssh/
 
-    from llm_atc.registry import home
+    from llm_atc.paths import home, write_private
 
     with sky_errors(cluster):
         found = command._get_cluster_records_and_set_ssh_config([cluster])
@@ -140,16 +288,11 @@ def ssh_config(cluster: str) -> Path:
     if not generated.is_file():
         raise LaunchError(f"SkyPilot has no SSH access to {cluster} yet (is it UP? see `llm-atc status`)")
     text = re.sub(r"(?m)(\s)~/", lambda m: f"{m.group(1)}{Path.home()}/", generated.read_text())
-    folder = home() / "ssh"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / f"{cluster}.config"
-    path.touch(mode=0o600)
-    path.write_text(text)
-    return path
+    return write_private(home() / "ssh" / f"{cluster}.config", text)
 
 
 class SkyPilotBackend:
-    """Runs tasks on SkyPilot clusters."""
+    """Runs workloads through SkyPilot: jobs on clusters, managed jobs, SkyServe services."""
 
     name = "skypilot"
 
@@ -162,33 +305,33 @@ class SkyPilotBackend:
             self._sdk = import_sky()
         return self._sdk
 
-    def launch(self, task, *, cluster: str, stream: bool, no_setup: bool, down: bool = False) -> int | None:
-        """Provision (or reuse) ``cluster`` and submit ``task``; returns the job id.
+    # --- launching ---------------------------------------------------------------------------------
 
-        ``down``: tear the cluster down once its jobs have finished.
-        """
-        extra = {"down": True} if down else {}
-        with sky_errors(cluster):
-            request = self.sdk.launch(task, cluster_name=cluster, no_setup=no_setup, **extra)
-            result = self.sdk.stream_and_get(request) if stream else self.sdk.get(request)
-        return result[0] if result else None
+    def validate(self, workload: Workload) -> None:
+        build_task(workload.config, workload.secrets)
 
-    def launch_managed(self, task, *, name: str, stream: bool) -> int | None:
-        """Submit ``task`` as a SkyPilot managed job (spot recovery); returns its job id."""
-        with sky_errors():
-            request = self.sdk.jobs.launch(task, name=name)
-            result = self.sdk.stream_and_get(request) if stream else self.sdk.get(request)
-        job_ids = result[0] if result else None
-        return job_ids[0] if isinstance(job_ids, list) and job_ids else job_ids
+    def launch(self, workload: Workload) -> dict:
+        """``sky.launch`` (a job on a cluster), ``sky.jobs.launch`` (a managed job) or ``sky.serve.up``."""
+        task = build_task(workload.config, workload.secrets)
+        record = workload.record
+        with sky_errors(record.cluster):
+            if record.mode == "service":
+                result = self.sdk.stream_and_get(self.sdk.serve.up(task, service_name=record.cluster))
+                if not result or not result[1]:
+                    raise LaunchError(f"SkyServe gave service {record.cluster} no endpoint")
+                return {"endpoint": _http(result[1])}
+            if record.mode == "managed":
+                request = self.sdk.jobs.launch(task, name=record.name)
+            else:
+                extra = {"down": True} if workload.down_when_done else {}
+                request = self.sdk.launch(task, cluster_name=record.cluster, no_setup=workload.no_setup, **extra)
+            result = self.sdk.stream_and_get(request) if workload.stream else self.sdk.get(request)
+        job_id = result[0] if result else None
+        if isinstance(job_id, list):  # managed jobs: one id per job
+            job_id = job_id[0] if job_id else None
+        return {"details": {"job_id": job_id}}
 
-    def launch_service(self, task, *, name: str) -> str:
-        """``sky.serve.up``: a SkyServe service (controller, load balancer, replicas); returns its endpoint."""
-        with sky_errors(name):
-            result = self.sdk.stream_and_get(self.sdk.serve.up(task, service_name=name))
-        endpoint = result[1] if result else None
-        if not endpoint:
-            raise LaunchError(f"SkyServe gave service {name} no endpoint")
-        return _http(endpoint)
+    # --- what became of it ---------------------------------------------------------------------------
 
     def service(self, name: str) -> dict | None:
         """SkyServe's record of service ``name`` (status, endpoint, replica_info, ...), or None."""
@@ -206,47 +349,69 @@ class SkyPilotBackend:
         rows = []
         for replica in self._replica_info(record):
             resources = getattr(replica.get("handle"), "launched_resources", None)
-            infra = "/".join(str(p) for p in (getattr(resources, "cloud", None), getattr(resources, "region", None))
-                             if p) or "-"
+            infra = (
+                "/".join(str(p) for p in (getattr(resources, "cloud", None), getattr(resources, "region", None)) if p)
+                or "-"
+            )
             try:
                 price = f"{resources.get_cost(3600):.2f}" if resources is not None else "-"
-            except Exception:  # noqa: BLE001 - a price SkyPilot cannot compute here is just unknown
+            except Exception:
                 price = "-"
-            rows.append((str(replica["replica_id"]), _status_name(replica["status"]), infra,
-                         str(resources) if resources is not None else "-", price))
+            rows.append(
+                (
+                    str(replica["replica_id"]),
+                    _status_name(replica["status"]),
+                    infra,
+                    str(resources) if resources is not None else "-",
+                    price,
+                )
+            )
         return rows
 
-    def job_end(self, record: Record) -> str | None:
-        """The job's final status (SUCCEEDED, FAILED, ...) once it has ended; None while it runs,
-        or when SkyPilot cannot say (no job id, cluster gone)."""
+    def _job_status(self, record: Record) -> str | None:
+        """SkyPilot's status of the record's job (RUNNING, SUCCEEDED, FAILED_SETUP, ...); None when unknown."""
         job_id = record.details.get("job_id")
         if job_id is None:
             return None
         try:
+            if record.mode == "managed":
+                return self._managed_statuses([record]).get(job_id)
             with sky_errors(record.cluster):
                 statuses = self.sdk.get(self.sdk.job_status(record.cluster, [job_id]))
         except (UserError, LaunchError):
             return None
         status = (statuses or {}).get(job_id)
-        return status.value if status is not None and status.is_terminal() else None
+        return _status_name(status) if status is not None else None
 
-    def job_failed(self, record: Record) -> str | None:
-        """A reason when the serving job (or service) has ended or failed (it should run forever), else None."""
-        if record.details.get("service"):
+    def _managed_statuses(self, records: list[Record]) -> dict[int, str]:
+        """Managed job id -> ManagedJobStatus name, from the jobs controller."""
+        ids = sorted({r.details["job_id"] for r in records if r.details.get("job_id") is not None})
+        with sky_errors():
+            found = self.sdk.get(self.sdk.jobs.queue_v2(refresh=False, skip_finished=False, job_ids=ids))
+        jobs = found[0] if isinstance(found, tuple) else found
+        return {job["job_id"]: _status_name(job["status"]) for job in jobs or [] if job.get("job_id") in ids}
+
+    def ended(self, record: Record) -> str | None:
+        """Why the workload is over: its job ended (a serving job should run forever) or its service failed."""
+        if record.mode == "service":
             try:
                 found = self.service(record.cluster)
             except (UserError, LaunchError):
                 return None
             status = _status_name(found["status"]) if found else "gone"
             return f"service {record.cluster} is {status}" if "FAILED" in status or status == "gone" else None
-        ended = self.job_end(record)
-        return f"the engine's job on {record.cluster} ended ({ended})" if ended else None
+        status = self._job_status(record)
+        if status is None or status not in TERMINAL_JOB_STATUSES:
+            return None
+        where = "managed job" if record.mode == "managed" else f"job on {record.cluster}"
+        what = "engine's" if record.kind == "serve" else "training"
+        return f"the {what} {where} ended ({status})"
 
     def endpoint(self, record: Record) -> str:
         """The engine's URL: SkyPilot's endpoint for the port, or (on infra that opens no
         ports, such as Slurm) the head node's address and the port."""
         port = record.port or 8000
-        if record.details.get("service"):
+        if record.mode == "service":
             found = self.service(record.cluster)
             if not found or not found.get("endpoint"):
                 raise LaunchError(f"service {record.cluster} has no endpoint (see `llm-atc status`)")
@@ -275,12 +440,17 @@ class SkyPilotBackend:
         return ip
 
     def states(self, records: list[Record]) -> dict[int, LiveState]:
-        services = [r for r in records if r.details.get("service")]
-        records = [r for r in records if not r.details.get("service")]
-        states = self._service_states(services) if services else {}
-        if not records:
-            return states
-        return {**states, **self._cluster_states(records)}
+        by_mode: dict[str, list[Record]] = {}
+        for record in records:
+            by_mode.setdefault(record.mode, []).append(record)
+        states: dict[int, LiveState] = {}
+        if by_mode.get("service"):
+            states.update(self._service_states(by_mode["service"]))
+        if by_mode.get("managed"):
+            states.update(self._managed_states(by_mode["managed"]))
+        if by_mode.get("cluster"):
+            states.update(self._cluster_states(by_mode["cluster"]))
+        return states
 
     def _service_states(self, records: list[Record]) -> dict[int, LiveState]:
         with sky_errors():
@@ -294,10 +464,29 @@ class SkyPilotBackend:
             status = _status_name(service["status"])
             replicas = service.get("replica_info") or []
             ready = sum(1 for r in replicas if _status_name(r["status"]) == "READY")
-            ours = (Status.FAILED if "FAILED" in status else Status.RUNNING if status in ("READY", "NO_REPLICA")
-                    else Status.LAUNCHING)
-            states[record.id] = LiveState(ours, f"{status}, {ready}/{len(replicas)} replicas ready",
-                                          resources=service.get("requested_resources_str"))
+            ours = (
+                Status.FAILED
+                if "FAILED" in status
+                else Status.RUNNING
+                if status in ("READY", "NO_REPLICA")
+                else Status.LAUNCHING
+            )
+            states[record.id] = LiveState(
+                ours,
+                f"{status}, {ready}/{len(replicas)} replicas ready",
+                resources=service.get("requested_resources_str"),
+            )
+        return states
+
+    def _managed_states(self, records: list[Record]) -> dict[int, LiveState]:
+        statuses = self._managed_statuses(records)
+        states = {}
+        for record in records:
+            status = statuses.get(record.details.get("job_id"))
+            if status is None:
+                states[record.id] = _gone(record, "no managed job")
+            else:
+                states[record.id] = LiveState(_job_state(status, record), f"managed job {status}")
         return states
 
     def _cluster_states(self, records: list[Record]) -> dict[int, LiveState]:
@@ -310,31 +499,49 @@ class SkyPilotBackend:
             if cluster is None:
                 states[record.id] = _gone(record, "no cluster")
                 continue
-            sky_status = cluster.status.value
-            status = {"UP": record.status, "STOPPED": Status.STOPPED, "INIT": Status.LAUNCHING}[sky_status]
-            if sky_status == "UP" and record.status in (Status.DOWN, Status.STOPPED):
-                status = Status.RUNNING
-            handle = cluster.handle
-            resources = getattr(handle, "launched_resources", None)
+            sky_status = _status_name(cluster.status)
+            detail = sky_status
+            if sky_status == "STOPPED":
+                status = Status.STOPPED
+            elif sky_status == "INIT":
+                status = Status.LAUNCHING if record.is_active else record.status
+            else:  # UP: the cluster is there; its job says whether the workload is
+                status = Status.RUNNING if record.status in (Status.DOWN, Status.STOPPED) else record.status
+                job = self._job_status(record) if record.is_active else None
+                if job is not None:
+                    status, detail = _job_state(job, record), f"UP, job {job}"
+            resources = getattr(cluster.handle, "launched_resources", None)
             states[record.id] = LiveState(
                 status,
-                sky_status,
+                detail,
                 cloud=str(resources.cloud) if resources is not None and resources.cloud else None,
                 region=getattr(resources, "region", None),
                 resources=cluster.resources_str,
             )
         return states
 
+    # --- logs, stop, down ----------------------------------------------------------------------------
+
     def logs(self, record: Record, *, follow: bool, output: TextIO | None = None) -> int:
-        if record.details.get("service"):  # the first replica's engine
+        if record.mode == "service":  # the first replica's engine
             replicas = self._replica_info(record)
             if not replicas:
                 raise NotFoundError(f"service {record.cluster} has no replica yet; see `llm-atc status`")
             with sky_errors(record.cluster):
-                self.sdk.serve.tail_logs(record.cluster, target="replica", replica_id=replicas[0]["replica_id"],
-                                         follow=follow, output_stream=output)
+                self.sdk.serve.tail_logs(
+                    record.cluster,
+                    target="replica",
+                    replica_id=replicas[0]["replica_id"],
+                    follow=follow,
+                    output_stream=output,
+                )
             return 0
         with sky_errors(record.cluster):
+            if record.mode == "managed":
+                return (
+                    self.sdk.jobs.tail_logs(job_id=record.details.get("job_id"), follow=follow, output_stream=output)
+                    or 0
+                )
             return self.sdk.tail_logs(record.cluster, record.details.get("job_id"), follow, output_stream=output)
 
     def log_tail(self, record: Record, lines: int) -> str:
@@ -342,23 +549,38 @@ class SkyPilotBackend:
         buffer = io.StringIO()
         try:
             with sky_errors(record.cluster):
-                self.sdk.tail_logs(record.cluster, record.details.get("job_id"), False, tail=lines,
-                                   output_stream=buffer)
+                if record.mode == "managed":
+                    self.sdk.jobs.tail_logs(
+                        job_id=record.details.get("job_id"), follow=False, tail=lines, output_stream=buffer
+                    )
+                else:
+                    self.sdk.tail_logs(
+                        record.cluster, record.details.get("job_id"), False, tail=lines, output_stream=buffer
+                    )
         except (UserError, LaunchError):
             return ""
         return "\n".join(_uncoloured(buffer.getvalue()).rstrip().splitlines()[-lines:])
 
     def check_stoppable(self, record: Record) -> None:
-        """A one-line error, before anything changes, when SkyPilot cannot stop clusters there."""
-        if record.details.get("service"):
-            raise UserError(f"a SkyServe service cannot be stopped; nothing was changed. Scale it to zero with "
-                            f"--replicas 0..N, or tear it down: llm-atc down {record.cluster}")
+        """A one-line error, before anything changes, when SkyPilot cannot stop it there."""
+        if record.mode == "service":
+            raise UserError(
+                f"a SkyServe service cannot be stopped; nothing was changed. Scale it to zero with "
+                f"--replicas 0..N, or tear it down: llm-atc down {record.cluster}"
+            )
+        if record.kind == "train":
+            return  # stopping a run cancels its job, which works everywhere
         reason = unsupported_feature(record.cloud, record.region, "stop")
         if reason:
             raise UserError(self._cannot_stop(record, reason))
 
     def stop(self, record: Record) -> None:
+        """A deployment's cluster is stopped (its disk kept); a training run's job is cancelled (its
+        checkpoints kept, so ``train --resume`` goes on from the last one)."""
         self.check_stoppable(record)
+        if record.kind == "train":
+            self._cancel(record)
+            return
         try:
             with sky_errors(record.cluster):
                 self.sdk.get(self.sdk.stop(record.cluster))
@@ -367,23 +589,70 @@ class SkyPilotBackend:
                 raise UserError(self._cannot_stop(record, str(exc))) from None
             raise
 
+    def _cancel(self, record: Record) -> None:
+        job_id = record.details.get("job_id")
+        with sky_errors(record.cluster):
+            if record.mode == "managed":
+                self.sdk.get(
+                    self.sdk.jobs.cancel(
+                        job_ids=[job_id] if job_id is not None else None,
+                        name=None if job_id is not None else record.name,
+                    )
+                )
+            elif job_id is not None:
+                self.sdk.get(self.sdk.cancel(record.cluster, job_ids=[job_id]))
+
     @staticmethod
     def _cannot_stop(record: Record, reason: str) -> str:
         where = record.cloud or "this infra"
-        return (f"clusters on {where} cannot be stopped ({reason.rstrip('.')}); nothing was changed. "
-                f"Tear it down instead: llm-atc down {record.cluster}")
+        return (
+            f"clusters on {where} cannot be stopped ({reason.rstrip('.')}); nothing was changed. "
+            f"Tear it down instead: llm-atc down {record.cluster}"
+        )
 
     def down(self, record: Record) -> None:
         with sky_errors(record.cluster):
-            if record.details.get("service"):
+            if record.mode == "service":
                 self.sdk.get(self.sdk.serve.down([record.cluster]))
+            elif record.mode == "managed":
+                self._cancel(record)
             else:
                 self.sdk.get(self.sdk.down(record.cluster))
 
 
+# SkyPilot's job statuses (cluster jobs and managed jobs) after which nothing runs any more.
+TERMINAL_JOB_STATUSES = frozenset(
+    {
+        "SUCCEEDED",
+        "FAILED",
+        "FAILED_SETUP",
+        "FAILED_DRIVER",
+        "CANCELLED",
+        "FAILED_PRECHECKS",
+        "FAILED_NO_RESOURCE",
+        "FAILED_CONTROLLER",
+        "CANCELLING",
+    }
+)
+
+
+def _job_state(job: str, record: Record) -> str:
+    """Our status for a record whose job has SkyPilot status ``job`` (a running serving job is a
+    deployment as ready as its record says; readiness is the engine's answer, not the job's)."""
+    if job not in TERMINAL_JOB_STATUSES:
+        if record.kind == "serve":
+            return record.status
+        return Status.RUNNING if job in ("RUNNING", "RECOVERING") else Status.LAUNCHING
+    if job == "SUCCEEDED" and record.kind == "train":
+        return Status.SUCCEEDED
+    if job in ("CANCELLED", "CANCELLING"):
+        return Status.STOPPED
+    return Status.FAILED
+
+
 def _gone(record: Record, detail: str) -> LiveState:
-    """The state of a record whose cluster or service SkyPilot no longer has (a failure stays FAILED)."""
-    return LiveState(Status.FAILED if record.status == Status.FAILED else Status.DOWN, detail)
+    """The state of a record whose cluster, job or service SkyPilot no longer has (a failure stays FAILED)."""
+    return LiveState(Status.FAILED if record.status == Status.FAILED else Status.DOWN, detail, gone=True)
 
 
 def _status_name(status) -> str:

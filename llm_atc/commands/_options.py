@@ -18,11 +18,17 @@ def placement_options(*, accelerator_default: str | None, accelerator_help: str)
     """--accelerator --cloud --region --zone --cpus --memory --use_spot --disk_size -c/--cluster."""
     return _apply(
         [
-            click.option("--accelerator", default=accelerator_default, show_default=bool(accelerator_default),
-                         help=accelerator_help),
+            click.option(
+                "--accelerator",
+                default=accelerator_default,
+                show_default=bool(accelerator_default),
+                help=accelerator_help,
+            ),
             click.option("-c", "--cluster", help="Cluster name (default: derived from --name)."),
-            click.option("--cloud", help="SkyPilot infra: aws, gcp, azure, lambda, kubernetes, slurm, ... "
-                                         "or `local` for this machine."),
+            click.option(
+                "--cloud",
+                help="SkyPilot infra: aws, gcp, azure, lambda, kubernetes, slurm, ... or `local` for this machine.",
+            ),
             click.option("--region", help="Region (needs --cloud); for slurm, the cluster's name."),
             click.option("--zone", help="Zone (needs --region)."),
             click.option("--cpus", help="vCPUs per node, SkyPilot syntax: 4 (exactly) or 4+ (at least)."),
@@ -37,12 +43,21 @@ def env_options():
     """-e/--envs and --secret."""
     return _apply(
         [
-            click.option("-e", "--envs", multiple=True, metavar="KEY=VAL",
-                         help="Env vars for the task: KEY=VAL, KEY (taken from your environment), or several "
-                              "space-separated in one value. HF_TOKEN, WANDB_API_KEY and *_TOKEN/*_KEY/*_SECRET "
-                              "become secrets."),
-            click.option("--secret", multiple=True, metavar="KEY=VAL",
-                         help="Like --envs, but always passed as a SkyPilot secret (never saved or printed)."),
+            click.option(
+                "-e",
+                "--envs",
+                multiple=True,
+                metavar="KEY=VAL",
+                help="Env vars for the task: KEY=VAL, KEY (taken from your environment), or several "
+                "space-separated in one value. HF_TOKEN, WANDB_API_KEY and *_TOKEN/*_KEY/*_SECRET "
+                "become secrets.",
+            ),
+            click.option(
+                "--secret",
+                multiple=True,
+                metavar="KEY=VAL",
+                help="Like --envs, but always passed as a SkyPilot secret (never saved or printed).",
+            ),
         ]
     )
 

@@ -10,6 +10,7 @@ import click
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def down(name, yes):
     """Tear down deployment or cluster NAME (all its resources and disks)."""
-    from llm_atc.lifecycle import end_deployment
+    from llm_atc.app.lifecycle import end
+    from llm_atc.registry import Registry
 
-    end_deployment(name, action="down", yes=yes)
+    end(name, action="down", yes=yes, registry=Registry())

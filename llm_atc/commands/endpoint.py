@@ -8,28 +8,36 @@ import click
 @click.command()
 @click.argument("name")
 @click.option("--check", is_flag=True, help="Query the engine and print the served model ids.")
-@click.option("--port", type=int, default=8000, show_default=True,
-              help="Engine port, for clusters llm-atc did not launch.")
-@click.option("--forward", is_flag=True,
-              help="Open an SSH tunnel to the engine (for nodes you cannot reach directly), print its local "
-                   "URL and keep it open until Ctrl-C.")
+@click.option(
+    "--port", type=int, default=8000, show_default=True, help="Engine port, for clusters llm-atc did not launch."
+)
+@click.option(
+    "--forward",
+    is_flag=True,
+    help="Open an SSH tunnel to the engine (for nodes you cannot reach directly), print its local "
+    "URL and keep it open until Ctrl-C.",
+)
 @click.option("--local_port", type=int, help="Local port of the --forward tunnel (default: a free one).")
 @click.option("--show_key", is_flag=True, help="Print the deployment's API key (and nothing else).")
 def endpoint(name, check, port, forward, local_port, show_key):
     """Print the base URL (http://HOST:PORT/v1) of deployment or cluster NAME."""
     from llm_atc import credentials, ui
-    from llm_atc.backends import backend_for, lookup
+    from llm_atc.app import lifecycle
     from llm_atc.errors import NotFoundError
     from llm_atc.readiness import served_models
+    from llm_atc.registry import Registry
 
     if local_port is not None and not forward:
         raise click.UsageError("--local_port goes with --forward")
-    record = lookup(name, port=port)
+    registry = Registry()
+    record = lifecycle.lookup(name, registry, port=port)
     api_key = credentials.get(record.cluster)
     if show_key:
         if not api_key:
-            raise NotFoundError(f"{record.name} on {record.cluster} has no API key here "
-                                "(served with --no_auth, by transformers, or locally)")
+            raise NotFoundError(
+                f"{record.name} on {record.cluster} has no API key here "
+                "(served with --no_auth, by transformers, or locally)"
+            )
         ui.out(api_key)
         return
 
@@ -40,7 +48,7 @@ def endpoint(name, check, port, forward, local_port, show_key):
                 ui.out(f"  {model}")
 
     if not forward:
-        show(backend_for(record).endpoint(record))
+        show(lifecycle.endpoint(record, registry=registry)[1])
         return
     from llm_atc.tunnel import forward as open_tunnel
 

@@ -41,11 +41,17 @@ def list_():
 
 @engines.command()
 @click.argument("name")
-@click.option("--build", type=click.Choice(["cpu", "cuda"]),
-              help="vLLM build (default: cuda when nvidia-smi lists a GPU, else cpu).")
-@click.option("--torch_index", metavar="URL",
-              help="Index for the CPU build's torch (default: pip's own settings when they have it, else "
-                   "https://download.pytorch.org/whl/cpu); '' uses pip's settings only.")
+@click.option(
+    "--build",
+    type=click.Choice(["cpu", "cuda"]),
+    help="vLLM build (default: cuda when nvidia-smi lists a GPU, else cpu).",
+)
+@click.option(
+    "--torch_index",
+    metavar="URL",
+    help="Index for the CPU build's torch (default: pip's own settings when they have it, else "
+    "https://download.pytorch.org/whl/cpu); '' uses pip's settings only.",
+)
 @click.option("--force", is_flag=True, help="Replace an environment that is already installed.")
 def install(name, build, torch_index, force):
     """Install engine NAME (vllm) into an environment of its own."""

@@ -19,8 +19,14 @@ def list_(model_type, name_filter, limit, remote, checkpoint_bucket, checkpoint_
     from llm_atc import ui
     from llm_atc.runs import list_runs
 
-    rows = list_runs(model_type=model_type, name_filter=name_filter, limit=limit, remote=remote,
-                     bucket=checkpoint_bucket, store=checkpoint_store)
+    rows = list_runs(
+        model_type=model_type,
+        name_filter=name_filter,
+        limit=limit,
+        remote=remote,
+        bucket=checkpoint_bucket,
+        store=checkpoint_store,
+    )
     if not rows:
         ui.out("No training runs match. Start one with `llm-atc train`.")
         return

@@ -10,8 +10,7 @@ import click
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
 def logs(name, follow):
     """Print the engine logs of deployment or cluster NAME."""
-    from llm_atc.backends import backend_for, lookup
+    from llm_atc.app import lifecycle
+    from llm_atc.registry import Registry
 
-    record = lookup(name)
-    code = backend_for(record).logs(record, follow=follow)
-    raise SystemExit(code or 0)
+    raise SystemExit(lifecycle.logs(name, follow=follow, registry=Registry()) or 0)

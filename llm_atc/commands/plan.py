@@ -6,15 +6,27 @@ import click
 
 
 @click.command()
-@click.option("-n", "--name", required=True,
-              help="Model: a Hugging Face id, llm-atc/<run> (a checkpoint we trained) or a local folder.")
+@click.option(
+    "-n",
+    "--name",
+    required=True,
+    help="Model: a Hugging Face id, llm-atc/<run> (a checkpoint we trained) or a local folder.",
+)
 @click.option("--source", help="s3:// or gs:// URI of the checkpoint to size under --name (wins over the registry).")
-@click.option("--mode", type=click.Choice(["serve", "full", "lora", "qlora"]), default="serve", show_default=True,
-              help="serve: vLLM weights + KV cache; full: full fine-tune (Adam state); lora: LoRA on a 16-bit "
-                   "base; qlora: LoRA on a 4-bit base.")
-@click.option("--max_model_len", type=int,
-              help="serve: context length to size the KV cache for (default: the model's, at most 32768); "
-                   "training: sequence length (default 2048).")
+@click.option(
+    "--mode",
+    type=click.Choice(["serve", "full", "lora", "qlora"]),
+    default="serve",
+    show_default=True,
+    help="serve: vLLM weights + KV cache; full: full fine-tune (Adam state); lora: LoRA on a 16-bit "
+    "base; qlora: LoRA on a 4-bit base.",
+)
+@click.option(
+    "--max_model_len",
+    type=int,
+    help="serve: context length to size the KV cache for (default: the model's, at most 32768); "
+    "training: sequence length (default 2048).",
+)
 @click.option("--dtype", help="Weights dtype: auto, half, float16, bfloat16, float32 (serve).")
 @click.option("--quantization", help="vLLM quantization method, e.g. awq, gptq, fp8, bitsandbytes (serve).")
 @click.option("--cloud", help="Only this cloud's offers (default: every cloud whose SkyPilot catalog is on disk).")
@@ -38,9 +50,17 @@ def plan(name, source, mode, max_model_len, dtype, quantization, cloud, region, 
 
     from llm_atc import planning, ui
 
-    result = planning.make_plan(name, mode=mode, max_model_len=max_model_len, dtype=dtype,
-                                quantization=quantization, cloud=cloud, region=region, use_spot=use_spot,
-                                source=source)
+    result = planning.make_plan(
+        name,
+        mode=mode,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        quantization=quantization,
+        cloud=cloud,
+        region=region,
+        use_spot=use_spot,
+        source=source,
+    )
     if as_json:
         ui.raw_out(json.dumps(result.to_dict(), indent=2) + "\n")
         return
@@ -54,8 +74,10 @@ def _render(result) -> None:
 
     estimate = result.estimate
     adapter = f", a LoRA adapter on {result.model.adapter_of}" if result.model.adapter_of else ""
-    ui.out(f"[bold]{ui.escape(result.model.name)}[/bold] ({ui.escape(result.model.source)}{ui.escape(adapter)}), "
-           f"--mode {estimate.mode}")
+    ui.out(
+        f"[bold]{ui.escape(result.model.name)}[/bold] ({ui.escape(result.model.source)}{ui.escape(adapter)}), "
+        f"--mode {estimate.mode}"
+    )
     terms = Table(box=None, show_header=False, padding=(0, 1))
     terms.add_column(style="bold")
     terms.add_column()
@@ -70,16 +92,30 @@ def _render(result) -> None:
         ui.out(f"\nNo GPU in SkyPilot's catalog ({where}) fits.")
     else:
         table = Table(box=None, header_style="bold", title=f"GPUs that fit ({where})", title_justify="left")
-        for column in ("GPUS", "NODES", "GIB/GPU", "NEED/GPU", "CLOUD", "INSTANCE", "REGION", price,
-                       "SPOT $/H" if not result.use_spot else "$/H"):
+        for column in (
+            "GPUS",
+            "NODES",
+            "GIB/GPU",
+            "NEED/GPU",
+            "CLOUD",
+            "INSTANCE",
+            "REGION",
+            price,
+            "SPOT $/H" if not result.use_spot else "$/H",
+        ):
             table.add_column(column, justify="right" if "/" in column or column == "NODES" else "left")
         for option in result.options:
             offer = option.offer
             other = offer.price if result.use_spot else offer.spot_price
             table.add_row(
-                option.accelerators, str(option.nodes), f"{offer.gpu_memory_gib:.1f}",
-                f"{option.need_bytes / planning.GIB:.1f}", offer.cloud, str(offer.instance_type or "-"),
-                str(option.region or "-"), f"{option.hourly:.3f}",
+                option.accelerators,
+                str(option.nodes),
+                f"{offer.gpu_memory_gib:.1f}",
+                f"{option.need_bytes / planning.GIB:.1f}",
+                offer.cloud,
+                str(offer.instance_type or "-"),
+                str(option.region or "-"),
+                f"{option.hourly:.3f}",
                 f"{other * option.nodes:.3f}" if other is not None else "-",
             )
         ui.out()

@@ -8,44 +8,89 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
 
 
 @click.command()
-@click.option("-n", "--name", required=True,
-              help="Model: a Hugging Face id, llm-atc/<run> (a checkpoint we trained) or a local folder.")
+@click.option(
+    "-n",
+    "--name",
+    required=True,
+    help="Model: a Hugging Face id, llm-atc/<run> (a checkpoint we trained) or a local folder.",
+)
 @click.option("--source", help="s3:// or gs:// URI of the checkpoint to serve under --name (wins over the registry).")
-@placement_options(accelerator_default=None,
-                   accelerator_help="GPUs: NAME[:COUNT] such as A100-80GB:2, a comma list meaning any of them, or "
-                                    "auto. Default: A100:1 for vLLM, none for transformers.")
+@placement_options(
+    accelerator_default=None,
+    accelerator_help="GPUs: NAME[:COUNT] such as A100-80GB:2, a comma list meaning any of them, or "
+    "auto. Default: A100:1 for vLLM, none for transformers.",
+)
 @env_options()
 @click.option("--max_model_len", type=int, help="Context length the engine allocates for.")
 @click.option("--dtype", help="Weights dtype: auto, half, float16, bfloat16, float32.")
 @click.option("--quantization", help="vLLM quantization method, e.g. awq, gptq, fp8.")
-@click.option("--lora", multiple=True, metavar="NAME=REF",
-              help="Also serve a LoRA adapter under NAME (vLLM): REF is llm-atc/<run>, s3:// or gs://, a folder "
-                   "or a Hub id. Repeatable.")
-@click.option("--chat_template", metavar="FILE|TEMPLATE",
-              help="Jinja chat template (a file, or the template text) for models whose repo has none (vLLM).")
-@click.option("--eos_token", metavar="TOKEN",
-              help="A token that also ends generation, e.g. '<|im_end|>' (vLLM; for models whose config misses it).")
-@click.option("--vllm_args", metavar="'FLAGS'", help="Extra vLLM engine flags, e.g. \"--enable-prefix-caching\".")
-@click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default="auto", show_default=True,
-              help="Serving engine. auto: vLLM on clusters; locally vLLM with a CUDA GPU, else transformers. "
-                   "transformers runs on CPUs (small models, CPU-only clusters).")
-@click.option("--port", type=int, default=8000, show_default=True,
-              help="Engine port on the node (0 picks a free one, local only).")
-@click.option("--cache_weights", metavar="s3://...|gs://...",
-              help="Stage a Hub model's weights in this bucket folder once; later replicas load from it (vLLM).")
-@click.option("--num_nodes", type=int, default=1, show_default=True,
-              help="Nodes for one vLLM: tensor parallel within a node, pipeline parallel across nodes (Ray).")
-@click.option("--replicas", metavar="N|MIN..MAX",
-              help="Run a SkyServe service with N replicas, or autoscale between MIN (0: scale to zero) and MAX.")
+@click.option(
+    "--lora",
+    multiple=True,
+    metavar="NAME=REF",
+    help="Also serve a LoRA adapter under NAME (vLLM): REF is llm-atc/<run>, s3:// or gs://, a folder "
+    "or a Hub id. Repeatable.",
+)
+@click.option(
+    "--chat_template",
+    metavar="FILE|TEMPLATE",
+    help="Jinja chat template (a file, or the template text) for models whose repo has none (vLLM).",
+)
+@click.option(
+    "--eos_token",
+    metavar="TOKEN",
+    help="A token that also ends generation, e.g. '<|im_end|>' (vLLM; for models whose config misses it).",
+)
+@click.option("--vllm_args", metavar="'FLAGS'", help='Extra vLLM engine flags, e.g. "--enable-prefix-caching".')
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "vllm", "transformers"]),
+    default="auto",
+    show_default=True,
+    help="Serving engine. auto: vLLM on clusters; locally vLLM with a CUDA GPU, else transformers. "
+    "transformers runs on CPUs (small models, CPU-only clusters).",
+)
+@click.option(
+    "--port",
+    type=int,
+    default=8000,
+    show_default=True,
+    help="Engine port on the node (0 picks a free one, local only).",
+)
+@click.option(
+    "--cache_weights",
+    metavar="s3://...|gs://...",
+    help="Stage a Hub model's weights in this bucket folder once; later replicas load from it (vLLM).",
+)
+@click.option(
+    "--num_nodes",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Nodes for one vLLM: tensor parallel within a node, pipeline parallel across nodes (Ray).",
+)
+@click.option(
+    "--replicas",
+    metavar="N|MIN..MAX",
+    help="Run a SkyServe service with N replicas, or autoscale between MIN (0: scale to zero) and MAX.",
+)
 @click.option("--target_qps", type=float, help="Requests per second per replica that autoscaling aims for.")
-@click.option("--ondemand_fallback", type=int, metavar="N",
-              help="With --use_spot: keep N replicas on on-demand instances.")
-@click.option("--dynamic_ondemand_fallback", is_flag=True,
-              help="With --use_spot: replace preempted spot replicas with on-demand ones until spot returns.")
-@click.option("--no_auth", is_flag=True,
-              help="Serve without an API key (by default vLLM on a cluster gets one; see endpoint --show_key).")
-@click.option("--keep_on_failure", is_flag=True,
-              help="Leave the cluster up when the engine fails to start (default: torn down).")
+@click.option(
+    "--ondemand_fallback", type=int, metavar="N", help="With --use_spot: keep N replicas on on-demand instances."
+)
+@click.option(
+    "--dynamic_ondemand_fallback",
+    is_flag=True,
+    help="With --use_spot: replace preempted spot replicas with on-demand ones until spot returns.",
+)
+@click.option(
+    "--no_auth",
+    is_flag=True,
+    help="Serve without an API key (by default vLLM on a cluster gets one; see endpoint --show_key).",
+)
+@click.option(
+    "--keep_on_failure", is_flag=True, help="Leave the cluster up when the engine fails to start (default: torn down)."
+)
 @click.option("--timeout", type=float, help="Seconds to wait for readiness (default 1800 on a cloud, 600 locally).")
 @launch_options()
 def serve(**options):
@@ -59,46 +104,56 @@ def serve(**options):
       llm-atc serve --name llm-atc/my-run --accelerator L4:1 --replicas 0..4 --target_qps 2 --use_spot
       llm-atc serve --name ./small-model --cloud slurm --region mycluster --engine transformers --cpus 4
     """
-    from llm_atc import serving, ui
+    from llm_atc import ui
+    from llm_atc.app import launch
+    from llm_atc.app.serve import prepare
     from llm_atc.readiness import snippets
+    from llm_atc.registry import Registry
     from llm_atc.spec import build_serve_spec
 
     dryrun, yes, timeout = options.pop("dryrun"), options.pop("yes"), options.pop("timeout")
     options["secrets"] = options.pop("secret")
-    spec = build_serve_spec(**options)
-    if spec.is_local:
-        from llm_atc.backends.local import serve_locally
-
-        if dryrun:
-            raise click.UsageError("--dryrun renders a SkyPilot task; it does not apply to --cloud local")
-        record = serve_locally(spec, timeout=timeout)
-        ui.out(snippets(record.endpoint, spec.model.name, record.engine, key_for=spec.cluster if spec.auth else None))
-        return
-    prepared = serving.prepare(spec)
+    registry = Registry()
+    spec = build_serve_spec(**options, registry=registry)
+    if spec.is_local and dryrun:
+        raise click.UsageError("--dryrun renders a SkyPilot task; it does not apply to --cloud local")
+    prepared = prepare(spec, registry=registry)
     if dryrun:
         ui.raw_out(prepared.yaml)
         return
-    where = spec.placement.infra or "the cheapest infra SkyPilot finds"
-    question = f"Launch {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text}, {where})?"
-    if spec.replicas is not None:
-        question = (f"Start service {spec.cluster} for {spec.served_name} ({spec.replicas.text}, "
-                    f"{spec.placement.resources_text} each, {where})?")
-    if not ui.confirm(question, yes=yes):
-        raise SystemExit(1)
+    if not spec.is_local:
+        where = spec.placement.infra or "the cheapest infra SkyPilot finds"
+        question = f"Launch {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text}, {where})?"
+        if spec.replicas is not None:
+            question = (
+                f"Start service {spec.cluster} for {spec.served_name} ({spec.replicas.text}, "
+                f"{spec.placement.resources_text} each, {where})?"
+            )
+        if not ui.confirm(question, yes=yes):
+            raise SystemExit(1)
     try:
-        record = serving.launch_on_skypilot(prepared, timeout=timeout or serving.CLOUD_READY_TIMEOUT)
-    except KeyboardInterrupt:
-        ui.info(serving.still_up_message(spec.cluster))
-        raise SystemExit(130) from None
+        record = launch.serve(prepared, registry=registry, timeout=timeout)
+    except launch.Interrupted as exc:
+        if spec.is_local:
+            raise
+        ui.info(launch.still_up_message(spec.cluster))
+        raise SystemExit(128 + exc.signum) from None
     if spec.detach_run:
         ui.info(f"Submitted; the engine is starting on {spec.cluster}.")
-        ui.out(serving.still_up_message(spec.cluster))
+        ui.out(launch.still_up_message(spec.cluster))
         return
-    ui.out(snippets(record.endpoint, spec.served_name, record.engine or "vllm",
-                    key_for=spec.cluster if spec.auth else None))
-    if not spec.auth and spec.engine == "transformers":
-        ui.info("transformers serve has no API keys: anyone who reaches this endpoint can use it "
-                "(--engine vllm gives it one).")
+    ui.out(
+        snippets(
+            record.endpoint, record.name, record.engine or "vllm", key_for=spec.cluster if prepared.api_key else None
+        )
+    )
+    if not prepared.api_key and record.engine == "transformers" and not spec.is_local:
+        ui.info(
+            "transformers serve has no API keys: anyone who reaches this endpoint can use it "
+            "(--engine vllm gives it one)."
+        )
     if not record.details.get("open_ports", True):
-        ui.info(f"{spec.placement.cloud} opens no ports: {record.endpoint} is the node's own address. Where that "
-                f"is unreachable, tunnel to it with: llm-atc endpoint {spec.cluster} --forward")
+        ui.info(
+            f"{spec.placement.cloud} opens no ports: {record.endpoint} is the node's own address. Where that "
+            f"is unreachable, tunnel to it with: llm-atc endpoint {spec.cluster} --forward"
+        )

@@ -24,14 +24,18 @@ def status(name, show_all):
         return
     ui.out(_table(Table, ("NAME", "KIND", "CLUSTER", "INFRA", "ACCELERATOR", "STATUS", "ENDPOINT", "CREATED"), rows))
     if name:
-        from llm_atc.backends import lookup
-        from llm_atc.backends.skypilot import SkyPilotBackend
+        from llm_atc.app.lifecycle import lookup
+        from llm_atc.backends import backend_for
+        from llm_atc.registry import Registry
 
-        record = lookup(name)
-        if record.details.get("service"):
-            replicas = SkyPilotBackend().replicas(record)
-            ui.out(_table(Table, ("REPLICA", "STATUS", "INFRA", "RESOURCES", "$/HOUR"), replicas)
-                   if replicas else "No replicas yet.")
+        record = lookup(name, Registry())
+        if record.mode == "service":
+            replicas = backend_for(record).replicas(record)
+            ui.out(
+                _table(Table, ("REPLICA", "STATUS", "INFRA", "RESOURCES", "$/HOUR"), replicas)
+                if replicas
+                else "No replicas yet."
+            )
 
 
 def _table(table_class, columns, rows):

@@ -10,6 +10,7 @@ import click
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def stop(name, yes):
     """Stop deployment or cluster NAME (restart it with `llm-atc serve`)."""
-    from llm_atc.lifecycle import end_deployment
+    from llm_atc.app.lifecycle import end
+    from llm_atc.registry import Registry
 
-    end_deployment(name, action="stop", yes=yes)
+    end(name, action="stop", yes=yes, registry=Registry())

@@ -8,20 +8,33 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
 
 
 @click.command()
-@click.option("--model_type", required=True, type=click.Choice(["vicuna", "lora", "qlora"]),
-              help="vicuna: full fine-tune (FSDP); lora: LoRA adapters; qlora: LoRA on a 4-bit base.")
-@click.option("--finetune_data", required=True,
-              help="Training data: a local file, s3:// or gs:// (ShareGPT/Vicuna JSON or OpenAI messages JSONL).")
+@click.option(
+    "--model_type",
+    required=True,
+    type=click.Choice(["vicuna", "lora", "qlora"]),
+    help="vicuna: full fine-tune (FSDP); lora: LoRA adapters; qlora: LoRA on a 4-bit base.",
+)
+@click.option(
+    "--finetune_data",
+    required=True,
+    help="Training data: a local file, s3:// or gs:// (ShareGPT/Vicuna JSON or OpenAI messages JSONL).",
+)
 @click.option("--checkpoint_bucket", help="Bucket that receives llm-atc/<run>/ (model, data, checkpoints).")
 @click.option("--checkpoint_store", help="S3 or GCS (or local, with --cloud local).")
 @click.option("-n", "--name", help="Run name: serve it later as llm-atc/<name> (default: <model_type>-<time>).")
 @click.option("--description", help="A note kept in the registry.")
 @click.option("--base_model", help="Model to fine-tune: Hugging Face id or folder [default: meta-llama/Llama-2-7b-hf].")
-@placement_options(accelerator_default=None,
-                   accelerator_help="GPUs per node, NAME[:COUNT] such as A100-80GB:8 (required on a cloud).")
+@placement_options(
+    accelerator_default=None, accelerator_help="GPUs per node, NAME[:COUNT] such as A100-80GB:8 (required on a cloud)."
+)
 @click.option("--num_nodes", type=int, default=1, show_default=True, help="Nodes (full fine-tune uses FSDP).")
 @env_options()
 @click.option("--keep_cluster", is_flag=True, help="Keep the cluster up after the run (default: torn down).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the failed or stopped run --name from its last checkpoint (same options as before).",
+)
 @launch_options()
 def train(**options):
     """Fine-tune a model (TRL + peft) on your data and record the run.
@@ -32,24 +45,33 @@ def train(**options):
           --checkpoint_store S3 --name my-run --accelerator A100:1 --envs HF_TOKEN
       llm-atc train --model_type lora --finetune_data ./chats.json --base_model ./tiny --cloud local
     """
-    from llm_atc import training, ui
-    from llm_atc.serving import task_yaml
+    from llm_atc import ui
+    from llm_atc.app import launch
+    from llm_atc.app.train import prepare
+    from llm_atc.registry import Registry
     from llm_atc.spec import build_train_spec
 
     dryrun, yes, keep_cluster = options.pop("dryrun"), options.pop("yes"), options.pop("keep_cluster")
     options["secrets"] = options.pop("secret")
+    registry = Registry()
     spec = build_train_spec(**options)
-    prepared = training.prepare_train(spec)
+    prepared = prepare(spec, registry=registry, keep_cluster=keep_cluster)
     if dryrun:
-        ui.raw_out(task_yaml(prepared.config))
+        ui.raw_out(prepared.yaml)
         return
-    if spec.is_local:
-        training.train_locally(prepared)
-    else:
+    spec = prepared.spec
+    if not spec.is_local:
         where = spec.placement.infra or "the cheapest infra SkyPilot finds"
-        question = (f"Train {spec.run} ({spec.model_type}, {spec.placement.resources_text} x{spec.num_nodes}, "
-                    f"{where})?")
+        question = f"Train {spec.run} ({spec.model_type}, {spec.placement.resources_text} x{spec.num_nodes}, {where})?"
         if not ui.confirm(question, yes=yes):
             raise SystemExit(1)
-        training.launch_train(prepared, keep_cluster=keep_cluster)
-    ui.out(f"Run {spec.run}: {spec.output_uri}\nServe it with: llm-atc serve --name llm-atc/{spec.run}")
+    try:
+        launch.train(prepared, registry=registry)
+    except launch.Interrupted as exc:
+        if spec.is_local:
+            ui.info(f"Stopped {spec.run}; the same command with --resume continues from its last checkpoint.")
+            raise
+        ui.info(f"The run goes on on {spec.cluster}: llm-atc logs {spec.run} -f; llm-atc stop {spec.run}")
+        raise SystemExit(128 + exc.signum) from None
+    local = " --cloud local" if spec.is_local else ""
+    ui.out(f"Run {spec.run}: {spec.output_uri}\nServe it with: llm-atc serve --name llm-atc/{spec.run}{local}")

@@ -1,9 +1,10 @@
-"""``s3://`` (boto3) and ``gs://`` (google-cloud-storage) for the code that runs on the node.
+"""``s3://`` (boto3) and ``gs://`` (google-cloud-storage): llm-atc's one bucket client.
 
-Used by ``finetune.py`` (data, checkpoints, the trained model) and by the serving recipes
-(``MODEL_SOURCE``: weights fetched by the node itself, on infra where SkyPilot cannot
-mount buckets). Honours ``AWS_ENDPOINT_URL`` (S3-compatible stores such as MinIO) and
-``STORAGE_EMULATOR_HOST``. Only the standard library is imported at module level.
+Used on the node by ``finetune.py`` (data, checkpoints, the trained model) and by the serving
+recipes (``MODEL_SOURCE``: weights fetched by the node itself, on infra where SkyPilot cannot
+mount buckets), and in the CLI through ``llm_atc.storage``. Honours ``AWS_ENDPOINT_URL``
+(S3-compatible stores such as MinIO) and ``STORAGE_EMULATOR_HOST``. Only the standard library
+is imported at module level, so the node needs nothing of llm-atc but this file.
 
     python3 buckets.py fetch s3://bucket/llm-atc/my-run ~/llm-atc/model
     python3 buckets.py stage Qwen/Qwen2.5-7B-Instruct s3://bucket/llm-atc/weights ~/llm-atc/model
@@ -16,13 +17,13 @@ import sys
 from pathlib import Path
 
 
-
 def is_bucket_uri(uri: str) -> bool:
     return uri.startswith(("s3://", "gs://"))
 
 
 class Bucket:
-    """``s3://bucket/prefix`` or ``gs://bucket/prefix``: the few operations training needs."""
+    """``s3://bucket/prefix`` or ``gs://bucket/prefix``: every bucket operation llm-atc makes, on the node
+    and (through ``llm_atc.storage``, which adds one-line errors and progress bars) in the CLI."""
 
     def __init__(self, uri: str):
         scheme, _, rest = uri.partition("://")
@@ -36,60 +37,96 @@ class Bucket:
     def __str__(self) -> str:
         return f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/")
 
-    def child(self, *parts: str) -> "Bucket":
+    def child(self, *parts: str) -> Bucket:
         return Bucket(f"{self.scheme}://{self.bucket}/" + "/".join(p.strip("/") for p in (self.prefix, *parts) if p))
 
     @property
     def client(self):
         if self._client is None:
-            if self.scheme == "s3":
-                import boto3
-
-                self._client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-            else:
-                from google.cloud import storage
-
-                if os.environ.get("STORAGE_EMULATOR_HOST"):
-                    from google.auth.credentials import AnonymousCredentials
-
-                    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or "llm-atc-local"
-                    self._client = storage.Client(project=project, credentials=AnonymousCredentials())
-                else:
-                    self._client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT") or None)
+            self._client = make_client(self.scheme)
         return self._client
 
     def _key(self, relative: str = "") -> str:
         return "/".join(p for p in (self.prefix, relative.strip("/")) if p)
 
+    def exists(self) -> bool:
+        """Whether the bucket itself exists (and is visible with these credentials)."""
+        if self.scheme == "s3":
+            from botocore.exceptions import ClientError
+
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+                    return False
+                raise
+        return self.client.bucket(self.bucket).exists(**gcs_call())
+
+    def listing(self) -> dict[str, tuple[int, str]]:
+        """Every object under the prefix (as a folder): its key relative to the prefix -> (size, etag)."""
+        folder = self._key() + "/" if self.prefix else ""
+        found = {}
+        if self.scheme == "s3":
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
+                found.update(
+                    {item["Key"]: (item["Size"], item.get("ETag", "").strip('"')) for item in page.get("Contents", [])}
+                )
+        else:
+            found = {
+                blob.name: (blob.size, blob.etag or blob.md5_hash or "")
+                for blob in self.client.list_blobs(self.bucket, prefix=folder, **gcs_call())
+            }
+        return {key[len(folder) :]: value for key, value in found.items() if not key.endswith("/")}
+
     def objects(self) -> dict[str, int]:
         """Every object under the prefix (as a folder): its key relative to the prefix -> its size."""
-        folder = self._key() + "/" if self.prefix else ""
-        if self.scheme == "s3":
-            sizes = {}
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
-                sizes.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
-        else:
-            sizes = {blob.name: blob.size for blob in self.client.list_blobs(self.bucket, prefix=folder)}
-        return {key[len(folder):]: size for key, size in sizes.items() if not key.endswith("/")}
+        return {key: size for key, (size, _) in self.listing().items()}
 
     def list(self) -> list[str]:
         """Keys under the prefix (as a folder), relative to it."""
         return list(self.objects())
 
-    def download_file(self, relative: str, dest: Path) -> None:
+    def children(self) -> list[str]:
+        """Names of the "folders" directly under the prefix."""
+        folder = self._key() + "/" if self.prefix else ""
+        if self.scheme == "s3":
+            names = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=folder, Delimiter="/"
+            )
+            for page in pages:
+                names += [p["Prefix"][len(folder) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            return sorted(names)
+        iterator = self.client.list_blobs(self.bucket, prefix=folder, delimiter="/", **gcs_call())
+        list(iterator)  # prefixes are filled in while pages are consumed
+        return sorted(p[len(folder) :].rstrip("/") for p in iterator.prefixes)
+
+    def read_text(self, relative: str = "") -> str:
+        key = self._key(relative)
+        if self.scheme == "s3":
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode()
+        return self.client.bucket(self.bucket).blob(key).download_as_text(**gcs_call())
+
+    def download_file(self, relative: str, dest: Path, callback=None) -> None:
+        """Download one object; ``callback(n)`` is told how many bytes arrived."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         key = self._key(relative)
         if self.scheme == "s3":
-            self.client.download_file(self.bucket, key, str(dest))
+            self.client.download_file(self.bucket, key, str(dest), Callback=callback)
         else:
-            self.client.bucket(self.bucket).blob(key).download_to_filename(str(dest))
+            self.client.bucket(self.bucket).blob(key).download_to_filename(str(dest), **gcs_call(transfer=True))
+            if callback:
+                callback(dest.stat().st_size)
 
-    def upload_file(self, path: Path, relative: str) -> None:
+    def upload_file(self, path: Path, relative: str, callback=None) -> None:
         key = self._key(relative)
         if self.scheme == "s3":
-            self.client.upload_file(str(path), self.bucket, key)
+            self.client.upload_file(str(path), self.bucket, key, Callback=callback)
         else:
-            self.client.bucket(self.bucket).blob(key).upload_from_filename(str(path))
+            self.client.bucket(self.bucket).blob(key).upload_from_filename(str(path), **gcs_call(transfer=True))
+            if callback:
+                callback(path.stat().st_size)
 
     def download_folder(self, dest: Path, *, skip_same_size: bool = False) -> int:
         """Download everything under the prefix into ``dest``; returns how many files were fetched.
@@ -116,17 +153,42 @@ class Bucket:
         return len(files)
 
     def delete(self) -> int:
-        """Delete everything under the prefix (as a folder)."""
+        """Delete everything under the prefix (as a folder); how many objects there were."""
         keys = [self._key(relative) for relative in self.list()]
         if self.scheme == "s3":
             for start in range(0, len(keys), 1000):
-                chunk = keys[start:start + 1000]
+                chunk = keys[start : start + 1000]
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk]})
         else:
             bucket = self.client.bucket(self.bucket)
             for key in keys:
-                bucket.blob(key).delete()
+                bucket.blob(key).delete(**gcs_call())
         return len(keys)
+
+
+def make_client(scheme: str):
+    """A boto3 (``s3``) or google-cloud-storage (``gs``) client. boto3 honours ``AWS_ENDPOINT_URL``
+    (MinIO, moto); the GCS emulator (``STORAGE_EMULATOR_HOST``) is used anonymously."""
+    if scheme == "s3":
+        import boto3
+
+        return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    from google.cloud import storage
+
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or None
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=project or "llm-atc-local", credentials=AnonymousCredentials())
+    return storage.Client(project=project)
+
+
+def gcs_call(*, transfer: bool = False) -> dict:
+    """Bounded timeouts and retries for google-cloud-storage calls (its default retries for 120 s)."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    deadline = 600.0 if transfer else 20.0
+    return {"timeout": (5, deadline), "retry": DEFAULT_RETRY.with_deadline(deadline).with_timeout(deadline)}
 
 
 def fetch(uri: str, dest: str) -> None:
@@ -136,7 +198,7 @@ def fetch(uri: str, dest: str) -> None:
     target = Path(dest).expanduser()
     try:
         fetched = Bucket(uri).download_folder(target, skip_same_size=True)
-    except Exception as exc:  # noqa: BLE001 - one clear line for any SDK error
+    except Exception as exc:
         raise SystemExit(f"llm-atc: cannot fetch {uri}: {type(exc).__name__}: {exc}") from None
     if not target.is_dir() or not any(target.iterdir()):
         raise SystemExit(f"llm-atc: {uri} is empty")
@@ -172,7 +234,7 @@ def stage(hub_id: str, cache: str, dest: str) -> None:
         marker.unlink()
     except SystemExit:
         raise
-    except Exception as exc:  # noqa: BLE001 - one clear line for any SDK error
+    except Exception as exc:
         raise SystemExit(f"llm-atc: cannot stage {hub_id} through {cached}: {type(exc).__name__}: {exc}") from None
     print(f"llm-atc: {hub_id} cached at {cached} ({count} files) for the next replicas", flush=True)
 

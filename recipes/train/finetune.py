@@ -35,8 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # buckets.py sits next to this file
-from buckets import Bucket, is_bucket_uri  # noqa: E402  (stdlib-only at import time)
+try:  # imported from the llm-atc package (the CLI checks data with this very code)
+    from .buckets import Bucket, is_bucket_uri
+except ImportError:  # run as a script on the node, next to buckets.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from buckets import Bucket, is_bucket_uri  # stdlib-only at import time
 
 FINISHED_MARKER = "llm-atc: training finished:"
 CHECKPOINTS = "checkpoints"
@@ -63,7 +66,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if messages and messages[0]['role'] == 'system' %}"
     "{{ messages[0]['content'] + ' ' }}{% set loop_messages = messages[1:] %}"
     "{% else %}"
-    "{{ \"" + VICUNA_SYSTEM + " \" }}{% set loop_messages = messages %}"
+    '{{ "' + VICUNA_SYSTEM + ' " }}{% set loop_messages = messages %}'
     "{% endif %}"
     "{% for message in loop_messages %}"
     "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
@@ -157,7 +160,12 @@ def _normalise(record, where: str, index: int) -> list[dict]:
     if isinstance(record.get("conversations"), list):
         turns, role_key, content_key, roles = record["conversations"], "from", "value", ROLES
     elif isinstance(record.get("messages"), list):
-        turns, role_key, content_key, roles = record["messages"], "role", "content", dict(zip(OPENAI_ROLES, OPENAI_ROLES))
+        turns, role_key, content_key, roles = (
+            record["messages"],
+            "role",
+            "content",
+            dict(zip(OPENAI_ROLES, OPENAI_ROLES, strict=True)),
+        )
     else:
         fail("has no 'conversations' or 'messages' list")
     if not turns:
@@ -246,8 +254,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> dict
                 f"{i} messages plus the generation prompt is not a prefix of the text for {i + 1}); set a "
                 "template that does (tokenizer.chat_template)"
             )
-        add(prompt[len(rendered):], 0)
-        answer = full[len(prompt):]
+        add(prompt[len(rendered) :], 0)
+        answer = full[len(prompt) :]
         end = _answer_end(answer, message["content"], stops)
         add(answer[:end], 1)
         add(answer[end:], 0)
@@ -255,7 +263,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> dict
         if len(input_ids) >= max_len:
             break
     else:
-        add(render(messages, False)[len(rendered):], 0)
+        add(render(messages, False)[len(rendered) :], 0)
     return {"input_ids": input_ids[:max_len], "assistant_masks": masks[:max_len]}
 
 
@@ -318,8 +326,13 @@ class Config:
             setattr(self, name, value)
 
     def __repr__(self) -> str:
-        names = [n for n in vars(type(self)) if not n.startswith("_") and not callable(getattr(type(self), n))
-                 and not isinstance(getattr(type(self), n), property)]
+        names = [
+            n
+            for n in vars(type(self))
+            if not n.startswith("_")
+            and not callable(getattr(type(self), n))
+            and not isinstance(getattr(type(self), n), property)
+        ]
         return "Config(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in names) + ")"
 
     @property
@@ -384,8 +397,12 @@ def read_config(env=None) -> Config:
         raise SystemExit("llm-atc: DATA is not set: give the training data as a local path, s3://... or gs://...")
     if not config.output_uri:
         config.output_uri = str(config.work / "output")
-    for name, value in (("MAX_SEQ_LEN", config.max_seq_len), ("BATCH_SIZE", config.batch_size),
-                        ("GRAD_ACCUM", config.grad_accum), ("SAVE_STEPS", config.save_steps)):
+    for name, value in (
+        ("MAX_SEQ_LEN", config.max_seq_len),
+        ("BATCH_SIZE", config.batch_size),
+        ("GRAD_ACCUM", config.grad_accum),
+        ("SAVE_STEPS", config.save_steps),
+    ):
         if value < 1:
             raise SystemExit(f"llm-atc: {name}={value} must be at least 1")
     return config
@@ -406,7 +423,7 @@ def fetch_data(config: Config) -> Path:
         try:
             parent = Bucket(f"{source.scheme}://{source.bucket}")
             parent.download_file(source.prefix, partial)
-        except Exception as exc:  # noqa: BLE001 - one clear line for any SDK error
+        except Exception as exc:
             raise SystemExit(f"llm-atc: cannot download DATA {config.data}: {exc}") from None
         partial.replace(dest)
     return dest
@@ -507,7 +524,7 @@ def make_upload_callback(config: Config):
                 for old in {key.split("/", 1)[0] for key in remote.list()} - kept:
                     if _step(old) >= 0:
                         remote.child(old).delete()
-            except Exception as exc:  # noqa: BLE001 - a failed upload must not stop training
+            except Exception as exc:
                 log(f"warning: could not upload {name} to {remote.child(name)}: {exc}")
                 return
             finally:
@@ -659,7 +676,9 @@ def training_args(config: Config, *, cuda: bool, world_size: int):
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # the model's decoder layers
             "activation_checkpointing": True,
             "state_dict_type": "FULL_STATE_DICT",  # rank 0 writes whole checkpoints: uploadable, resumable
-        } if fsdp else None,
+        }
+        if fsdp
+        else None,
         ddp_timeout=7200,  # rank 0 uploads checkpoints while the others wait
         dataloader_num_workers=0,
         torch_compile=False,
@@ -786,7 +805,7 @@ def main() -> None:
     args = training_args(config, cuda=cuda, world_size=world_size)  # also sets up torch.distributed
     log(
         f"{config.model_type} fine-tuning of {config.base_model} on {config.data} "
-        f"({'CUDA x%d' % world_size if cuda else 'CPU'}, output {config.output_uri})"
+        f"({f'CUDA x{world_size}' if cuda else 'CPU'}, output {config.output_uri})"
     )
 
     with args.main_process_first(local=True, desc="data download"):
@@ -796,8 +815,10 @@ def main() -> None:
     except DataError as exc:
         raise SystemExit(f"llm-atc: DATA {config.data}: {exc}") from None
     counts = summarize(conversations)
-    log(f"data: {counts['conversations']} conversations, {counts['turns']} turns "
-        f"({counts['assistant_turns']} assistant turns)")
+    log(
+        f"data: {counts['conversations']} conversations, {counts['turns']} turns "
+        f"({counts['assistant_turns']} assistant turns)"
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
     if ensure_chat_template(tokenizer):

@@ -1,0 +1,198 @@
+"""``serve``, up to the launch: every check, the task rendered, the record it will become."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from llm_atc import engines, ui
+from llm_atc.backends import backend_for
+from llm_atc.backends._base import Workload
+from llm_atc.errors import UserError
+from llm_atc.paths import home, write_private
+from llm_atc.registry import Record, Registry, Status
+from llm_atc.render import LocalRun, render_serve_task, task_yaml
+from llm_atc.spec import API_KEY_SECRET, ServeSpec
+from llm_atc.storage import Checkpoint, check_checkpoint, download_checkpoint, store_env
+
+CLOUD_READY_TIMEOUT = 30 * 60
+LOCAL_READY_TIMEOUT = 600
+
+
+@dataclass
+class PreparedServe:
+    """A serve that passed every check: its workload, and what readiness needs to know."""
+
+    spec: ServeSpec
+    workload: Workload
+    checkpoint: Checkpoint | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def yaml(self) -> str:
+        return task_yaml(self.workload.config)
+
+    @property
+    def engine(self) -> str:
+        return self.workload.record.engine
+
+    @property
+    def ready_timeout(self) -> float:
+        return LOCAL_READY_TIMEOUT if self.spec.is_local else CLOUD_READY_TIMEOUT
+
+
+def prepare(spec: ServeSpec, *, registry: Registry) -> PreparedServe:
+    """Check everything the serve reads, render its task, and let the backend validate it."""
+    prepared = _prepare_local(spec, registry) if spec.is_local else _prepare_cluster(spec)
+    backend_for(prepared.workload.record).validate(prepared.workload)
+    return prepared
+
+
+def _prepare_cluster(spec: ServeSpec) -> PreparedServe:
+    from llm_atc.backends import skypilot
+
+    checkpoint, adapters = _check_buckets(spec)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    template = write_chat_template(spec, home() / "tasks" / f"{spec.cluster}-{stamp}.jinja")
+    config = render_serve_task(
+        spec, checkpoint, features=skypilot.node_features(spec.placement), adapters=adapters, chat_template=template
+    )
+    api_key = None
+    if spec.auth:
+        from llm_atc import credentials
+
+        api_key = spec.secrets.get(API_KEY_SECRET) or credentials.new_key()
+        config.setdefault("secrets", {})[API_KEY_SECRET] = None
+    secrets = {**spec.secrets, API_KEY_SECRET: api_key} if api_key else dict(spec.secrets)
+    record = Record(
+        name=spec.served_name,
+        kind="serve",
+        model=spec.model.location,
+        cluster=spec.cluster,
+        status=Status.LAUNCHING,
+        cloud=spec.placement.cloud,
+        region=spec.placement.region,
+        accelerator=spec.placement.accelerator_text,
+        checkpoint_uri=str(spec.model.bucket) if spec.model.bucket else None,
+        engine=spec.engine,
+        port=spec.port,
+        # Without opened ports the endpoint is the head node's address (see SkyPilotBackend.endpoint).
+        details={
+            "open_ports": "ports" in config.get("resources", {}),
+            **({"service": True} if spec.replicas is not None else {}),
+        },
+    )
+    workload = Workload(record, config, secrets, stream=not spec.detach_setup, no_setup=spec.no_setup)
+    return PreparedServe(spec, workload, checkpoint, api_key)
+
+
+def _check_buckets(spec: ServeSpec) -> tuple[Checkpoint | None, dict[str, Checkpoint]]:
+    """Check every bucket the serve reads, with the store settings given in ``--envs``:
+    the checkpoint, the weights cache, the ``--lora`` adapters (by name)."""
+    checkpoint = None
+    adapters = {}
+    with store_env(spec.envs, spec.secrets):
+        if spec.model.bucket is not None:
+            with ui.spinner(f"Checking {spec.model.bucket}"):
+                checkpoint = check_checkpoint(spec.model.bucket)
+        if spec.cache_weights:
+            from llm_atc.storage import BucketURI, ObjectStore
+
+            cache = BucketURI.parse(spec.cache_weights)
+            with ui.spinner(f"Checking {cache.scheme}://{cache.bucket}"):
+                if not ObjectStore(cache.scheme).bucket_exists(cache.bucket):
+                    raise UserError(
+                        f"--cache_weights: bucket {cache.scheme}://{cache.bucket} does not exist "
+                        "or is not visible to you"
+                    )
+        for adapter in spec.loras:
+            if adapter.bucket is not None:
+                with ui.spinner(f"Checking {adapter.bucket}"):
+                    adapters[adapter.name] = check_checkpoint(adapter.bucket)
+                if not adapters[adapter.name].is_adapter:
+                    raise UserError(f"--lora {adapter.name}: {adapter.bucket} holds a full model, not a LoRA adapter")
+    return checkpoint, adapters
+
+
+def write_chat_template(spec: ServeSpec, path: Path) -> Path | None:
+    """Write ``--chat_template``'s text to ``path`` (the file vLLM reads on the node); None without one."""
+    if spec.chat_template is None:
+        return None
+    return write_private(path, spec.chat_template)
+
+
+# --- this machine ----------------------------------------------------------------------------------
+
+
+def choose_engine(requested: str) -> str:
+    """``auto``: vLLM when its engine environment is installed and runs here (its CPU build, or the
+    CUDA build with a GPU visible), else transformers."""
+    if requested != "auto":
+        return requested
+    found = engines.installed("vllm")
+    return "vllm" if found is not None and found.usable_here() else "transformers"
+
+
+def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
+    import shutil
+
+    from llm_atc.backends.local import engine_path, pick_port
+
+    engine = choose_engine(spec.engine)
+    vllm_env = engines.require("vllm", why="--engine vllm on this machine").path if engine == "vllm" else None
+    if engine == "transformers" and shutil.which("transformers", path=engine_path()) is None:
+        raise UserError(
+            "local serving needs transformers: pip install 'llm-atc[local]' (or vLLM: llm-atc engines install vllm)"
+        )
+    if engine == "transformers" and spec.auth:
+        raise UserError("transformers serve has no API keys; drop --secret VLLM_API_KEY or use --engine vllm")
+    _check_name_free(spec.cluster, registry)
+    spec = replace(spec, engine=engine, port=pick_port(spec.port))
+    weights = _local_weights(spec)
+    workdir = home() / "local" / spec.cluster
+    template = write_chat_template(spec, workdir / "chat-template.jinja")
+    config = render_serve_task(spec, local=LocalRun(weights, workdir, vllm_env), chat_template=template)
+    if weights is not None:
+        config["envs"].setdefault("HF_HUB_OFFLINE", "1")  # the weights are here: nothing to ask the Hub
+    record = Record(
+        name=spec.model.name,
+        kind="serve",
+        model=spec.model.location,
+        cluster=spec.cluster,
+        status=Status.LAUNCHING,
+        cloud="local",
+        checkpoint_uri=str(spec.model.bucket) if spec.model.bucket else None,
+        engine=engine,
+        port=spec.port,
+        endpoint=f"http://127.0.0.1:{spec.port}",
+        details={"log": str(workdir / "server.log")},
+    )
+    api_key = spec.secrets.get(API_KEY_SECRET) if spec.auth else None
+    return PreparedServe(spec, Workload(record, config, dict(spec.secrets), workdir=workdir), api_key=api_key)
+
+
+def _local_weights(spec: ServeSpec) -> Path | None:
+    """Where the weights are on this machine (downloading a bucket checkpoint first)."""
+    if spec.model.path is not None:
+        return spec.model.path
+    if spec.model.bucket is None:
+        return None
+    uri = spec.model.bucket
+    with store_env(spec.envs, spec.secrets):
+        with ui.spinner(f"Checking {uri}"):
+            check_checkpoint(uri)
+        return download_checkpoint(uri, home() / "cache" / uri.scheme / uri.bucket / uri.prefix)
+
+
+def _check_name_free(cluster: str, registry: Registry) -> None:
+    from llm_atc.app.lifecycle import reconcile
+
+    running = [r for r in registry.records(kind="serve") if r.cluster == cluster and r.is_local and r.is_active]
+    reconcile(running, registry)
+    for record in running:
+        if record.is_active:
+            raise UserError(
+                f"{cluster} is already running ({record.endpoint}); stop it with `llm-atc stop {cluster}` "
+                "or pass -c NAME"
+            )

@@ -1,0 +1,170 @@
+"""``train``, up to the launch: the name, the bucket and the data checked, the task rendered.
+
+The data checks use the very functions the training script runs on the node
+(``recipes/train/finetune.py``), so what passes here loads there.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from llm_atc import ui
+from llm_atc.backends import backend_for
+from llm_atc.backends._base import Workload
+from llm_atc.errors import NotFoundError, UserError
+from llm_atc.paths import home
+from llm_atc.registry import Record, Registry, Status
+from llm_atc.render import render_train_task, task_yaml
+from llm_atc.spec import TrainSpec
+from llm_atc.storage import BucketURI, ObjectStore, store_env, store_settings, upload_path
+
+
+def validate_data(data: str) -> dict:
+    """Read and check every record of the data (downloading it first from a bucket)."""
+    from llm_atc.recipes.train import finetune
+
+    if "://" in data:
+        uri = BucketURI.parse(data, option="--finetune_data")
+        store = ObjectStore(uri.scheme)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / (Path(uri.prefix).name or "data")
+            with ui.spinner(f"Reading {data}"):
+                store.download(uri, local, lambda n: None)
+            return _check_file(finetune, str(local), data)
+    return _check_file(finetune, data, data)
+
+
+def _check_file(finetune, path: str, shown: str) -> dict:
+    try:
+        conversations = finetune.load_conversations(path)
+    except finetune.DataError as exc:
+        raise UserError(f"--finetune_data {shown}: {exc}") from None
+    return finetune.summarize(conversations)
+
+
+@dataclass
+class PreparedTrain:
+    """A run that passed every check: its workload, the data URI the node reads, and the data's summary."""
+
+    spec: TrainSpec
+    workload: Workload
+    data_uri: str
+    summary: dict
+
+    @property
+    def yaml(self) -> str:
+        return task_yaml(self.workload.config)
+
+
+def prepare(spec: TrainSpec, *, registry: Registry, keep_cluster: bool = False) -> PreparedTrain:
+    """Check the name (or the run to resume), the bucket and the data; render the task; let the
+    backend validate it."""
+    with store_env(spec.envs, spec.secrets):
+        spec = _check_name(spec, registry)
+        output = None if "://" not in spec.output_uri else BucketURI.parse(spec.output_uri)
+        if output is not None:
+            _check_output(spec, output)
+        elif any((Path(spec.output_uri) / marker).is_file() for marker in ("config.json", "adapter_config.json")):
+            raise UserError(f"{spec.output_uri} already holds a model; pick another --name")
+        summary = validate_data(spec.data)
+    ui.info(
+        f"Data OK: {summary['conversations']} conversations, {summary['turns']} turns "
+        f"({summary['assistant_turns']} assistant turns)"
+    )
+    data_uri = spec.data
+    if spec.data_is_local and output is not None:
+        data_uri = str(output.child("data", Path(spec.data).name))
+    config = render_train_task(spec, data=data_uri)
+    mode = "local" if spec.is_local else "managed" if spec.placement.use_spot else "cluster"
+    workdir = home() / "local" / spec.cluster
+    if mode == "local":
+        config["envs"].setdefault("WORK_DIR", str(workdir / "work"))
+    record = Record(
+        name=spec.run,
+        kind="train",
+        model=spec.base_model,
+        cluster=spec.cluster,
+        status=Status.LAUNCHING,
+        cloud=spec.placement.cloud,
+        region=spec.placement.region,
+        accelerator=spec.placement.accelerator_text or None,
+        checkpoint_uri=spec.output_uri,
+        details={
+            "model_type": spec.model_type,
+            "description": spec.description,
+            "data": data_uri,
+            "store_env": store_settings(spec.envs),
+            **({"managed": True} if mode == "managed" else {}),
+            **({"log": str(workdir / "train.log")} if mode == "local" else {}),
+        },
+    )
+    workload = Workload(
+        record,
+        config,
+        dict(spec.secrets),
+        stream=not spec.detach_setup,
+        no_setup=spec.no_setup,
+        down_when_done=mode == "cluster" and not keep_cluster,
+        workdir=Path(config["workdir"]) if mode == "local" else None,
+    )
+    backend_for(record).validate(workload)
+    return PreparedTrain(spec, workload, data_uri, summary)
+
+
+def _check_name(spec: TrainSpec, registry: Registry) -> TrainSpec:
+    """A run's name is free unless a run of that name is recorded (and not torn down); ``--resume``
+    continues such a run where it stopped, in the same place."""
+    from llm_atc.app.lifecycle import reconcile
+
+    earlier = [r for r in registry.records(kind="train") if r.name == spec.run and r.status != Status.DOWN]
+    reconcile(earlier, registry)
+    if not earlier:
+        if spec.resume:
+            raise NotFoundError(f"--resume: no training run named {spec.run!r} to resume; see `llm-atc list`")
+        return spec
+    last = earlier[0]
+    if last.is_active:
+        raise UserError(
+            f"training run {spec.run!r} is {last.status} on {last.cluster}; follow it with `llm-atc logs {spec.run}`"
+        )
+    if not spec.resume:
+        hint = (
+            "add --resume to continue it from its last checkpoint, or "
+            if last.status != Status.SUCCEEDED
+            else f"serve it with `llm-atc serve --name llm-atc/{spec.run}`, or "
+        )
+        raise UserError(
+            f"a training run named {spec.run!r} exists ({last.status}); {hint}"
+            f"`llm-atc down {spec.run}` to free the name"
+        )
+    if last.status == Status.SUCCEEDED:
+        raise UserError(f"--resume: training run {spec.run!r} already finished; its model is at {last.checkpoint_uri}")
+    if last.checkpoint_uri != spec.output_uri:
+        raise UserError(
+            f"--resume: {spec.run!r} wrote to {last.checkpoint_uri}; resume it with the same "
+            "--checkpoint_bucket and --checkpoint_store (or none for a local run)"
+        )
+    ui.info(f"Resuming {spec.run} from its last checkpoint under {last.checkpoint_uri}")
+    return replace(spec, cluster=last.cluster)
+
+
+def _check_output(spec: TrainSpec, output: BucketURI) -> None:
+    store = ObjectStore(output.scheme)
+    with ui.spinner(f"Checking {output.scheme}://{output.bucket}"):
+        if not store.bucket_exists(output.bucket):
+            raise UserError(f"--checkpoint_bucket {output.bucket!r} does not exist or is not visible to you")
+        if any(key in ("config.json", "adapter_config.json") for key, *_ in store.list_objects(output)):
+            raise UserError(f"{output} already holds a model; pick another --name")
+
+
+def upload_data(prepared: PreparedTrain) -> None:
+    """Put a local data file next to the run in its bucket, where the node reads it."""
+    spec = prepared.spec
+    if spec.data_is_local and prepared.data_uri != spec.data:
+        target = BucketURI.parse(prepared.data_uri)
+        folder = BucketURI(target.scheme, target.bucket, target.prefix.rsplit("/", 1)[0])
+        with store_env(spec.envs, spec.secrets):
+            upload_path(Path(spec.data), folder)
+        ui.info(f"Uploaded {spec.data} to {prepared.data_uri}")
