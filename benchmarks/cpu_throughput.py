@@ -20,8 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from tiny_model import build_tiny_model  # noqa: E402
+from llm_atc.demo import build_tiny_model  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

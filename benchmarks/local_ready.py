@@ -19,8 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_model import build_tiny_model
+from llm_atc.demo import build_tiny_model
 
 BIN = Path(sys.executable).parent
 

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 from local_ready import first_token, free_port, wait_health  # noqa: E402  (this folder is on sys.path)
-from tiny_model import build_tiny_model  # noqa: E402
+
+from llm_atc.demo import build_tiny_model  # noqa: E402
 
 BIN = Path(sys.executable).parent
 NODE_ENVS = "TORCH_SPEC=torch==2.13.0+cpu UV_FIND_LINKS=/opt/wheels VLLM_CPU_TORCH_INDEX= VLLM_CPU_KVCACHE_SPACE=1"

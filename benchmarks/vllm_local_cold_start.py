@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 from local_ready import first_token, free_port  # noqa: E402  (this folder is on sys.path)
-from tiny_model import build_tiny_model  # noqa: E402
+
+from llm_atc.demo import build_tiny_model  # noqa: E402
 
 BIN = Path(sys.executable).parent
 FLAGS = ["--max_model_len", "256"]

@@ -37,8 +37,10 @@ def serve(
 
     registry = Registry()
     with ui.quiet(quiet):
-        spec = build_serve_spec(name, cloud=cloud, accelerator=accelerator, registry=registry, **options)
-        record = launch.serve(prepare(spec, registry=registry), registry=registry, timeout=timeout)
+        spec = build_serve_spec(
+            name, cloud=cloud, accelerator=accelerator, timeout=timeout, registry=registry, **options
+        )
+        record = launch.serve(prepare(spec, registry=registry), registry=registry)
     return Deployment(record, registry)
 
 
@@ -67,6 +69,7 @@ def train(
     registry = Registry()
     with ui.quiet(quiet):
         spec = build_train_spec(
+            registry=registry,
             model_type=model_type,
             finetune_data=finetune_data,
             cloud=cloud,

@@ -68,10 +68,16 @@ class LazyGroup(click.Group):
             _fail(f"{type(exc).__name__}: {message} (set LLM_ATC_DEBUG=1 for the traceback)", 1)
 
 
+MAX_ERROR_LINE = 800  # a safety net: user text is shortened where it is quoted
+
+
 def _fail(message: str, code: int, hint: str | None = None) -> None:
     from llm_atc import ui
 
-    ui.error(ui.escape(message))
+    first, _, rest = message.partition("\n")
+    if len(first) > MAX_ERROR_LINE:  # user text quoted at length: keep both ends
+        first = f"{first[: MAX_ERROR_LINE // 2]} ... {first[-MAX_ERROR_LINE // 2 :]}"
+    ui.error(ui.escape(first + ("\n" + rest if rest else "")))
     if hint:
         ui.info(hint)
     sys.exit(code)

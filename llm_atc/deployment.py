@@ -52,6 +52,7 @@ class Deployment(RecordHandle):
             timeout=timeout,
             message=f"Waiting for {self.name}",
             api_key=self.api_key,
+            cafile=self.record.details.get("tls_cert"),
         )
 
     @contextmanager

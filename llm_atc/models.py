@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_atc.errors import NotFoundError, UserError
+from llm_atc.options import shorten
 from llm_atc.registry import Registry
 from llm_atc.storage import RUN_PREFIX, BucketURI
 
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+# The Hub's own limits: an owner and a name of at most 96 characters each.
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -40,7 +42,7 @@ class ModelRef:
 def check_run_name(run: str, *, option: str = "--name") -> str:
     if not RUN_NAME_RE.fullmatch(run):
         raise UserError(
-            f"{option} {run!r} is not a valid run name: letters, digits, '.', '_' and '-', "
+            f"{option} {shorten(run)} is not a valid run name: letters, digits, '.', '_' and '-', "
             "starting with a letter or digit (at most 63 characters)"
         )
     return run
@@ -50,36 +52,64 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
 
 
-def resolve_model(name: str, source: str | None = None, registry: Registry | None = None) -> ModelRef:
-    """Resolve ``--name``/``--source`` into a :class:`ModelRef` (no network access)."""
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long to be a path, and the like
+        return False
+
+
+def resolve_model(
+    name: str, source: str | None = None, registry: Registry | None = None, *, option: str = "--name"
+) -> ModelRef:
+    """Resolve ``--name``/``--source`` (or another option's model reference) into a :class:`ModelRef`
+    (no network access)."""
     name = name.strip()
+    shown = shorten(name)
     if not name:
-        raise UserError("--name is empty; pass a Hugging Face id, llm-atc/<run> or a model folder")
+        raise UserError(f"{option} is empty; pass a Hugging Face id, llm-atc/<run> or a model folder")
     if source:
         bucket = BucketURI.parse(source)
         if name.startswith(RUN_PREFIX + "/"):
-            check_run_name(name.split("/", 1)[1])
+            check_run_name(name.split("/", 1)[1], option=option)
         elif not HUB_ID_RE.fullmatch(name):
-            raise UserError(f"--name {name!r} is not a valid model name to serve {source} under")
+            raise UserError(f"{option} {shown} is not a valid model name to serve {source} under")
         return ModelRef(name=name, bucket=bucket)
     if name.startswith(RUN_PREFIX + "/"):
-        run = check_run_name(name.split("/", 1)[1])
-        record = (registry or Registry()).find_run(run)
-        if record is None:
-            raise NotFoundError(
-                f"{name} is not in the registry; pass --source s3://BUCKET/{RUN_PREFIX}/{run} "
-                f"(or gs://...) to say where its checkpoint is"
-            )
-        if "://" not in record.checkpoint_uri:
-            return ModelRef(name=name, path=Path(record.checkpoint_uri))
-        return ModelRef(name=name, bucket=BucketURI.parse(record.checkpoint_uri))
+        return _trained_run(name, registry or Registry(), option)
     path = Path(name).expanduser()
-    if looks_like_path(name) or path.is_dir():
-        if not path.is_dir():
-            raise NotFoundError(f"--name {name!r}: no such folder")
+    if looks_like_path(name) or _is_dir(path):
+        if not _is_dir(path):
+            raise NotFoundError(f"{option} {shown}: no such folder")
         if not any((path / marker).is_file() for marker in ("config.json", "adapter_config.json")):
-            raise UserError(f"--name {name!r}: the folder holds no config.json or adapter_config.json")
+            raise UserError(f"{option} {shown}: the folder holds no config.json or adapter_config.json")
         return ModelRef(name=name, path=path.resolve())
     if not HUB_ID_RE.fullmatch(name):
-        raise UserError(f"--name {name!r} is not a Hugging Face model id (org/model), llm-atc/<run> or a model folder")
+        raise UserError(f"{option} {shown} is not a Hugging Face model id (org/model), llm-atc/<run> or a model folder")
     return ModelRef(name=name, hub_id=name)
+
+
+def _trained_run(name: str, registry: Registry, option: str) -> ModelRef:
+    """``llm-atc/<run>``: the model a recorded run published (refused until it has)."""
+    from llm_atc.registry import Status
+
+    run = check_run_name(name.split("/", 1)[1], option=option)
+    record = registry.find_run(run)
+    if record is None:
+        raise NotFoundError(
+            f"{option} {name} is not in the registry; pass --source s3://BUCKET/{RUN_PREFIX}/{run} "
+            f"(or gs://...) to say where its checkpoint is"
+        )
+    if record.status != Status.SUCCEEDED:
+        from llm_atc.app.lifecycle import reconcile
+
+        reconcile([record], registry)
+    if record.status != Status.SUCCEEDED:
+        what = "not finished yet" if record.is_active else "over without publishing one"
+        raise UserError(
+            f"{option} {name}: the training run is {record.status}, so there is no model to serve "
+            f"({what}); see `llm-atc status {run}`"
+        )
+    if "://" not in record.checkpoint_uri:
+        return ModelRef(name=name, path=Path(record.checkpoint_uri))
+    return ModelRef(name=name, bucket=BucketURI.parse(record.checkpoint_uri))

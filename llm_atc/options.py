@@ -14,11 +14,48 @@ from dataclasses import dataclass
 
 from llm_atc.errors import UserError
 
+# The ranges every numeric option is checked against (docs/cli.md lists them).
+LIMITS = {
+    "--timeout": (1, 86_400, "seconds"),
+    "--target_qps": (0.001, 1_000_000, "requests per second per replica"),
+    "--disk_size": (1, 65_536, "GB"),
+    "--max_model_len": (1, 10_485_760, "tokens"),
+    "--num_nodes": (1, 512, "nodes"),
+    "--replicas": (0, 1_000, "replicas"),
+    "GPUS_PER_NODE": (1, 64, "GPUs per node"),
+    "--cpus": (0.001, 1_024, "vCPUs"),
+    "--memory": (0.001, 65_536, "GB"),
+}
+
+
+def plain_number(value: float) -> str:
+    """1000000 -> "1000000", 0.001 -> "0.001" (no exponents in messages)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:f}".rstrip("0")
+
+
+def check_number(value, option: str, *, limit: str | None = None):
+    """``value`` (None passes) when it is a finite number within ``option``'s range, else a one-line error."""
+    import math
+
+    if value is None:
+        return None
+    low, high, unit = LIMITS[limit or option]
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        shown = value if isinstance(value, (int, float)) else shorten(str(value))
+        raise UserError(
+            f"{option} {shown}: give a number of {unit} between {plain_number(low)} and {plain_number(high)}"
+        )
+    return value
+
+
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# Names that are always secrets, plus suffixes that mark one.
-SECRET_NAMES = frozenset({"HF_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "OPENAI_API_KEY"})
+# Names that are always secrets, plus suffixes that mark one; SECRET_RULE says it (--help, README, docs).
+SECRET_NAMES = frozenset({"AWS_ACCESS_KEY_ID"})
 SECRET_SUFFIXES = ("_TOKEN", "_KEY", "_SECRET", "_PASSWORD")
+SECRET_RULE = (
+    "AWS_ACCESS_KEY_ID and any name ending in _TOKEN, _KEY, _SECRET or _PASSWORD (HF_TOKEN, WANDB_API_KEY, ...)"
+)
 
 
 def is_secret_name(key: str) -> bool:
@@ -38,14 +75,14 @@ def parse_env_pairs(values: tuple[str, ...] | list[str], *, option: str) -> dict
         try:
             items = shlex.split(raw)
         except ValueError as exc:
-            raise UserError(f"{option} {raw!r}: {exc}") from None
+            raise UserError(f"{option} {shorten(raw)}: {exc}") from None
         if not items:
             raise UserError(f"{option} needs KEY=VALUE or KEY, got an empty value")
         for item in items:
             key, sep, value = item.partition("=")
             if not ENV_KEY_RE.fullmatch(key):
                 raise UserError(
-                    f"{option} {item!r}: {key!r} is not a valid variable name "
+                    f"{option} {shorten(item)}: {shorten(key)} is not a valid variable name "
                     "(letters, digits and _, not starting with a digit)"
                 )
             if not sep:
@@ -89,20 +126,22 @@ def parse_accelerators(value: str, known: list[str] | None = None) -> tuple[Acce
         name, sep, count_text = part.partition(":")
         name = name.strip()
         if not name:
-            raise UserError(f"--accelerator {part!r}: missing GPU name; use NAME[:COUNT] such as A100:1")
+            raise UserError(f"--accelerator {shorten(part)}: missing GPU name; use NAME[:COUNT] such as A100:1")
         if sep:
             if not count_text.strip().isdecimal():
-                raise UserError(f"--accelerator {part!r}: count {count_text!r} is not a whole number")
+                raise UserError(f"--accelerator {shorten(part)}: count {shorten(count_text)} is not a whole number")
             count = int(count_text)
             if count < 1:
-                raise UserError(f"--accelerator {part!r}: count must be at least 1")
+                raise UserError(f"--accelerator {shorten(part)}: count must be at least 1")
+            if count > LIMITS["GPUS_PER_NODE"][1]:
+                raise UserError(f"--accelerator {shorten(part)}: at most {LIMITS['GPUS_PER_NODE'][1]} GPUs per node")
         else:
             count = 1
         if known is not None:
             name = canonical_gpu_name(name, known)
         result.append(Accelerator(name, count))
     if len({a.name for a in result}) != len(result):
-        raise UserError(f"--accelerator {value!r} names the same GPU twice")
+        raise UserError(f"--accelerator {shorten(value)} names the same GPU twice")
     return tuple(result)
 
 
@@ -113,7 +152,7 @@ def canonical_gpu_name(name: str, known: list[str]) -> str:
         return by_lower[name.lower()]
     close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(by_lower[c] for c in close)}?" if close else ""
-    raise UserError(f"--accelerator: unknown GPU {name!r}{hint}")
+    raise UserError(f"--accelerator: unknown GPU {shorten(name)}{hint}")
 
 
 def skypilot_infra() -> tuple[str, dict[str, str]]:
@@ -137,7 +176,7 @@ def closest(value: str, choices: list[str], what: str) -> str:
         return by_lower[value.lower()]
     close = difflib.get_close_matches(value.lower(), list(by_lower), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(by_lower[c] for c in close)}?" if close else ""
-    raise UserError(f"unknown {what} {value!r}{hint}")
+    raise UserError(f"unknown {what} {shorten(value)}{hint}")
 
 
 def parse_extra_args(value: str | None, *, option: str) -> tuple[str, ...]:
@@ -158,7 +197,7 @@ def cluster_name_for(model: str, prefix: str = "llm-atc") -> str:
     """Derive a valid cluster name from a model reference, e.g. ``llm-atc-vicuna-13b-v1-3``."""
     tail = model.rstrip("/").split("/")[-1].lower()
     slug = re.sub(r"[^a-z0-9]+", "-", tail).strip("-") or "model"
-    name = f"{prefix}-{slug}"
+    name = slug if slug.startswith(f"{prefix}-") else f"{prefix}-{slug}"
     if len(name) > MAX_CLUSTER_NAME:
         import hashlib
 
@@ -167,11 +206,16 @@ def cluster_name_for(model: str, prefix: str = "llm-atc") -> str:
     return name
 
 
+def is_cluster_name(name: str) -> bool:
+    """Whether ``name`` could name a SkyPilot cluster."""
+    return len(name) <= 63 and CLUSTER_NAME_RE.fullmatch(name) is not None
+
+
 def check_cluster_name(name: str) -> str:
     """Validate a user-given ``--cluster`` name."""
-    if len(name) > 63 or not CLUSTER_NAME_RE.fullmatch(name):
+    if not is_cluster_name(name):
         raise UserError(
-            f"--cluster {name!r} is not a valid cluster name: use lowercase letters, digits and "
+            f"--cluster {shorten(name)} is not a valid cluster name: use lowercase letters, digits and "
             "'-', starting with a letter (at most 63 characters)"
         )
     return name
@@ -186,8 +230,12 @@ def check_resource_amount(value: str | None, *, option: str, unit: str) -> str |
         return None
     text = str(value).strip()
     match = RESOURCE_AMOUNT_RE.fullmatch(text)
-    if not match or float(match.group(1)) <= 0:
-        raise UserError(f"{option} {value!r}: give a positive number of {unit}, e.g. 4 (exactly) or 4+ (at least)")
+    low, high, _ = LIMITS[option]
+    if not match or not low <= float(match.group(1)) <= high:
+        raise UserError(
+            f"{option} {shorten(text)}: give a number of {unit} between {plain_number(low)} and {plain_number(high)}, "
+            "e.g. 4 (exactly) or 4+ (at least)"
+        )
     return text
 
 

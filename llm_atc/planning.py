@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 MODES = ("serve", "full", "lora", "qlora")
-DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # as llm_atc.spec.DTYPES
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # what vLLM's --dtype accepts
 
 # Serving (vLLM): the engine may use this share of each GPU for weights, activations and KV cache.
 GPU_MEMORY_UTILIZATION = 0.9

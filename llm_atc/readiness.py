@@ -20,13 +20,28 @@ class EngineExited(LaunchError):
     """The engine stopped before it became ready."""
 
 
-def probe(url: str, *, timeout: float = 5.0, api_key: str | None = None) -> tuple[int, bytes]:
+def trusting(cafile: str | None):
+    """An SSL context for our own checks of an endpoint serving the certificate ``cafile`` (pinned: the
+    chain must lead to that file; the host name is not checked, as a node's address rarely is in it)."""
+    import ssl
+
+    if not cafile:
+        return None
+    context = ssl.create_default_context(cafile=cafile)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.check_hostname = False
+    return context
+
+
+def probe(
+    url: str, *, timeout: float = 5.0, api_key: str | None = None, cafile: str | None = None
+) -> tuple[int, bytes]:
     """GET ``url``; returns ``(status, body)``, status 0 when nothing answered."""
     request = urllib.request.Request(url)
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=trusting(cafile)) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read() or b""
@@ -43,6 +58,7 @@ def wait_ready(
     check_alive: Callable[[], str | None] = lambda: None,
     interval: float = 1.0,
     api_key: str | None = None,
+    cafile: str | None = None,
 ) -> float:
     """Poll until the engine answers 200; returns the seconds waited.
 
@@ -60,7 +76,9 @@ def wait_ready(
                 raise EngineExited(dead)
             url = base_url() if callable(base_url) else base_url
             if url:
-                status, _ = probe(url.rstrip("/") + path, timeout=min(5.0, interval + 4), api_key=api_key)
+                status, _ = probe(
+                    url.rstrip("/") + path, timeout=min(5.0, interval + 4), api_key=api_key, cafile=cafile
+                )
                 if status == 200:
                     return time.monotonic() - start
                 if status == 401:
@@ -79,18 +97,20 @@ def wait_ready(
             time.sleep(interval)
 
 
-def served_models(base_url: str, engine: str = "vllm", name: str = "", api_key: str | None = None) -> list[str]:
+def served_models(
+    base_url: str, engine: str = "vllm", name: str = "", api_key: str | None = None, cafile: str | None = None
+) -> list[str]:
     """Model ids from ``GET /v1/models``; raises LaunchError when it does not answer.
 
     `transformers serve` serves one preloaded model (``name``) and lists only its
     Hub cache there, so it is checked through ``/health`` instead.
     """
     if engine == "transformers":
-        status, _ = probe(base_url.rstrip("/") + "/health")
+        status, _ = probe(base_url.rstrip("/") + "/health", cafile=cafile)
         if status != 200:
             raise LaunchError(f"{base_url}/health answered {status or 'nothing'}")
         return [name]
-    status, body = probe(base_url.rstrip("/") + "/v1/models", api_key=api_key)
+    status, body = probe(base_url.rstrip("/") + "/v1/models", api_key=api_key, cafile=cafile)
     if status == 401:
         what = "refuses the API key llm-atc has for it" if api_key else "needs its API key"
         raise LaunchError(
@@ -108,20 +128,27 @@ def served_models(base_url: str, engine: str = "vllm", name: str = "", api_key: 
 API_KEY_ENV = "LLM_ATC_API_KEY"
 
 
-def snippets(base_url: str, model: str, engine: str = "vllm", *, key_for: str | None = None) -> str:
+def snippets(
+    base_url: str, model: str, engine: str = "vllm", *, key_for: str | None = None, cafile: str | None = None
+) -> str:
     """The base URL, a curl and a 5-line openai snippet, as printed after serve.
 
     ``key_for``: the cluster whose endpoint needs an API key; the snippets read it from
-    ``$LLM_ATC_API_KEY`` (never printed here) and say how to set it.
+    ``$LLM_ATC_API_KEY`` (never printed here) and say how to set it. ``cafile``: the certificate an
+    HTTPS endpoint serves, for clients to trust (curl's --cacert, httpx's SSL_CERT_FILE).
     """
     api = base_url.rstrip("/") + "/v1"
     header = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if key_for else ""
+    header += f" --cacert {cafile}" if cafile else ""
     if engine == "vllm":
         curl = f"curl {api}/models{header}"
     else:  # `transformers serve` lists only its Hub cache under /v1/models
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
         curl = f"curl {api}/chat/completions -H 'Content-Type: application/json'{header} -d '{body}'"
     export = f"  export {API_KEY_ENV}=$(llm-atc endpoint {key_for} --show_key)\n" if key_for else ""
+    export += (
+        f"  export SSL_CERT_FILE={cafile}  # the openai client trusts the endpoint's certificate\n" if cafile else ""
+    )
     key = f'os.environ["{API_KEY_ENV}"]' if key_for else '"EMPTY"'
     imports = "import os\n  from openai import OpenAI" if key_for else "from openai import OpenAI"
     return f"""Endpoint: {api}

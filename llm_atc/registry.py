@@ -47,6 +47,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deployments ADD COLUMN endpoint TEXT;
     ALTER TABLE deployments ADD COLUMN details TEXT NOT NULL DEFAULT '{}';
     """,
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 )
 
 
@@ -227,7 +230,25 @@ class Registry:
             if ref in (record.cluster, record.name):
                 return record
         what = "training run" if kind == "train" else "deployment"
-        raise NotFoundError(f"no {what} named {ref!r}; see `llm-atc status`")
+        from llm_atc.options import shorten
+
+        raise NotFoundError(f"no {what} named {shorten(ref)}; see `llm-atc status`")
+
+    def setting(self, key: str, default: str) -> tuple[str, bool]:
+        """The setting ``key``, stored as ``default`` when it has none yet; (value, whether it was new).
+        Processes asking at once all get the one value that was stored first."""
+        with self._damage():
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                new = conn.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", [key, default]).rowcount == 1
+                value = conn.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()[0]
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.close()
+        return value, new
 
     def find_run(self, run: str) -> Record | None:
         """The newest training run called ``run`` that has a checkpoint URI."""

@@ -30,6 +30,8 @@ NODE_BUCKETS_SCRIPT = "~/.llm-atc/buckets.py"
 CUSTOM_STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST")
 # The chat template (a file llm-atc writes), synced to the node.
 NODE_CHAT_TEMPLATE = "~/llm-atc/chat-template.jinja"
+# --tls_cert / --tls_key, synced to the node for vLLM's own HTTPS.
+NODE_TLS = ("~/llm-atc/tls/cert.pem", "~/llm-atc/tls/key.pem")
 # Recipe envs that llm-atc's own options control; --envs may not override them.
 SERVE_RESERVED_ENVS = frozenset(
     {
@@ -128,7 +130,8 @@ def render_serve_task(
     _check_engine_options(spec)
     config = get_recipe(f"serve/{spec.engine}").load()
     config["name"] = spec.cluster
-    port = spec.port if features.open_ports and local is None else None
+    # A key-less endpoint stays private unless --open_port asks otherwise (reach it with --forward).
+    port = spec.port if features.open_ports and local is None and not spec.private else None
     config["resources"] = overlay_resources(config.get("resources", {}), spec.placement, port=port)
     if spec.num_nodes > 1:
         config["num_nodes"] = spec.num_nodes
@@ -151,6 +154,11 @@ def render_serve_task(
         if chat_template is not None and local is None:
             extra_mounts[NODE_CHAT_TEMPLATE] = str(chat_template)
             chat_template = NODE_CHAT_TEMPLATE
+        tls = None
+        if spec.tls is not None and spec.replicas is None:  # a service's load balancer speaks TLS instead
+            tls = (spec.tls.cert, spec.tls.key) if local is not None else NODE_TLS
+            if local is None:
+                extra_mounts.update({NODE_TLS[0]: str(spec.tls.cert), NODE_TLS[1]: str(spec.tls.key)})
         if spec.eos_token:
             envs["EOS_TOKEN"] = spec.eos_token
         model = "$HOME/llm-atc/weights" if spec.cache_weights else model_arg
@@ -162,6 +170,7 @@ def render_serve_task(
                 host=envs["HOST"],
                 chat_template=chat_template,
                 adapters=[*served_adapters, *extra_adapters],
+                tls=tls,
             )
         )
     else:
@@ -201,7 +210,14 @@ def tensor_parallel_size(placement: Placement) -> str:
 
 
 def vllm_command(
-    spec: ServeSpec, *, model: str, served: str, host: str, chat_template: str | Path | None, adapters: list
+    spec: ServeSpec,
+    *,
+    model: str,
+    served: str,
+    host: str,
+    chat_template: str | Path | None,
+    adapters: list,
+    tls: tuple | None = None,
 ) -> list[str]:
     """The whole command line of vLLM's OpenAI server for ``spec``: every flag llm-atc sets, then
     ``--vllm_args`` (checked against vLLM's own flags when the spec was built)."""
@@ -231,6 +247,8 @@ def vllm_command(
         args += ["--chat-template", node_path(str(chat_template))]
     if spec.eos_token:
         args += ["--generation-config", "$LLM_ATC_DIR/generation"]  # written by the recipe from EOS_TOKEN
+    if tls is not None:
+        args += ["--ssl-certfile", node_path(str(tls[0])), "--ssl-keyfile", node_path(str(tls[1]))]
     return [*args, *_lora_flags(adapters), *spec.engine_args]
 
 
@@ -252,10 +270,13 @@ def service_section(spec: ServeSpec) -> dict:
         replica_policy["base_ondemand_fallback_replicas"] = policy.base_ondemand_fallback
     if policy.dynamic_ondemand_fallback:
         replica_policy["dynamic_ondemand_fallback"] = True
-    return {
+    section = {
         "readiness_probe": {"path": "/health", "initial_delay_seconds": SERVICE_INITIAL_DELAY},
         "replica_policy": replica_policy,
     }
+    if spec.tls is not None:  # the load balancer terminates HTTPS; replicas behind it stay plain HTTP
+        section["tls"] = {"certfile": str(spec.tls.cert), "keyfile": str(spec.tls.key)}
+    return section
 
 
 @dataclass(frozen=True)
@@ -398,7 +419,7 @@ NODE_BASE_DIR = "~/llm-atc/base"
 TRAIN_RESERVED_ENVS = frozenset({"MODEL_TYPE", "MODEL_BASE", "DATA", "OUTPUT_URI"})
 
 
-def render_train_task(spec: TrainSpec, *, data: str) -> dict:
+def render_train_task(spec: TrainSpec, *, data: str, features: NodeFeatures = NodeFeatures()) -> dict:
     """The SkyPilot task config for a fine-tuning run; ``data`` is the URI the node reads."""
     check_user_envs(spec.envs, spec.secrets, TRAIN_RESERVED_ENVS)
     config = get_recipe(f"train/{spec.model_type}").load()
@@ -408,7 +429,15 @@ def render_train_task(spec: TrainSpec, *, data: str) -> dict:
     if spec.num_nodes > 1:
         config["num_nodes"] = spec.num_nodes
     base = spec.base_model
-    if Path(base).is_absolute() and not spec.is_local:
+    if spec.base_bucket is not None:  # llm-atc/<run> published in a bucket: copied onto the node
+        if not features.storage_mounting or custom_store_env(spec.envs):
+            raise UserError(
+                f"--base_model {spec.base_model}: a base in a bucket is copied by SkyPilot's bucket "
+                "mounting, which this target lacks; pass the model as a folder or a Hub id"
+            )
+        config.setdefault("file_mounts", {})[NODE_BASE_DIR] = _copy_mount(spec.base_bucket)
+        base = NODE_BASE_DIR
+    elif Path(base).is_absolute() and not spec.is_local:
         config.setdefault("file_mounts", {})[NODE_BASE_DIR] = base
         base = NODE_BASE_DIR
     envs = config.setdefault("envs", {})

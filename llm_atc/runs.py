@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from llm_atc.errors import UserError
+from llm_atc.errors import NotFoundError, UserError
 from llm_atc.registry import Registry
 from llm_atc.storage import RUN_PREFIX, BucketURI, ObjectStore
 
@@ -51,7 +51,12 @@ def _with_remote(rows: list[dict], store: str, bucket: str, name_filter: str | N
     """Add a WHERE column and the runs that exist only in the bucket."""
     root = BucketURI.for_run(store, bucket, "x")
     root = BucketURI(root.scheme, root.bucket, RUN_PREFIX)
-    in_bucket = set(ObjectStore(root.scheme).list_children(root))
+    store = ObjectStore(root.scheme)
+    if not store.bucket_exists(root.bucket):
+        raise NotFoundError(
+            f"--checkpoint_bucket {root.scheme}://{root.bucket} does not exist or is not visible to you"
+        )
+    in_bucket = set(store.list_children(root))
     recorded = set()
     for row in rows:
         uri = row["CHECKPOINT"]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llm_atc import gpus
-from llm_atc.errors import UserError
+from llm_atc.errors import NotFoundError, UserError
 from llm_atc.models import ModelRef, resolve_model
 from llm_atc.options import (
     Accelerator,
     canonical_infra,
     check_cluster_name,
+    check_number,
     check_port,
     check_resource_amount,
     cluster_name_for,
@@ -22,12 +24,12 @@ from llm_atc.options import (
     shorten,
     split_envs_and_secrets,
 )
+from llm_atc.planning import DTYPES, QUANTIZATIONS
 from llm_atc.registry import Registry
 from llm_atc.vllm_flags import check_vllm_args
 
 LOCAL = "local"
 ENGINES = ("auto", "vllm", "transformers")
-DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 DEFAULT_ACCELERATOR = "A100:1"
 API_KEY_SECRET = "VLLM_API_KEY"  # vLLM's OpenAI server reads its --api-key from this variable
 DEFAULT_PORT = 8000
@@ -83,6 +85,34 @@ class LaunchSpec:
 
 
 @dataclass(frozen=True)
+class TLS:
+    """A certificate and its private key (PEM files on this machine)."""
+
+    cert: Path
+    key: Path
+
+
+TLS_MAX_BYTES = 64 * 1024
+
+
+def read_tls(cert: str | None, key: str | None, *, engine: str) -> TLS | None:
+    """``--tls_cert``/``--tls_key``: both or neither; PEM files holding what their names say."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise UserError("--tls_cert and --tls_key go together: the certificate and its private key (PEM files)")
+    if engine == "transformers":
+        raise UserError("--tls_cert and --tls_key apply to --engine vllm (transformers serve has no HTTPS)")
+    for option, value, marker, what in (
+        ("--tls_cert", cert, "-----BEGIN CERTIFICATE-----", "certificate"),
+        ("--tls_key", key, "PRIVATE KEY-----", "private key"),
+    ):
+        if marker not in read_text_file(value, option=option, max_bytes=TLS_MAX_BYTES):
+            raise UserError(f"{option} {shorten(value)} holds no {what} (a PEM file starting {marker[:27]}...)")
+    return TLS(Path(cert).expanduser().resolve(), Path(key).expanduser().resolve())
+
+
+@dataclass(frozen=True)
 class ReplicaPolicy:
     """A SkyServe service: how many replicas, and when to add or remove them."""
 
@@ -122,6 +152,14 @@ class ServeSpec(LaunchSpec):
     loras: tuple[ModelRef, ...] = ()  # LoRA adapters served on the model, each under its ``name``
     num_nodes: int = 1  # > 1: one vLLM across nodes (Ray; pipeline parallel across them)
     cache_weights: str | None = None  # bucket folder that caches a Hub model's weights for later replicas
+    timeout: float | None = None  # seconds to wait for readiness (default: the backend's)
+    open_port: bool = False  # open the port even without an API key (by default such an endpoint stays private)
+    tls: TLS | None = None  # vLLM's own HTTPS (SkyServe's load balancer for a service)
+
+    @property
+    def private(self) -> bool:
+        """No API key and no --open_port on a cluster: the port stays closed (reach it with --forward)."""
+        return not self.is_local and not self.auth and not self.open_port
 
     @property
     def served_name(self) -> str:
@@ -149,14 +187,21 @@ def parse_loras(values, registry: Registry | None) -> tuple[ModelRef, ...]:
         name, sep, ref = value.partition("=")
         name, ref = name.strip(), ref.strip()
         if not sep or not name or not ref:
-            raise UserError(f"--lora {value!r}: give NAME=REF, e.g. support=llm-atc/my-run")
+            raise UserError(f"--lora {shorten(value)}: give NAME=REF, e.g. support=llm-atc/my-run")
         if not LORA_NAME_RE.fullmatch(name):
-            raise UserError(f"--lora {value!r}: {name!r} is not a valid adapter name (letters, digits, . _ / -)")
+            raise UserError(
+                f"--lora {shorten(value)}: {shorten(name)} is not a valid adapter name (letters, digits, . _ / -)"
+            )
         if any(a.name == name for a in adapters):
             raise UserError(f"--lora {name} is given twice")
-        resolved = resolve_model(name, ref, registry) if "://" in ref else resolve_model(ref, None, registry)
+        option = f"--lora {name}="
+        resolved = (
+            resolve_model(name, ref, registry, option=option)
+            if "://" in ref
+            else resolve_model(ref, None, registry, option=option)
+        )
         if resolved.path is not None and not (resolved.path / "adapter_config.json").is_file():
-            raise UserError(f"--lora {value!r}: {resolved.path} holds no adapter_config.json (not a LoRA adapter)")
+            raise UserError(f"--lora {name}: {resolved.path} holds no adapter_config.json (not a LoRA adapter)")
         adapters.append(ModelRef(name=name, hub_id=resolved.hub_id, bucket=resolved.bucket, path=resolved.path))
     return tuple(adapters)
 
@@ -168,6 +213,14 @@ def _check_eos_token(value: str | None) -> str | None:
 
 
 CHAT_TEMPLATE_MAX_BYTES = 256 * 1024
+
+
+def _demo() -> ModelRef:
+    """The embedded demo model (``serve --cloud local`` without ``--name``)."""
+    from llm_atc import demo, ui
+
+    ui.info(f"No --name: serving the built-in demo model as {demo.DEMO_NAME} (tiny, random weights).")
+    return ModelRef(name=demo.DEMO_NAME, path=demo.demo_model())
 
 
 def read_chat_template(value: str | None) -> str | None:
@@ -235,7 +288,7 @@ def parse_replicas(
         return None
     match = REPLICAS_RE.fullmatch(str(replicas).strip())
     if not match:
-        raise UserError(f"--replicas {replicas!r}: give N or MIN..MAX, e.g. 2 or 0..4")
+        raise UserError(f"--replicas {shorten(str(replicas))}: give N or MIN..MAX, e.g. 2 or 0..4")
     low = int(match.group(1))
     high = int(match.group(2)) if match.group(2) is not None else low
     if high < low:
@@ -246,8 +299,14 @@ def parse_replicas(
         raise UserError(f"--replicas {replicas} autoscales: give --target_qps (requests per second per replica)")
     if target_qps is not None and high == low:
         raise UserError(f"--target_qps needs a range to scale in, e.g. --replicas {max(low - 1, 0)}..{low + 2}")
-    if target_qps is not None and target_qps <= 0:
-        raise UserError(f"--target_qps {target_qps:g}: must be a positive number of requests per second")
+    if target_qps is not None:
+        import math
+
+        if not math.isfinite(target_qps) or target_qps <= 0 or target_qps > 1_000_000:
+            raise UserError(
+                f"--target_qps {target_qps:g}: must be a positive number of requests per second (at most 1000000)"
+            )
+    check_number(high, "--replicas")
     if (ondemand_fallback is not None or dynamic_ondemand_fallback) and not use_spot:
         raise UserError("--ondemand_fallback and --dynamic_ondemand_fallback go with --use_spot")
     if ondemand_fallback is not None and not 0 <= ondemand_fallback <= high:
@@ -275,8 +334,7 @@ def parse_placement(
         cloud = cloud.strip().lower()
         if cloud != LOCAL:
             cloud = canonical_infra(cloud)
-    if disk_size is not None and disk_size < 1:
-        raise UserError(f"--disk_size {disk_size}: must be a positive number of GB")
+    check_number(disk_size, "--disk_size")
     known = None if cloud in gpus.CUSTOM_GPU_INFRA else gpus.known_gpus()
     no_gpu = (accelerator or "").strip().lower() == NONE
     accelerators = parse_accelerators(accelerator, known) if accelerator and not no_gpu else ()
@@ -350,7 +408,7 @@ def _placement_and_envs(
 
 
 def build_serve_spec(
-    name: str,
+    name: str | tuple | None,
     *,
     source: str | None = None,
     accelerator: str | None = None,
@@ -384,6 +442,10 @@ def build_serve_spec(
     lora: tuple[str, ...] | list[str] = (),
     num_nodes: int = 1,
     cache_weights: str | None = None,
+    timeout: float | None = None,
+    open_port: bool = False,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
     registry: Registry | None = None,
 ) -> ServeSpec:
     """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
@@ -391,19 +453,34 @@ def build_serve_spec(
     Off ``local``, ``engine="auto"`` means vLLM, which gets ``A100:1`` unless
     ``accelerator`` says otherwise; ``transformers`` asks for no GPU unless given one.
     """
+    if not isinstance(name, str) and name is not None:  # the CLI's --name may be repeated, or left out
+        if len(name) > 1:
+            raise UserError(
+                f"--name is given twice ({shorten(name[0])}, {shorten(name[1])}); one engine serves "
+                "one model here: add others to it as --lora adapters, or serve them separately"
+            )
+        name = name[0] if name else None
     if engine not in ENGINES:
-        raise UserError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        raise UserError(f"--engine {shorten(engine)}: choose one of {', '.join(ENGINES)}")
     if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if max_model_len is not None and max_model_len < 1:
-        raise UserError(f"--max_model_len {max_model_len}: must be a positive number of tokens")
+        raise UserError(f"--dtype {shorten(dtype)}: choose one of {', '.join(DTYPES)}")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise UserError(f"--quantization {shorten(quantization)}: choose one of {', '.join(QUANTIZATIONS)}")
+    check_number(max_model_len, "--max_model_len")
+    check_number(timeout, "--timeout")
+    check_number(num_nodes, "--num_nodes")
     check_port(port)
     is_local = (cloud or "").strip().lower() == LOCAL
     if port == 0 and not is_local:
         raise UserError("--port 0 (pick a free port) only works with --cloud local")
     if is_local and (region or zone):
         raise UserError("--region and --zone do not apply to --cloud local")
-    model = resolve_model(name, source, registry)
+    if name is None and not is_local:
+        raise UserError(
+            "--name is required: a Hugging Face id, llm-atc/<run> or a model folder (only --cloud "
+            "local has a built-in demo model)"
+        )
+    model = _demo() if name is None else resolve_model(name, source, registry)
     if engine == "auto" and not is_local:
         engine = "vllm"
     if engine == "vllm" and not is_local and not accelerator:
@@ -447,8 +524,6 @@ def build_serve_spec(
     )
     if policy is not None and is_local:
         raise UserError("--replicas runs a SkyServe service on clusters; it does not apply to --cloud local")
-    if num_nodes < 1:
-        raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
     if cache_weights is not None:
         from llm_atc.storage import BucketURI
 
@@ -484,6 +559,9 @@ def build_serve_spec(
         loras=parse_loras(lora, registry),
         num_nodes=num_nodes,
         cache_weights=cache_weights,
+        timeout=timeout,
+        open_port=open_port,
+        tls=read_tls(tls_cert, tls_key, engine=engine),
         detach_setup=detach_setup,
         detach_run=detach_run,
         no_setup=no_setup,
@@ -507,6 +585,8 @@ class TrainSpec(LaunchSpec):
     description: str = ""
     num_nodes: int = 1
     resume: bool = False  # continue the failed or stopped run of this name from its last checkpoint
+    default_bucket: bool = False  # no --checkpoint_bucket: the user's default bucket (created on first use)
+    base_bucket: str | None = None  # --base_model llm-atc/<run> published in a bucket: copied to the node
 
     @property
     def data_is_local(self) -> bool:
@@ -538,24 +618,26 @@ def build_train_spec(
     detach_run: bool = False,
     no_setup: bool = False,
     resume: bool = False,
+    registry: Registry | None = None,
 ) -> TrainSpec:
     """Turn raw ``train`` option values into a validated :class:`TrainSpec`; raises UserError."""
     import time
-    from pathlib import Path
 
-    from llm_atc.models import HUB_ID_RE, check_run_name
+    from llm_atc.models import check_run_name
     from llm_atc.paths import home
     from llm_atc.storage import BucketURI
 
     if model_type not in MODEL_TYPES:
-        raise UserError(f"--model_type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
+        raise UserError(f"--model_type {shorten(model_type)}: choose one of {', '.join(MODEL_TYPES)}")
     is_local = (cloud or "").strip().lower() == LOCAL
-    if num_nodes < 1:
-        raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
+    check_number(num_nodes, "--num_nodes")
     if is_local and (num_nodes > 1 or use_spot):
         raise UserError("--num_nodes and --use_spot do not apply to --cloud local")
     run = check_run_name(name) if name else f"{model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
-    store = _check_store(checkpoint_store, checkpoint_bucket, is_local)
+    registry = registry or Registry()
+    store, checkpoint_bucket, default_bucket = _check_store(
+        checkpoint_store, checkpoint_bucket, is_local, cloud, registry
+    )
     if store == "local":
         output_uri = str(home() / "checkpoints" / run)
     else:
@@ -563,12 +645,8 @@ def build_train_spec(
     if "://" in finetune_data:
         BucketURI.parse(finetune_data, option="--finetune_data")
     elif not Path(finetune_data).is_file():
-        raise UserError(f"--finetune_data {finetune_data!r}: no such file")
-    base = base_model or DEFAULT_BASE_MODEL
-    if not (HUB_ID_RE.fullmatch(base) or Path(base).expanduser().is_dir()):
-        raise UserError(f"--base_model {base!r} is not a Hugging Face model id or a model folder")
-    if Path(base).expanduser().is_dir():
-        base = str(Path(base).expanduser().resolve())
+        raise NotFoundError(f"--finetune_data {shorten(finetune_data)}: no such file")
+    base, base_bucket = _check_base(_model_size_base(base_model, envs) or base_model or DEFAULT_BASE_MODEL, registry)
     if not is_local and (accelerator or "").strip().lower() == AUTO:
         choice = _auto(
             base,
@@ -595,6 +673,7 @@ def build_train_spec(
         # CPU-only training is allowed when asked for explicitly with --cpus.
         needs_accelerator=None if cpus else "A100-80GB:8 or L4:1 (or --cpus N to train on CPUs)",
     )
+    plain.pop("MODEL_SIZE", None)  # the original llm-atc's way to pick the base: done above
     return TrainSpec(
         run=run,
         model_type=model_type,
@@ -611,21 +690,78 @@ def build_train_spec(
         detach_run=detach_run,
         no_setup=no_setup,
         resume=resume,
+        default_bucket=default_bucket,
+        base_bucket=base_bucket,
     )
 
 
-def _check_store(store: str | None, bucket: str | None, is_local: bool) -> str:
+# The original llm-atc picked the base with --envs MODEL_SIZE=7|13; these are the sizes Llama 2 has.
+MODEL_SIZES = {"7": "meta-llama/Llama-2-7b-hf", "13": "meta-llama/Llama-2-13b-hf", "70": "meta-llama/Llama-2-70b-hf"}
+
+
+def _model_size_base(base_model: str | None, envs) -> str | None:
+    """``--envs MODEL_SIZE=N``: the Llama 2 base of that size, as the original llm-atc chose it."""
+    size = parse_env_pairs(envs, option="--envs").get("MODEL_SIZE")
+    if size is None:
+        return None
+    if base_model:
+        raise UserError(f"--envs MODEL_SIZE={size[:20]} and --base_model both pick the base model; keep one")
+    if size.strip() not in MODEL_SIZES:
+        raise UserError(
+            f"--envs MODEL_SIZE={size[:20]}: Llama 2 comes in {', '.join(MODEL_SIZES)}; pick any "
+            "other base with --base_model (e.g. --base_model huggyllama/llama-30b)"
+        )
+    return MODEL_SIZES[size.strip()]
+
+
+def _check_base(base: str, registry: Registry) -> tuple[str, str | None]:
+    """``--base_model``: a Hub id, a model folder (config.json) or ``llm-atc/<run>`` (a merged run);
+    (what the node loads, or the bucket that holds it)."""
+    from llm_atc.models import HUB_ID_RE, resolve_model
+
+    if (
+        not base.startswith("llm-atc/")
+        and not any(base.startswith(p) for p in ("/", "./", "../", "~"))
+        and HUB_ID_RE.fullmatch(base)
+        and not Path(base).is_dir()
+    ):
+        return base, None
+    ref = resolve_model(base, None, registry, option="--base_model")
+    if ref.hub_id:
+        return ref.hub_id, None
+    if ref.path is not None:
+        if not (ref.path / "config.json").is_file():
+            raise UserError(
+                f"--base_model {shorten(base)} holds no config.json: a LoRA adapter is trained from its "
+                "base (or from a run trained with the default MERGE=1)"
+            )
+        return str(ref.path), None
+    return base, str(ref.bucket)
+
+
+def _check_store(
+    store: str | None, bucket: str | None, is_local: bool, cloud: str | None, registry: Registry
+) -> tuple[str, str | None, bool]:
+    """(store, bucket, whether it is the user's default bucket). Without either option, a run on a cloud
+    goes to the cloud's store (GCS on gcp, else S3) and a bucket of the user's own, as the original llm-atc
+    did; a run here stays here."""
+    if store is None and bucket is None:
+        if is_local:
+            return "local", None, False
+        store = "GCS" if (cloud or "").strip().lower() == "gcp" else "S3"
+        import secrets
+
+        name, _ = registry.setting(f"default_bucket.{store}", f"llm-atc-{secrets.token_hex(4)}")
+        return store, name, True
     if store is None:
-        store = "local" if is_local and not bucket else None
-    if store is None:
-        raise UserError("--checkpoint_store is required: S3 or GCS (or local with --cloud local)")
+        raise UserError("--checkpoint_store is required with --checkpoint_bucket: S3 or GCS")
     normalised = {s.lower(): s for s in CHECKPOINT_STORES}.get(store.lower())
     if normalised is None:
-        raise UserError(f"--checkpoint_store {store!r}: choose one of {', '.join(CHECKPOINT_STORES)}")
+        raise UserError(f"--checkpoint_store {shorten(store)}: choose one of {', '.join(CHECKPOINT_STORES)}")
     if normalised == "local":
         if not is_local:
             raise UserError("--checkpoint_store local only works with --cloud local")
-        return normalised
+        return normalised, None, False
     if not bucket:
         raise UserError(f"--checkpoint_bucket is required with --checkpoint_store {normalised}")
-    return normalised
+    return normalised, bucket, False

@@ -115,6 +115,10 @@ class ObjectStore:
         with _translate_errors(self.scheme, uri.bucket):
             self._bucket(uri).upload_file(path, "", callback)
 
+    def create_bucket(self, bucket: str) -> None:
+        with _translate_errors(self.scheme, bucket):
+            self._bucket(BucketURI(self.scheme, bucket)).create()
+
     def delete_all(self, uri: BucketURI) -> int:
         """Delete everything under the prefix; how many objects there were."""
         with _translate_errors(self.scheme, uri.bucket):
@@ -195,7 +199,8 @@ class _translate_errors:
             "RetryError",
         ):
             raise UserError(f"cannot reach the object store for {where}: {_first_line(exc)}") from None
-        if name in ("NotFound", "NoSuchKey"):
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code") if name == "ClientError" else None
+        if name in ("NotFound", "NoSuchKey") or code in ("404", "NoSuchKey", "NoSuchBucket"):
             raise NotFoundError(f"{where}: not found ({_first_line(exc)})") from None
         if name in ("ClientError", "Forbidden", "Unauthorized"):
             raise UserError(f"{where}: {_first_line(exc)}") from None

@@ -25,14 +25,15 @@ OPEN_TIMEOUT = 60.0
 class Tunnel:
     """A running ``ssh -N -L`` to one engine; ``endpoint`` is its local ``http://127.0.0.1:PORT``."""
 
-    def __init__(self, process: subprocess.Popen, local_port: int, errors):
+    def __init__(self, process: subprocess.Popen, local_port: int, errors, scheme: str = "http"):
         self.process = process
         self.local_port = local_port
+        self.scheme = scheme
         self._errors = errors
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.local_port}"
+        return f"{self.scheme}://127.0.0.1:{self.local_port}"
 
     @property
     def base_url(self) -> str:
@@ -97,20 +98,21 @@ def forward(record: Record, *, local_port: int | None = None, timeout: float = O
         stderr=errors,
         start_new_session=True,
     )
-    tunnel = Tunnel(process, port, errors)
+    cafile = record.details.get("tls_cert")
+    tunnel = Tunnel(process, port, errors, "https" if cafile else "http")
     try:
-        _wait_open(tunnel, READY_PATHS.get(record.engine or "vllm", "/v1/models"), timeout)
+        _wait_open(tunnel, READY_PATHS.get(record.engine or "vllm", "/v1/models"), timeout, cafile)
         yield tunnel
     finally:
         tunnel.close()
 
 
-def _wait_open(tunnel: Tunnel, path: str, timeout: float) -> None:
+def _wait_open(tunnel: Tunnel, path: str, timeout: float, cafile: str | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if tunnel.process.poll() is not None:
             raise LaunchError(f"could not open the tunnel: {tunnel.error()}")
-        status, _ = probe(tunnel.endpoint + path, timeout=5)
+        status, _ = probe(tunnel.endpoint + path, timeout=5, cafile=cafile)
         if status and status < 500:
             return
         time.sleep(0.5)

@@ -16,6 +16,9 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 # Off a terminal rich would wrap tables at 80 columns; scripts and logs get full rows.
 _out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 _quiet = False
+# Exit codes, one meaning each (docs/cli.md): 0 done, 1 failed after launching, 2 bad input or a state
+# that refuses it, 3 not found, 4 not confirmed, 128+N interrupted by signal N.
+NOT_CONFIRMED = 4
 
 
 def set_quiet(quiet: bool) -> None:

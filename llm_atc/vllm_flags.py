@@ -33,6 +33,8 @@ OWNED = {
     "chat_template": f"{_USE} --chat_template",
     "config": "could set flags that llm-atc owns; pass the flags themselves",
     "uds": f"{_USE} --port (llm-atc serves over TCP)",
+    "ssl_certfile": f"{_USE} --tls_cert (with --tls_key)",
+    "ssl_keyfile": f"{_USE} --tls_key (with --tls_cert)",
     "help": "would print vLLM's help and exit instead of serving",
 }
 

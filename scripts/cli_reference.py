@@ -15,10 +15,51 @@ from llm_atc.cli import COMMANDS, cli
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 
+def preamble() -> str:
+    """Exit codes, the ranges numbers are checked against, shell completion."""
+    from llm_atc.options import LIMITS, SECRET_RULE, plain_number
+
+    limits = "\n".join(
+        f"| `{option}` | {plain_number(low)} to {plain_number(high)} {unit} |"
+        for option, (low, high, unit) in LIMITS.items()
+        if option.startswith("--")
+    )
+    return f"""## Exit codes
+
+| code | meaning |
+| --- | --- |
+| 0 | done |
+| 1 | it was launched and then failed (the engine died, the job failed), or SkyPilot could not launch it |
+| 2 | bad input, or a state that refuses it (one `Error:` line naming the option); also Click's usage errors |
+| 3 | not found: a deployment, run, cluster, bucket, object or file that does not exist |
+| 4 | not confirmed: you said no, or there was no terminal to ask and no `-y` |
+| 128+N | interrupted by signal N: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP |
+
+## Numbers
+
+Every number is checked before anything launches; `--accelerator` counts are at most 64 GPUs per node.
+
+| option | range |
+| --- | --- |
+{limits}
+
+## Secrets
+
+`--secret KEY[=VALUE]` always travels as a SkyPilot secret; so do, given with `--envs`, {SECRET_RULE}.
+
+## Shell completion
+
+```bash
+eval "$(_LLM_ATC_COMPLETE=bash_source llm-atc)"    # in ~/.bashrc; zsh: zsh_source, fish: fish_source
+```
+"""
+
+
 def render() -> str:
     parts = [
         "# CLI reference\n",
         "Generated from the Click commands by `python scripts/cli_reference.py`; do not edit by hand.\n",
+        preamble(),
     ]
     root = click.Context(cli, info_name="llm-atc", terminal_width=100, max_content_width=100, **cli.context_settings)
     parts.append(f"## llm-atc\n\n```text\n{cli.get_help(root)}\n```\n")

@@ -107,7 +107,7 @@ def llm_atc_home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(session_dir) -> Path:
     """A tiny Llama-style chat model folder, built offline."""
-    from tiny_model import build_tiny_model
+    from llm_atc.demo import build_tiny_model
 
     return build_tiny_model(session_dir / "tiny-model")
 
@@ -537,3 +537,64 @@ def sky_boundary(monkeypatch):
         return holder["sky"]
 
     return install
+
+
+# --- SkyPilot's GPU catalog, offline: a fixture copy where SkyPilot reads it ----------------------------
+
+CATALOG = ROOT / "tests" / "fixtures" / "catalog" / "v8"
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    """The fixture catalog where SkyPilot reads its catalog (fixed when sky was imported: this
+    session's HOME, or SKY_RUNTIME_DIR); whatever was there is put back afterwards."""
+    from llm_atc.backends import skypilot
+
+    target = skypilot.catalog_dir()
+    backup = target.with_name(target.name + ".llm-atc-test-backup")
+    if target.exists():
+        target.rename(backup)
+    shutil.copytree(CATALOG, target)
+    try:
+        yield target
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+        if backup.exists():
+            backup.rename(target)
+
+
+@pytest.fixture(scope="session")
+def tls_files(session_dir) -> dict:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llm-atc-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    folder = session_dir / "tls"
+    folder.mkdir()
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return {"cert": folder / "cert.pem", "key": folder / "key.pem"}

@@ -122,3 +122,22 @@ def test_code_style():
             [str(Path(sys.executable).parent / "ruff"), *args], capture_output=True, text=True, cwd=ROOT
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_one_rule_for_secret_names_everywhere(cli):
+    """README, the serving guide and --help state the same rule as the code that applies it."""
+    from llm_atc.options import SECRET_RULE, is_secret_name
+
+    for doc in (ROOT / "README.md", ROOT / "docs" / "serving.md", ROOT / "docs" / "cli.md"):
+        assert SECRET_RULE in " ".join(doc.read_text().split()), doc
+    assert SECRET_RULE.split(" (")[0] in " ".join(cli("serve", "--help").stdout.split())
+    for name, secret in (
+        ("HF_TOKEN", True),
+        ("WANDB_API_KEY", True),
+        ("AWS_ACCESS_KEY_ID", True),
+        ("DB_PASSWORD", True),
+        ("OPENAI_API_KEY", True),
+        ("MODEL_SIZE", False),
+        ("VLLM_CPU_KVCACHE_SPACE", False),
+    ):
+        assert is_secret_name(name) is secret, name

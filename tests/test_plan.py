@@ -17,7 +17,6 @@ from conftest import assert_one_line_error
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = FIXTURES / "model_configs"
-CATALOG = FIXTURES / "catalog" / "v8"
 
 # Public parameter counts (model cards / safetensors metadata) and sizes.
 PUBLIC_PARAMS = {
@@ -47,25 +46,6 @@ def model_folder(tmp_path: Path, name: str, *, index: bool = True) -> Path:
     if index and published.is_file():
         shutil.copy(published, folder / "model.safetensors.index.json")
     return folder
-
-
-@pytest.fixture(scope="module")
-def catalog():
-    """The fixture catalog where SkyPilot reads its catalog (fixed when sky was imported: this
-    session's HOME, or SKY_RUNTIME_DIR); whatever was there is put back afterwards."""
-    from llm_atc.backends import skypilot
-
-    target = skypilot.catalog_dir()
-    backup = target.with_name(target.name + ".llm-atc-test-backup")
-    if target.exists():
-        target.rename(backup)
-    shutil.copytree(CATALOG, target)
-    try:
-        yield target
-    finally:
-        shutil.rmtree(target, ignore_errors=True)
-        if backup.exists():
-            backup.rename(target)
 
 
 # ----------------------------------------------------------------------------------------------

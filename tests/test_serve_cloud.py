@@ -308,7 +308,7 @@ def test_keep_on_failure_leaves_the_cluster_up(cli, fake_sky, monkeypatch):
 def test_no_confirmation_without_a_terminal_launches_nothing(cli, fake_sky):
     sky = fake_sky()
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "ask-srv")
-    assert result.exit_code == 1
+    assert result.exit_code == 4  # not confirmed
     assert "-y" in result.stderr and sky.launches == []
 
 

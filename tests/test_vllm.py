@@ -258,3 +258,62 @@ def test_the_shipped_flag_list_is_the_pinned_vllm_parser(vllm_engine):
     assert (
         version == VLLM_VERSION == vllm_engine.version == str(get_recipe("serve/vllm").load()["envs"]["VLLM_VERSION"])
     )
+
+
+def test_https_with_the_certificate_given(cli, vllm_engine, tiny_model, tls_files):
+    """--tls_cert/--tls_key: vLLM serves HTTPS itself; readiness, `endpoint --check` and the openai client
+    (trusting the certificate) go over https, and plain HTTP gets nowhere."""
+    from conftest import VLLM_KEY
+    from openai import OpenAI
+
+    cluster = unique("vllm-tls")
+    result = cli(
+        "serve",
+        "--name",
+        str(tiny_model),
+        "--cloud",
+        "local",
+        "--engine",
+        "vllm",
+        "--port",
+        "0",
+        "-c",
+        cluster,
+        "--max_model_len",
+        "128",
+        "--tls_cert",
+        str(tls_files["cert"]),
+        "--tls_key",
+        str(tls_files["key"]),
+        "--secret",
+        f"VLLM_API_KEY={VLLM_KEY}",
+        "--envs",
+        "VLLM_CPU_KVCACHE_SPACE=1",
+        "--vllm_args",
+        "--enforce-eager",
+        "--timeout",
+        "600",
+    )
+    try:
+        assert result.exit_code == 0, result
+        from llm_atc.registry import Registry
+
+        record = Registry().find(cluster)
+        assert record.endpoint.startswith("https://127.0.0.1:")
+        assert f"--cacert {tls_files['cert']}" in result.stdout and "SSL_CERT_FILE" in result.stdout
+        checked = cli("endpoint", cluster, "--check")
+        assert checked.exit_code == 0 and str(tiny_model) in checked.stdout, checked
+        client = OpenAI(
+            base_url=record.endpoint + "/v1",
+            api_key=VLLM_KEY,
+            max_retries=0,
+            timeout=60,
+            http_client=httpx.Client(verify=str(tls_files["cert"])),
+        )
+        assert client.chat.completions.create(
+            model=str(tiny_model), max_tokens=2, messages=[{"role": "user", "content": "Hi"}]
+        ).choices
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(record.endpoint.replace("https://", "http://") + "/v1/models", timeout=10)
+    finally:
+        cli("stop", cluster)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from llm_atc import ui
 from llm_atc.backends import backend_for
-from llm_atc.errors import LaunchError
+from llm_atc.errors import LaunchError, UserError
 from llm_atc.paths import home, write_private
 from llm_atc.readiness import EngineExited, wait_ready
 from llm_atc.registry import Record, Registry, Status
@@ -83,7 +83,7 @@ def _start(workload, registry: Registry, backend, *, api_key: str | None = None)
     return record
 
 
-def serve(prepared, *, registry: Registry, backend=None, timeout: float | None = None) -> Record:
+def serve(prepared, *, registry: Registry, backend=None) -> Record:
     """Launch a prepared serve and wait until its engine answers; the RUNNING record (LAUNCHING with
     ``--detach_run``). Raises LaunchError when the engine fails first (its log tail said)."""
     spec, workload = prepared.spec, prepared.workload
@@ -101,7 +101,7 @@ def serve(prepared, *, registry: Registry, backend=None, timeout: float | None =
         if spec.detach_run:
             return record
         try:
-            waited = _wait_serving(record, backend, prepared, timeout or prepared.ready_timeout)
+            waited = _wait_serving(record, backend, prepared, spec.timeout or prepared.ready_timeout)
         except KeyboardInterrupt:
             if record.is_local:
                 backend.down(record)
@@ -124,7 +124,7 @@ def _wait_serving(record: Record, backend, prepared, timeout: float) -> float:
     """Poll the engine until it answers; the seconds waited."""
     if record.is_local:
         endpoint, check, interval = record.endpoint, lambda: backend.ended(record), 0.25
-        message = f"Starting {record.engine} for {record.name} on {record.endpoint.removeprefix('http://')}"
+        message = f"Starting {record.engine} for {record.name} on {record.endpoint.split('://')[-1]}"
     else:
         known: list[str] = []  # the endpoint does not change while the cluster is up: ask SkyPilot once
 
@@ -146,10 +146,40 @@ def _wait_serving(record: Record, backend, prepared, timeout: float) -> float:
         check_alive=check,
         interval=interval,
         api_key=prepared.api_key,
+        cafile=record.details.get("tls_cert"),
     )
     if not record.is_local:
         record.endpoint = known[0]
     return waited
+
+
+def _wait_private(record: Record, backend, prepared, timeout: float) -> float:
+    """A private endpoint (no port opened) is waited for through an SSH tunnel to the node, as
+    `llm-atc endpoint --forward` reaches it."""
+    import shutil
+
+    from llm_atc.tunnel import forward
+
+    if shutil.which("ssh") is None:
+        raise UserError(
+            "a private endpoint is reached through SSH: install the OpenSSH client (ssh), or serve with --open_port"
+        )
+    start = time.monotonic()
+    check = _throttled(lambda: backend.ended(record), every=15.0)
+    with ui.spinner(f"Waiting for {record.engine} on {record.cluster} (private: through an SSH tunnel)") as spinner:
+        while True:
+            dead = check()
+            if dead:
+                raise EngineExited(dead)
+            elapsed = time.monotonic() - start
+            if elapsed > timeout:
+                raise LaunchError(f"the engine was not ready after {timeout:.0f}s")
+            try:
+                with forward(record, timeout=min(30.0, max(timeout - elapsed, 1.0))):
+                    return time.monotonic() - start
+            except (LaunchError, UserError) as exc:  # no SSH access yet, or the engine not answering yet
+                spinner.update(elapsed, str(exc)[:80])
+                time.sleep(5)
 
 
 def _failure_report(reason: str, record: Record, backend, *, keep: bool) -> str:

@@ -27,9 +27,9 @@ def lookup(ref: str, registry: Registry, *, port: int = 8000) -> Record:
     try:
         return registry.find(ref)
     except NotFoundError:
-        from llm_atc.options import CLUSTER_NAME_RE
+        from llm_atc.options import is_cluster_name
 
-        if not CLUSTER_NAME_RE.fullmatch(ref):
+        if not is_cluster_name(ref):
             raise
         return Record(name=ref, kind="serve", model="", cluster=ref, status="UNKNOWN", port=port)
 
@@ -126,7 +126,7 @@ def end(ref: str | Record, *, action: str, yes: bool, registry: Registry) -> Rec
         and record.status != Status.DOWN
         and not ui.confirm(f"{ask} {record.name} on {where}?", yes=yes)
     ):
-        raise SystemExit(1)
+        raise SystemExit(ui.NOT_CONFIRMED)
     try:
         with ui.spinner(f"{doing} {record.name} on {where}"):
             if record.status != Status.DOWN:

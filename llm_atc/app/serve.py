@@ -28,6 +28,7 @@ class PreparedServe:
     workload: Workload
     checkpoint: Checkpoint | None = None
     api_key: str | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)  # what the user should know before saying yes
 
     @property
     def yaml(self) -> str:
@@ -81,10 +82,36 @@ def _prepare_cluster(spec: ServeSpec) -> PreparedServe:
         details={
             "open_ports": "ports" in config.get("resources", {}),
             **({"service": True} if spec.replicas is not None else {}),
+            **({"private": True} if spec.private and "ports" not in config.get("resources", {}) else {}),
+            **_tls_details(spec),
         },
     )
     workload = Workload(record, config, secrets, stream=not spec.detach_setup, no_setup=spec.no_setup)
-    return PreparedServe(spec, workload, checkpoint, api_key)
+    return PreparedServe(spec, workload, checkpoint, api_key, notes=_exposure_notes(spec, record))
+
+
+def _tls_details(spec: ServeSpec) -> dict:
+    """What readiness and clients need to know of the endpoint's HTTPS: the certificate to trust."""
+    return {"tls_cert": str(spec.tls.cert)} if spec.tls is not None else {}
+
+
+def _exposure_notes(spec: ServeSpec, record: Record) -> list[str]:
+    """Who can reach the endpoint, and how safely, in a line or two."""
+    open_port = record.details["open_ports"]
+    if spec.private:
+        why = "transformers serve has none" if spec.engine == "transformers" else "--no_auth"
+        return [
+            f"No API key ({why}): the endpoint stays private, no port is opened. Reach it with "
+            f"`llm-atc endpoint {spec.cluster} --forward`, or pass --open_port to expose it."
+        ]
+    if not spec.auth and open_port:
+        return [f"--open_port without an API key: anyone who can reach port {spec.port} can use this endpoint."]
+    if spec.auth and open_port and spec.tls is None:
+        return [
+            "The endpoint is plain HTTP on a public address, so its API key travels in clear text; "
+            "pass --tls_cert and --tls_key for HTTPS."
+        ]
+    return []
 
 
 def _check_buckets(spec: ServeSpec) -> tuple[Checkpoint | None, dict[str, Checkpoint]]:
@@ -145,8 +172,11 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
         raise UserError(
             "local serving needs transformers: pip install 'llm-atc[local]' (or vLLM: llm-atc engines install vllm)"
         )
-    if engine == "transformers" and spec.auth:
-        raise UserError("transformers serve has no API keys; drop --secret VLLM_API_KEY or use --engine vllm")
+    if engine == "transformers" and (spec.auth or spec.tls):
+        raise UserError(
+            "transformers serve has no API keys or HTTPS; use --engine vllm (or drop --secret "
+            "VLLM_API_KEY, --tls_cert and --tls_key)"
+        )
     _check_name_free(spec.cluster, registry)
     spec = replace(spec, engine=engine, port=pick_port(spec.port))
     weights = _local_weights(spec)
@@ -165,11 +195,21 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
         checkpoint_uri=str(spec.model.bucket) if spec.model.bucket else None,
         engine=engine,
         port=spec.port,
-        endpoint=f"http://127.0.0.1:{spec.port}",
-        details={"log": str(workdir / "server.log")},
+        endpoint=f"{'https' if spec.tls else 'http'}://127.0.0.1:{spec.port}",
+        details={"log": str(workdir / "server.log"), **_tls_details(spec)},
     )
     api_key = spec.secrets.get(API_KEY_SECRET) if spec.auth else None
-    return PreparedServe(spec, Workload(record, config, dict(spec.secrets), workdir=workdir), api_key=api_key)
+    notes = (
+        []
+        if api_key
+        else [
+            "No API key: the engine listens on 127.0.0.1 only, for this machine's users "
+            "(--secret VLLM_API_KEY=... gives it one)."
+        ]
+    )
+    return PreparedServe(
+        spec, Workload(record, config, dict(spec.secrets), workdir=workdir), api_key=api_key, notes=notes
+    )
 
 
 def _local_weights(spec: ServeSpec) -> Path | None:
@@ -196,3 +236,35 @@ def _check_name_free(cluster: str, registry: Registry) -> None:
                 f"{cluster} is already running ({record.endpoint}); stop it with `llm-atc stop {cluster}` "
                 "or pass -c NAME"
             )
+
+
+# --- what it costs -----------------------------------------------------------------------------------
+
+OWN_INFRA = frozenset({"kubernetes", "k8s", "slurm", "ssh"})
+
+
+def hourly_price(spec: ServeSpec) -> str:
+    """`` (about $X.XX/hour: ...)`` for the confirmation: the cheapest catalog offer of what is asked
+    for, times nodes and replicas; empty where SkyPilot's catalog cannot tell (own clusters, CPUs)."""
+    cloud = spec.placement.cloud
+    if cloud in OWN_INFRA or not spec.placement.accelerators:
+        return ""
+    from llm_atc.backends import skypilot
+    from llm_atc.errors import UserError
+
+    try:
+        clouds = [cloud] if cloud else skypilot.catalog_clouds()
+        offers = skypilot.list_offers(clouds, spec.placement.region) if clouds else []
+    except UserError:
+        offers = []
+    wanted = {(a.name.lower(), a.count) for a in spec.placement.accelerators}
+    use_spot = spec.placement.use_spot
+    priced = [o for o in offers if (o.accelerator.lower(), o.count) in wanted and o.hourly(use_spot) is not None]
+    if not priced:
+        return " (price unknown: SkyPilot's catalog here lists no such offer)"
+    best = min(priced, key=lambda o: o.hourly(use_spot))
+    hourly = best.hourly(use_spot) * spec.num_nodes
+    each = " per replica" if spec.replicas else (f" for {spec.num_nodes} nodes" if spec.num_nodes > 1 else "")
+    where = " ".join(str(p) for p in (best.cloud, best.instance_type, best.region(use_spot)) if p)
+    spot = " on spot" if use_spot else ""
+    return f", about ${hourly:.2f}/hour{each}{spot} ({best.accelerator}:{best.count} on {where})"

@@ -16,7 +16,7 @@ from llm_atc.backends._base import Workload
 from llm_atc.errors import NotFoundError, UserError
 from llm_atc.paths import home
 from llm_atc.registry import Record, Registry, Status
-from llm_atc.render import render_train_task, task_yaml
+from llm_atc.render import NodeFeatures, render_train_task, task_yaml
 from llm_atc.spec import TrainSpec
 from llm_atc.storage import BucketURI, ObjectStore, store_env, store_settings, upload_path
 
@@ -31,7 +31,10 @@ def validate_data(data: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / (Path(uri.prefix).name or "data")
             with ui.spinner(f"Reading {data}"):
-                store.download(uri, local, lambda n: None)
+                try:
+                    store.download(uri, local, lambda n: None)
+                except NotFoundError:
+                    raise NotFoundError(f"--finetune_data {data}: no such object (or no such bucket)") from None
             return _check_file(finetune, str(local), data)
     return _check_file(finetune, data, data)
 
@@ -76,8 +79,16 @@ def prepare(spec: TrainSpec, *, registry: Registry, keep_cluster: bool = False) 
     data_uri = spec.data
     if spec.data_is_local and output is not None:
         data_uri = str(output.child("data", Path(spec.data).name))
-    config = render_train_task(spec, data=data_uri)
     mode = "local" if spec.is_local else "managed" if spec.placement.use_spot else "cluster"
+    if mode == "local":
+        preflight_local(spec)
+        spec = _local_base(spec)
+        features = NodeFeatures()
+    else:
+        from llm_atc.backends import skypilot
+
+        features = skypilot.node_features(spec.placement)
+    config = render_train_task(spec, data=data_uri, features=features)
     workdir = home() / "local" / spec.cluster
     if mode == "local":
         config["envs"].setdefault("WORK_DIR", str(workdir / "work"))
@@ -153,15 +164,77 @@ def _check_name(spec: TrainSpec, registry: Registry) -> TrainSpec:
 def _check_output(spec: TrainSpec, output: BucketURI) -> None:
     store = ObjectStore(output.scheme)
     with ui.spinner(f"Checking {output.scheme}://{output.bucket}"):
-        if not store.bucket_exists(output.bucket):
-            raise UserError(f"--checkpoint_bucket {output.bucket!r} does not exist or is not visible to you")
+        exists = store.bucket_exists(output.bucket)
+        if not exists and spec.default_bucket:
+            ui.info(
+                f"No --checkpoint_bucket: runs go to your default bucket {output.scheme}://{output.bucket} "
+                f"({output.store}, from --cloud), created on first use and used by your next runs too."
+            )
+            return
+        if not exists:
+            raise NotFoundError(f"--checkpoint_bucket {output.bucket} does not exist or is not visible to you")
         if any(key in ("config.json", "adapter_config.json") for key, *_ in store.list_objects(output)):
             raise UserError(f"{output} already holds a model; pick another --name")
+
+
+# What a local run imports; `pip install 'llm-atc[train]'` brings them.
+TRAIN_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+    import sys
+
+    if module in sys.modules:
+        return sys.modules[module] is None  # blocked
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def preflight_local(spec: TrainSpec) -> None:
+    """What a run on this machine needs, checked before it starts (not after the model has loaded)."""
+    missing = [m for m in TRAIN_PACKAGES if _missing(m)]
+    if missing:
+        raise UserError(f"training on this machine needs {', '.join(missing)}: pip install 'llm-atc[train]'")
+    if spec.secrets.get("WANDB_API_KEY") and _missing("wandb"):
+        raise UserError(
+            "WANDB_API_KEY asks for Weights & Biases logging, and wandb is not installed here: "
+            "pip install wandb (or drop WANDB_API_KEY)"
+        )
+
+
+def _local_base(spec: TrainSpec) -> TrainSpec:
+    """A base published in a bucket (``--base_model llm-atc/<run>``), downloaded for a run here."""
+    if spec.base_bucket is None:
+        return spec
+    from llm_atc.paths import home
+    from llm_atc.storage import download_checkpoint
+
+    uri = BucketURI.parse(spec.base_bucket)
+    with store_env(spec.envs, spec.secrets):
+        folder = download_checkpoint(uri, home() / "cache" / uri.scheme / uri.bucket / uri.prefix)
+    return replace(spec, base_model=str(folder), base_bucket=None)
+
+
+def create_default_bucket(spec: TrainSpec) -> None:
+    """The user's default bucket, made on the first run that needs it."""
+    output = BucketURI.parse(spec.output_uri)
+    store = ObjectStore(output.scheme)
+    with store_env(spec.envs, spec.secrets):
+        if store.bucket_exists(output.bucket):
+            return
+        with ui.spinner(f"Creating {output.scheme}://{output.bucket}"):
+            store.create_bucket(output.bucket)
+    ui.info(f"Created {output.scheme}://{output.bucket}, your default bucket for runs (kept for the next ones).")
 
 
 def upload_data(prepared: PreparedTrain) -> None:
     """Put a local data file next to the run in its bucket, where the node reads it."""
     spec = prepared.spec
+    if spec.default_bucket:
+        create_default_bucket(spec)
     if spec.data_is_local and prepared.data_uri != spec.data:
         target = BucketURI.parse(prepared.data_uri)
         folder = BucketURI(target.scheme, target.bucket, target.prefix.rsplit("/", 1)[0])

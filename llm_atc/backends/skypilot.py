@@ -251,10 +251,10 @@ def sky_errors(cluster: str | None = None) -> Iterator[None]:
     try:
         yield
     except sky.exceptions.ClusterDoesNotExist:
-        raise NotFoundError(f"cluster {cluster!r} does not exist; see `llm-atc status`") from None
+        raise NotFoundError(_no_cluster(cluster)) from None
     except sky.exceptions.ClusterNotUpError as exc:
         if "not found" in str(exc).lower():
-            raise NotFoundError(f"cluster {cluster!r} does not exist; see `llm-atc status`") from None
+            raise NotFoundError(_no_cluster(cluster)) from None
         raise LaunchError(_one_line(exc)) from None
     except sky.exceptions.NotSupportedError as exc:
         raise UserError(_one_line(exc)) from None
@@ -268,8 +268,14 @@ def sky_errors(cluster: str | None = None) -> Iterator[None]:
         raise LaunchError(_one_line(exc)) from None
     except ValueError as exc:
         if cluster and "not found" in str(exc).lower():
-            raise NotFoundError(f"cluster {cluster!r} does not exist; see `llm-atc status`") from None
+            raise NotFoundError(_no_cluster(cluster)) from None
         raise UserError(_one_line(exc)) from None
+
+
+def _no_cluster(cluster: str | None) -> str:
+    from llm_atc.options import shorten
+
+    return f"cluster {shorten(cluster or '')} does not exist; see `llm-atc status`"
 
 
 def ssh_config(cluster: str) -> Path:
@@ -283,7 +289,7 @@ def ssh_config(cluster: str) -> Path:
     with sky_errors(cluster):
         found = command._get_cluster_records_and_set_ssh_config([cluster])
     if not found:
-        raise NotFoundError(f"cluster {cluster!r} does not exist; see `llm-atc status`")
+        raise NotFoundError(_no_cluster(cluster))
     generated = Path.home() / ".sky" / "generated" / "ssh" / cluster
     if not generated.is_file():
         raise LaunchError(f"SkyPilot has no SSH access to {cluster} yet (is it UP? see `llm-atc status`)")
@@ -319,7 +325,7 @@ class SkyPilotBackend:
                 result = self.sdk.stream_and_get(self.sdk.serve.up(task, service_name=record.cluster))
                 if not result or not result[1]:
                     raise LaunchError(f"SkyServe gave service {record.cluster} no endpoint")
-                return {"endpoint": _http(result[1])}
+                return {"endpoint": _http(result[1], record)}
             if record.mode == "managed":
                 request = self.sdk.jobs.launch(task, name=record.name)
             else:
@@ -415,7 +421,7 @@ class SkyPilotBackend:
             found = self.service(record.cluster)
             if not found or not found.get("endpoint"):
                 raise LaunchError(f"service {record.cluster} has no endpoint (see `llm-atc status`)")
-            return _http(found["endpoint"])
+            return _http(found["endpoint"], record)
         if record.details.get("open_ports", True):
             try:
                 with sky_errors(record.cluster):
@@ -427,8 +433,8 @@ class SkyPilotBackend:
                 url = (urls or {}).get(port) or (urls or {}).get(str(port))
                 if not url:
                     raise LaunchError(f"SkyPilot has no endpoint for port {port} on {record.cluster}")
-                return _http(url)
-        return f"http://{self.head_ip(record.cluster)}:{port}"
+                return _http(url, record)
+        return _http(f"{self.head_ip(record.cluster)}:{port}", record)
 
     def head_ip(self, cluster: str) -> str:
         with sky_errors(cluster):
@@ -660,8 +666,10 @@ def _status_name(status) -> str:
     return getattr(status, "value", None) or str(status).rsplit(".", 1)[-1]
 
 
-def _http(url: str) -> str:
-    return url if "://" in url else f"http://{url}"
+def _http(url: str, record: Record) -> str:
+    """``url`` with its scheme: https when the record's endpoint serves a certificate."""
+    scheme = "https" if record.details.get("tls_cert") else "http"
+    return url if "://" in url else f"{scheme}://{url}"
 
 
 def _uncoloured(text: str) -> str:
@@ -671,4 +679,7 @@ def _uncoloured(text: str) -> str:
 
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in _uncoloured(str(exc)).splitlines() if line.strip()]
-    return " ".join(lines[:3]) if lines else type(exc).__name__
+    text = " ".join(lines[:3])
+    if len(text) > 400:
+        text = f"{text[:200]}...{text[-200:]}"
+    return text or type(exc).__name__

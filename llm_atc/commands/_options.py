@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from llm_atc.options import SECRET_RULE
+
 
 def _apply(options):
     def decorator(func):
@@ -49,8 +51,7 @@ def env_options():
                 multiple=True,
                 metavar="KEY=VAL",
                 help="Env vars for the task: KEY=VAL, KEY (taken from your environment), or several "
-                "space-separated in one value. HF_TOKEN, WANDB_API_KEY and *_TOKEN/*_KEY/*_SECRET "
-                "become secrets.",
+                f"space-separated in one value. Secrets (never saved or printed): {SECRET_RULE}.",
             ),
             click.option(
                 "--secret",

@@ -44,7 +44,9 @@ def endpoint(name, check, port, forward, local_port, show_key):
     def show(base: str) -> None:
         ui.out(base.rstrip("/") + "/v1")
         if check:
-            for model in served_models(base, record.engine or "vllm", record.name, api_key=api_key):
+            for model in served_models(
+                base, record.engine or "vllm", record.name, api_key=api_key, cafile=record.details.get("tls_cert")
+            ):
                 ui.out(f"  {model}")
 
     if not forward:

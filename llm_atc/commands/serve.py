@@ -11,8 +11,9 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
 @click.option(
     "-n",
     "--name",
-    required=True,
-    help="Model: a Hugging Face id, llm-atc/<run> (a checkpoint we trained) or a local folder.",
+    multiple=True,
+    help="Model: a Hugging Face id, llm-atc/<run> (a checkpoint we trained) or a local folder. Required, "
+    "except with --cloud local, where it defaults to a built-in demo model.",
 )
 @click.option("--source", help="s3:// or gs:// URI of the checkpoint to serve under --name (wins over the registry).")
 @placement_options(
@@ -91,7 +92,17 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
 @click.option(
     "--keep_on_failure", is_flag=True, help="Leave the cluster up when the engine fails to start (default: torn down)."
 )
-@click.option("--timeout", type=float, help="Seconds to wait for readiness (default 1800 on a cloud, 600 locally).")
+@click.option(
+    "--open_port",
+    is_flag=True,
+    help="Open the port even though the endpoint has no API key (transformers, --no_auth); by default it stays "
+    "private, reached with `llm-atc endpoint NAME --forward`.",
+)
+@click.option("--tls_cert", metavar="FILE", help="HTTPS: the certificate (PEM) vLLM serves; goes with --tls_key.")
+@click.option("--tls_key", metavar="FILE", help="HTTPS: the certificate's private key (PEM).")
+@click.option(
+    "--timeout", type=float, help="Seconds to wait for readiness, 1 to 86400 (default 1800 on a cloud, 600 locally)."
+)
 @launch_options()
 def serve(**options):
     """Serve a model behind vLLM's OpenAI-compatible server and print the endpoint.
@@ -106,33 +117,35 @@ def serve(**options):
     """
     from llm_atc import ui
     from llm_atc.app import launch
-    from llm_atc.app.serve import prepare
+    from llm_atc.app.serve import hourly_price, prepare
     from llm_atc.readiness import snippets
     from llm_atc.registry import Registry
     from llm_atc.spec import build_serve_spec
 
-    dryrun, yes, timeout = options.pop("dryrun"), options.pop("yes"), options.pop("timeout")
+    dryrun, yes = options.pop("dryrun"), options.pop("yes")
     options["secrets"] = options.pop("secret")
     registry = Registry()
     spec = build_serve_spec(**options, registry=registry)
     if spec.is_local and dryrun:
         raise click.UsageError("--dryrun renders a SkyPilot task; it does not apply to --cloud local")
     prepared = prepare(spec, registry=registry)
+    for note in prepared.notes:
+        ui.info(note)
     if dryrun:
         ui.raw_out(prepared.yaml)
         return
     if not spec.is_local:
         where = spec.placement.infra or "the cheapest infra SkyPilot finds"
-        question = f"Launch {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text}, {where})?"
+        question = f"Launch {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text}, {where})"
         if spec.replicas is not None:
             question = (
                 f"Start service {spec.cluster} for {spec.served_name} ({spec.replicas.text}, "
-                f"{spec.placement.resources_text} each, {where})?"
+                f"{spec.placement.resources_text} each, {where})"
             )
-        if not ui.confirm(question, yes=yes):
-            raise SystemExit(1)
+        if not ui.confirm(f"{question}{hourly_price(spec)}?", yes=yes):
+            raise SystemExit(ui.NOT_CONFIRMED)
     try:
-        record = launch.serve(prepared, registry=registry, timeout=timeout)
+        record = launch.serve(prepared, registry=registry)
     except launch.Interrupted as exc:
         if spec.is_local:
             raise
@@ -142,17 +155,13 @@ def serve(**options):
         ui.info(f"Submitted; the engine is starting on {spec.cluster}.")
         ui.out(launch.still_up_message(spec.cluster))
         return
-    ui.out(
-        snippets(
-            record.endpoint, record.name, record.engine or "vllm", key_for=spec.cluster if prepared.api_key else None
-        )
-    )
-    if not prepared.api_key and record.engine == "transformers" and not spec.is_local:
-        ui.info(
-            "transformers serve has no API keys: anyone who reaches this endpoint can use it "
-            "(--engine vllm gives it one)."
-        )
-    if not record.details.get("open_ports", True):
+    if record.details.get("private"):
+        ui.out(f"Private endpoint (no port opened): llm-atc endpoint {spec.cluster} --forward")
+        return
+    cafile = record.details.get("tls_cert")
+    key_for = spec.cluster if prepared.api_key else None
+    ui.out(snippets(record.endpoint, record.name, record.engine or "vllm", key_for=key_for, cafile=cafile))
+    if not record.details.get("open_ports", True) and not spec.is_local:
         ui.info(
             f"{spec.placement.cloud} opens no ports: {record.endpoint} is the node's own address. Where that "
             f"is unreachable, tunnel to it with: llm-atc endpoint {spec.cluster} --forward"

@@ -19,8 +19,12 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
     required=True,
     help="Training data: a local file, s3:// or gs:// (ShareGPT/Vicuna JSON or OpenAI messages JSONL).",
 )
-@click.option("--checkpoint_bucket", help="Bucket that receives llm-atc/<run>/ (model, data, checkpoints).")
-@click.option("--checkpoint_store", help="S3 or GCS (or local, with --cloud local).")
+@click.option(
+    "--checkpoint_bucket",
+    help="Bucket that receives llm-atc/<run>/ (model, data, checkpoints). Default: a bucket of your own, "
+    "created on first use (llm-atc-<random>), in the cloud's store.",
+)
+@click.option("--checkpoint_store", help="S3 or GCS (or local, with --cloud local). Default: GCS on gcp, else S3.")
 @click.option("-n", "--name", help="Run name: serve it later as llm-atc/<name> (default: <model_type>-<time>).")
 @click.option("--description", help="A note kept in the registry.")
 @click.option("--base_model", help="Model to fine-tune: Hugging Face id or folder [default: meta-llama/Llama-2-7b-hf].")
@@ -54,7 +58,7 @@ def train(**options):
     dryrun, yes, keep_cluster = options.pop("dryrun"), options.pop("yes"), options.pop("keep_cluster")
     options["secrets"] = options.pop("secret")
     registry = Registry()
-    spec = build_train_spec(**options)
+    spec = build_train_spec(**options, registry=registry)
     prepared = prepare(spec, registry=registry, keep_cluster=keep_cluster)
     if dryrun:
         ui.raw_out(prepared.yaml)
@@ -64,7 +68,7 @@ def train(**options):
         where = spec.placement.infra or "the cheapest infra SkyPilot finds"
         question = f"Train {spec.run} ({spec.model_type}, {spec.placement.resources_text} x{spec.num_nodes}, {where})?"
         if not ui.confirm(question, yes=yes):
-            raise SystemExit(1)
+            raise SystemExit(ui.NOT_CONFIRMED)
     try:
         launch.train(prepared, registry=registry)
     except launch.Interrupted as exc:

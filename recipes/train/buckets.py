@@ -63,6 +63,15 @@ class Bucket:
                 raise
         return self.client.bucket(self.bucket).exists(**gcs_call())
 
+    def create(self) -> None:
+        """Create the bucket (S3: in AWS_REGION / AWS_DEFAULT_REGION, default us-east-1)."""
+        if self.scheme == "s3":
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+            where = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+            self.client.create_bucket(Bucket=self.bucket, **where)
+        else:
+            self.client.create_bucket(self.bucket, **gcs_call())
+
     def listing(self) -> dict[str, tuple[int, str]]:
         """Every object under the prefix (as a folder): its key relative to the prefix -> (size, etag)."""
         folder = self._key() + "/" if self.prefix else ""

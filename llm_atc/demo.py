@@ -1,13 +1,17 @@
-"""Build a tiny, random-weight Llama-style chat model for offline tests.
+"""The embedded demo model: a tiny, random-weight Llama-style chat model built offline in seconds.
+
+``llm-atc serve --cloud local`` without ``--name`` serves it (as ``llm-atc-demo``), so the whole path
+(engine, endpoint, clients) can be tried on a machine without internet access; its replies are
+noise, its plumbing is real. The tests and benchmarks use the same model.
 
 The folder written by :func:`build_tiny_model` loads with ``AutoTokenizer`` /
-``AutoModelForCausalLM`` (and ``transformers serve``) without touching the
-Hugging Face Hub. It holds a byte-level BPE tokenizer trained on generated
-text, a chat template with ``{% generation %}`` markers (so
-``apply_chat_template(..., return_assistant_tokens_mask=True)`` works), and a
-2-layer ``LlamaForCausalLM`` saved as safetensors. Building takes a few seconds.
+``AutoModelForCausalLM`` (and ``transformers serve`` and vLLM, whose CPU kernels need a head size
+of 64) without touching the Hugging Face Hub. It holds a byte-level BPE tokenizer trained on
+generated text, a chat template with ``{% generation %}`` markers (so
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` works), and a 2-layer
+``LlamaForCausalLM`` saved as safetensors.
 
-Command line: ``python tests/tiny_model.py OUTDIR``
+Command line: ``python -m llm_atc.demo OUTDIR``
 """
 
 from __future__ import annotations
@@ -106,7 +110,25 @@ def build_tiny_model(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+DEMO_NAME = "llm-atc-demo"  # what clients send as `model`
+
+
+def demo_model() -> pathlib.Path:
+    """The demo model's folder under ``$LLM_ATC_HOME/demo``, built on first use."""
+    from llm_atc import ui
+    from llm_atc.paths import home, private_dir
+
+    folder = home() / "demo" / DEMO_NAME
+    if not (folder / "model.safetensors").is_file():
+        with ui.spinner("Building the demo model (tiny, random weights: its replies are noise)"):
+            private_dir(folder.parent)
+            partial = folder.with_name(folder.name + ".partial")
+            build_tiny_model(partial)
+            partial.replace(folder)
+    return folder
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python tests/tiny_model.py OUTDIR")
+        sys.exit("usage: python -m llm_atc.demo OUTDIR")
     print(build_tiny_model(pathlib.Path(sys.argv[1])))
