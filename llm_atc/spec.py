@@ -155,6 +155,7 @@ class ServeSpec(LaunchSpec):
     timeout: float | None = None  # seconds to wait for readiness (default: the backend's)
     open_port: bool = False  # open the port even without an API key (by default such an endpoint stays private)
     tls: TLS | None = None  # vLLM's own HTTPS (SkyServe's load balancer for a service)
+    weights: str = "auto"  # how bucket weights reach vLLM: auto, stream or copy (llm_atc.weights)
 
     @property
     def private(self) -> bool:
@@ -446,6 +447,7 @@ def build_serve_spec(
     open_port: bool = False,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    weights: str = "auto",
     registry: Registry | None = None,
 ) -> ServeSpec:
     """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
@@ -533,6 +535,9 @@ def build_serve_spec(
                 "--cache_weights stages a Hugging Face model for vLLM on clusters; llm-atc/<run> and "
                 "folders already load from their own place"
             )
+    from llm_atc.weights import check_choice
+
+    check_choice(weights, model=model, engine=engine, cache_weights=cache_weights)
     if num_nodes > 1 and (is_local or engine != "vllm" or policy is not None):
         raise UserError(
             "--num_nodes > 1 spans one vLLM over several nodes of a cluster: not with --cloud local, "
@@ -562,6 +567,7 @@ def build_serve_spec(
         timeout=timeout,
         open_port=open_port,
         tls=read_tls(tls_cert, tls_key, engine=engine),
+        weights=weights,
         detach_setup=detach_setup,
         detach_run=detach_run,
         no_setup=no_setup,

@@ -7,6 +7,7 @@ errors, progress bars and incremental downloads.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -68,11 +69,19 @@ class Checkpoint:
     is_adapter: bool
     base_model: str | None = None
     rank: int | None = None
+    safetensors: bool = False  # the full weights (the model's, or the run's own base) are .safetensors
 
     @property
     def base_in_run(self) -> bool:
         """The adapter's base is the run's own copy (``<run>/base/``)."""
         return self.is_adapter and self.base_model == RUN_BASE
+
+    @property
+    def weights_uri(self) -> BucketURI | None:
+        """Where the full weights are in the bucket (None: an adapter on a Hub base)."""
+        if not self.is_adapter:
+            return self.uri
+        return self.uri.child(RUN_BASE) if self.base_in_run else None
 
 
 class ObjectStore:
@@ -130,14 +139,22 @@ def check_checkpoint(uri: BucketURI, store: ObjectStore | None = None) -> Checkp
     store = store or ObjectStore(uri.scheme)
     if not store.bucket_exists(uri.bucket):
         raise NotFoundError(f"bucket {uri.scheme}://{uri.bucket} does not exist or is not visible to you")
-    top = {key for key, *_ in store.list_objects(uri) if "/" not in key}
+    keys = [key for key, *_ in store.list_objects(uri)]
+    top = {key for key in keys if "/" not in key}
     if not top:
         raise NotFoundError(f"{uri} is empty or does not exist")
     if "config.json" in top:
-        return Checkpoint(uri, is_adapter=False)
+        return Checkpoint(uri, is_adapter=False, safetensors=any(k.endswith(".safetensors") for k in top))
     if "adapter_config.json" in top:
         config = json.loads(store.read_text(uri.child("adapter_config.json")))
-        return Checkpoint(uri, is_adapter=True, base_model=config.get("base_model_name_or_path"), rank=config.get("r"))
+        base = f"{RUN_BASE}/"
+        return Checkpoint(
+            uri,
+            is_adapter=True,
+            base_model=config.get("base_model_name_or_path"),
+            rank=config.get("r"),
+            safetensors=any(k.startswith(base) and k.endswith(".safetensors") for k in keys),
+        )
     raise UserError(f"{uri} holds no config.json or adapter_config.json; it is not a model checkpoint")
 
 
@@ -225,8 +242,8 @@ def _transfer_progress(description: str, total: int) -> Iterator[Callable[[int],
         yield lambda n: progress.advance(bar, n)
 
 
-def download_checkpoint(uri: BucketURI, dest: Path, store: ObjectStore | None = None) -> Path:
-    """Copy everything under ``uri`` into ``dest`` with a progress bar.
+def download_checkpoint(uri: BucketURI, dest: Path, store: ObjectStore | None = None, *, skip: str = "") -> Path:
+    """Copy everything under ``uri`` (but keys matching the glob ``skip``) into ``dest`` with a progress bar.
 
     Resumable and incremental: the ``.complete`` marker keeps the size and etag of
     every object; files present with the same size and etag are not fetched again,
@@ -237,7 +254,11 @@ def download_checkpoint(uri: BucketURI, dest: Path, store: ObjectStore | None = 
 
     marker = dest / ".complete"
     store = store or ObjectStore(uri.scheme)
-    objects = {key: [size, etag] for key, size, etag in store.list_objects(uri) if key and not key.endswith("/")}
+    objects = {
+        key: [size, etag]
+        for key, size, etag in store.list_objects(uri)
+        if key and not key.endswith("/") and not (skip and fnmatch.fnmatchcase(key, skip))
+    }
     if not objects:
         raise NotFoundError(f"{uri} is empty or does not exist")
     known = json.loads(marker.read_text()).get("objects", {}) if marker.is_file() else {}

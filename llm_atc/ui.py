@@ -72,7 +72,8 @@ def raw_out(text: str) -> None:
 
 @contextmanager
 def spinner(message: str) -> Iterator[Spinner]:
-    """A rich spinner on stderr showing ``message`` and the elapsed time."""
+    """A rich spinner on stderr showing ``message`` (plain text, not markup) and the elapsed time."""
+    message = escape(message)
     handle = Spinner(message)
     if _quiet or not _err.is_terminal:
         info(message)
@@ -90,7 +91,7 @@ class Spinner:
 
     def update(self, elapsed: float, detail: str = "") -> None:
         if self._status is not None:
-            suffix = f" [dim]{detail}[/dim]" if detail else ""
+            suffix = f" [dim]{escape(detail)}[/dim]" if detail else ""
             self._status.update(f"{self.message} ({elapsed:.0f}s){suffix}")
 
 

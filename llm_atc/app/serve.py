@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llm_atc import engines, ui
+from llm_atc import engines, ui, weights
 from llm_atc.backends import backend_for
 from llm_atc.backends._base import Workload
 from llm_atc.errors import UserError
@@ -14,7 +14,7 @@ from llm_atc.paths import home, write_private
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.render import LocalRun, render_serve_task, task_yaml
 from llm_atc.spec import API_KEY_SECRET, ServeSpec
-from llm_atc.storage import Checkpoint, check_checkpoint, download_checkpoint, store_env
+from llm_atc.storage import RUN_BASE, Checkpoint, check_checkpoint, download_checkpoint, store_env
 
 CLOUD_READY_TIMEOUT = 30 * 60
 LOCAL_READY_TIMEOUT = 600
@@ -54,10 +54,16 @@ def _prepare_cluster(spec: ServeSpec) -> PreparedServe:
     from llm_atc.backends import skypilot
 
     checkpoint, adapters = _check_buckets(spec)
+    path = weights.for_serve(spec, checkpoint)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     template = write_chat_template(spec, home() / "tasks" / f"{spec.cluster}-{stamp}.jinja")
     config = render_serve_task(
-        spec, checkpoint, features=skypilot.node_features(spec.placement), adapters=adapters, chat_template=template
+        spec,
+        checkpoint,
+        features=skypilot.node_features(spec.placement),
+        adapters=adapters,
+        chat_template=template,
+        stream=path is not None and path.stream,
     )
     api_key = None
     if spec.auth:
@@ -87,7 +93,8 @@ def _prepare_cluster(spec: ServeSpec) -> PreparedServe:
         },
     )
     workload = Workload(record, config, secrets, stream=not spec.detach_setup, no_setup=spec.no_setup)
-    return PreparedServe(spec, workload, checkpoint, api_key, notes=_exposure_notes(spec, record))
+    notes = ([path.note] if path else []) + _exposure_notes(spec, record)
+    return PreparedServe(spec, workload, checkpoint, api_key, notes=notes)
 
 
 def _tls_details(spec: ServeSpec) -> dict:
@@ -179,12 +186,18 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
         )
     _check_name_free(spec.cluster, registry)
     spec = replace(spec, engine=engine, port=pick_port(spec.port))
-    weights = _local_weights(spec)
+    folder, checkpoint, path = _local_weights(spec)
     workdir = home() / "local" / spec.cluster
     template = write_chat_template(spec, workdir / "chat-template.jinja")
-    config = render_serve_task(spec, local=LocalRun(weights, workdir, vllm_env), chat_template=template)
-    if weights is not None:
-        config["envs"].setdefault("HF_HUB_OFFLINE", "1")  # the weights are here: nothing to ask the Hub
+    config = render_serve_task(
+        spec,
+        checkpoint,
+        local=LocalRun(folder, workdir, vllm_env),
+        chat_template=template,
+        stream=path is not None and path.stream,
+    )
+    if folder is not None or path is not None:
+        config["envs"].setdefault("HF_HUB_OFFLINE", "1")  # the weights are here or in the bucket: not on the Hub
     record = Record(
         name=spec.model.name,
         kind="serve",
@@ -199,30 +212,34 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
         details={"log": str(workdir / "server.log"), **_tls_details(spec)},
     )
     api_key = spec.secrets.get(API_KEY_SECRET) if spec.auth else None
-    notes = (
-        []
-        if api_key
-        else [
+    notes = [path.note] if path else []
+    if not api_key:
+        notes.append(
             "No API key: the engine listens on 127.0.0.1 only, for this machine's users "
             "(--secret VLLM_API_KEY=... gives it one)."
-        ]
-    )
+        )
     return PreparedServe(
         spec, Workload(record, config, dict(spec.secrets), workdir=workdir), api_key=api_key, notes=notes
     )
 
 
-def _local_weights(spec: ServeSpec) -> Path | None:
-    """Where the weights are on this machine (downloading a bucket checkpoint first)."""
+def _local_weights(spec: ServeSpec) -> tuple[Path | None, Checkpoint | None, weights.LoadPath | None]:
+    """(the model folder on this machine, what its bucket holds, how the bucket's weights go). A
+    bucket checkpoint is streamed by vLLM, or downloaded first (an adapter run's files but its
+    streamed base; everything when copied)."""
     if spec.model.path is not None:
-        return spec.model.path
+        return spec.model.path, None, None
     if spec.model.bucket is None:
-        return None
+        return None, None, None
     uri = spec.model.bucket
     with store_env(spec.envs, spec.secrets):
         with ui.spinner(f"Checking {uri}"):
-            check_checkpoint(uri)
-        return download_checkpoint(uri, home() / "cache" / uri.scheme / uri.bucket / uri.prefix)
+            checkpoint = check_checkpoint(uri)
+        path = weights.load_path(checkpoint, choice=spec.weights, engine=spec.engine, onto="this machine")
+        if path.stream and not checkpoint.is_adapter:
+            return None, checkpoint, path
+        dest = home() / "cache" / uri.scheme / uri.bucket / uri.prefix
+        return download_checkpoint(uri, dest, skip=f"{RUN_BASE}/*" if path.stream else ""), checkpoint, path
 
 
 def _check_name_free(cluster: str, registry: Registry) -> None:

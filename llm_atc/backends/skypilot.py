@@ -138,18 +138,12 @@ def list_offers(clouds: list[str], region: str | None = None) -> list:
     _number = planning._number
 
     import_sky()
-    from sky import catalog
     from sky.utils import accelerator_registry
 
     try:
-        with _quiet_sky():
-            listing = catalog.list_accelerators(
-                gpus_only=True,
-                clouds=list(clouds),
-                all_regions=True,
-                case_sensitive=False,
-                region_filter=f"^{re.escape(region)}$" if region else None,
-            )
+        listing = _list_accelerators(
+            clouds, all_regions=True, region_filter=f"^{re.escape(region)}$" if region else None
+        )
     except Exception as exc:
         raise UserError(
             f"cannot read SkyPilot's GPU catalog for {', '.join(clouds)}: {_one_line(exc)} "
@@ -187,8 +181,6 @@ def _other_catalogs(listing: Mapping[str, list], clouds: list[str]) -> Mapping[s
     of the other clouds already on disk (never downloaded); empty when there are none."""
     import re
 
-    from sky import catalog
-
     from llm_atc.planning import _number
 
     missing = [name for name, infos in listing.items() if not any(_number(i.device_memory) for i in infos)]
@@ -196,15 +188,23 @@ def _other_catalogs(listing: Mapping[str, list], clouds: list[str]) -> Mapping[s
     if not missing or not others:
         return {}
     try:
-        with _quiet_sky():
-            return catalog.list_accelerators(
-                gpus_only=True,
-                clouds=others,
-                case_sensitive=False,
-                name_filter="^(?:" + "|".join(map(re.escape, missing)) + ")$",
-            )
+        return _list_accelerators(others, name_filter="^(?:" + "|".join(map(re.escape, missing)) + ")$")
     except Exception:
         return {}
+
+
+def _list_accelerators(clouds: list[str], **filters) -> dict[str, list]:
+    """SkyPilot's GPU catalog rows of ``clouds`` by GPU name, one cloud at a time: with several,
+    SkyPilot reads the catalogs on a thread pool, which was seen to hang for good in a test process."""
+    from sky import catalog
+
+    listing: dict[str, list] = {}
+    with _quiet_sky():
+        for cloud in clouds:
+            found = catalog.list_accelerators(gpus_only=True, clouds=[cloud], case_sensitive=False, **filters)
+            for name, infos in found.items():
+                listing.setdefault(name, []).extend(infos)
+    return listing
 
 
 def _device_memory(

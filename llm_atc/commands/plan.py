@@ -61,10 +61,25 @@ def plan(name, source, mode, max_model_len, dtype, quantization, cloud, region, 
         use_spot=use_spot,
         source=source,
     )
+    path = _load_path(name, source) if mode == "serve" else None
     if as_json:
-        ui.raw_out(json.dumps(result.to_dict(), indent=2) + "\n")
+        weights = {"weights": {"stream": path.stream, "note": path.note}} if path else {}
+        ui.raw_out(json.dumps({**result.to_dict(), **weights}, indent=2) + "\n")
         return
     _render(result)
+    if path is not None:
+        ui.out(ui.escape(path.note))
+
+
+def _load_path(name: str, source: str | None):
+    """How `serve --weights auto` gets this model's weights, when they are in a bucket; else None."""
+    from llm_atc.models import resolve_model
+    from llm_atc.registry import Registry
+    from llm_atc.storage import check_checkpoint
+    from llm_atc.weights import load_path
+
+    model = resolve_model(name, source, Registry())
+    return load_path(check_checkpoint(model.bucket)) if model.bucket is not None else None
 
 
 def _render(result) -> None:

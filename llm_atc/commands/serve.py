@@ -64,6 +64,14 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
     help="Stage a Hub model's weights in this bucket folder once; later replicas load from it (vLLM).",
 )
 @click.option(
+    "--weights",
+    type=click.Choice(["auto", "stream", "copy"]),
+    default="auto",
+    show_default=True,
+    help="How weights in a bucket (llm-atc/<run>, --source, --cache_weights) reach vLLM. stream: straight from "
+    "the bucket (Run:ai model streamer, safetensors); copy: to the node's disk first; auto: stream where it works.",
+)
+@click.option(
     "--num_nodes",
     type=int,
     default=1,

@@ -137,14 +137,19 @@ class Bucket:
             if callback:
                 callback(path.stat().st_size)
 
-    def download_folder(self, dest: Path, *, skip_same_size: bool = False) -> int:
+    def download_folder(self, dest: Path, *, skip_same_size: bool = False, skip: str = "") -> int:
         """Download everything under the prefix into ``dest``; returns how many files were fetched.
 
         ``skip_same_size``: keep files already in ``dest`` with the object's size (an
-        interrupted or repeated fetch resumes instead of starting over).
+        interrupted or repeated fetch resumes instead of starting over). ``skip``: a glob of keys
+        left out (``base/*``: an adapter run's base, ``*.safetensors``: weights vLLM streams instead).
         """
+        import fnmatch
+
         fetched = 0
         for relative, size in sorted(self.objects().items()):
+            if skip and fnmatch.fnmatchcase(relative, skip):
+                continue
             target = dest / relative
             if skip_same_size and target.is_file() and target.stat().st_size == size:
                 continue
@@ -200,13 +205,14 @@ def gcs_call(*, transfer: bool = False) -> dict:
     return {"timeout": (5, deadline), "retry": DEFAULT_RETRY.with_deadline(deadline).with_timeout(deadline)}
 
 
-def fetch(uri: str, dest: str) -> None:
-    """Copy the folder ``uri`` to ``dest``, skipping files already there with the same size."""
+def fetch(uri: str, dest: str, skip: str = "") -> None:
+    """Copy the folder ``uri`` to ``dest`` (but keys matching the glob ``skip``), skipping files
+    already there with the same size."""
     if not is_bucket_uri(uri):
         raise SystemExit(f"llm-atc: {uri!r} is not an s3:// or gs:// URI")
     target = Path(dest).expanduser()
     try:
-        fetched = Bucket(uri).download_folder(target, skip_same_size=True)
+        fetched = Bucket(uri).download_folder(target, skip_same_size=True, skip=skip)
     except Exception as exc:
         raise SystemExit(f"llm-atc: cannot fetch {uri}: {type(exc).__name__}: {exc}") from None
     if not target.is_dir() or not any(target.iterdir()):
@@ -248,12 +254,24 @@ def stage(hub_id: str, cache: str, dest: str) -> None:
     print(f"llm-atc: {hub_id} cached at {cached} ({count} files) for the next replicas", flush=True)
 
 
-USAGE = """usage: python3 buckets.py fetch s3://BUCKET/PREFIX DEST
-       python3 buckets.py stage HUB_ID s3://BUCKET/PREFIX DEST"""
+def streamable(hub_id: str, cache: str) -> None:
+    """Exit 0 when the weights cache holds a complete copy of ``hub_id`` in safetensors (vLLM can
+    stream it from there), 1 otherwise."""
+    try:
+        names = Bucket(cache).child(hub_id).list()
+    except Exception as exc:
+        raise SystemExit(f"llm-atc: cannot list the weights cache {cache}: {type(exc).__name__}: {exc}") from None
+    complete = STAGED_MARKER in names and any(name.endswith(".safetensors") for name in names)
+    raise SystemExit(0 if complete else 1)
+
+
+USAGE = """usage: python3 buckets.py fetch s3://BUCKET/PREFIX DEST [SKIP_GLOB]
+       python3 buckets.py stage HUB_ID s3://BUCKET/PREFIX DEST
+       python3 buckets.py streamable HUB_ID s3://BUCKET/PREFIX"""
 
 if __name__ == "__main__":
-    commands = {"fetch": (fetch, 2), "stage": (stage, 3)}
-    command, arity = commands.get(sys.argv[1] if len(sys.argv) > 1 else "", (None, -1))
-    if command is None or len(sys.argv) - 2 != arity:
+    commands = {"fetch": (fetch, (2, 3)), "stage": (stage, (3,)), "streamable": (streamable, (2,))}
+    command, arities = commands.get(sys.argv[1] if len(sys.argv) > 1 else "", (None, ()))
+    if command is None or len(sys.argv) - 2 not in arities:
         raise SystemExit(USAGE)
     command(*sys.argv[2:])
