@@ -79,8 +79,10 @@ def _build_tokenizer():
     return fast
 
 
-def build_tiny_model(path: pathlib.Path) -> pathlib.Path:
-    """Write a tiny chat model (tokenizer + LlamaForCausalLM) into ``path`` and return ``path``."""
+def build_tiny_model(path: pathlib.Path, *, layers: int = 2, hidden_size: int = 128) -> pathlib.Path:
+    """Write a tiny chat model (tokenizer + LlamaForCausalLM) into ``path`` and return ``path``.
+    ``layers`` and ``hidden_size`` make it bigger (benchmarks); heads stay 64 wide, as vLLM's CPU
+    kernels need, and bigger models are saved in bfloat16."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -92,18 +94,21 @@ def build_tiny_model(path: pathlib.Path) -> pathlib.Path:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    heads = hidden_size // 64
     config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size if hidden_size == 128 else 11 * hidden_size // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 8),
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
         **ids,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    if hidden_size > 128:
+        model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(max_new_tokens=16, do_sample=False, **ids)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

@@ -230,3 +230,78 @@ def test_plan_says_how_the_weights_will_load(cli, catalog, s3_checkpoint):
     assert json.loads(as_json.stdout)["weights"]["stream"] is True
     trained = cli("plan", "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--mode", "lora", "--json")
     assert trained.exit_code == 0 and "weights" not in json.loads(trained.stdout)  # only serving loads weights
+
+
+def test_a_replica_streams_a_complete_weights_cache(
+    cli, vllm_engine, s3, moto_endpoint, tiny_model, tmp_path, session_dir
+):
+    """--cache_weights: once a first replica has staged the model in the cache, the next node streams
+    it from there. The recipe's own `run` (rendered by --dryrun) runs here in bash as the node, with
+    the real vLLM; only the address it binds is narrowed to 127.0.0.1."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import free_port, wait_http
+
+    from llm_atc.recipes_catalog import recipes_dir
+
+    bucket, hub_id = unique("cache"), "llm-atc-test/tiny"
+    s3.create_bucket(Bucket=bucket)
+    upload_folder(tiny_model, lambda name, path: s3.upload_file(str(path), bucket, f"cache/{hub_id}/{name}"))
+    s3.put_object(Bucket=bucket, Key=f"cache/{hub_id}/.llm-atc-staged", Body=hub_id.encode())
+    port = free_port()
+    rendered = cli(
+        "serve",
+        "--name",
+        hub_id,
+        "--cache_weights",
+        f"s3://{bucket}/cache",
+        "--accelerator",
+        "none",
+        "--cpus",
+        "2",
+        "--port",
+        str(port),
+        "--max_model_len",
+        "128",
+        "--vllm_args",
+        "--enforce-eager",
+        "--envs",
+        f"AWS_ENDPOINT_URL={moto_endpoint} {ENGINE_ENVS}",
+        "--dryrun",
+    )
+    assert rendered.exit_code == 0, rendered
+    assert "later ones stream it from there" in rendered.stderr
+    config = yaml.safe_load(rendered.stdout)
+    node_home = tmp_path / "node"
+    (node_home / ".llm-atc").mkdir(parents=True)
+    (node_home / ".llm-atc" / "buckets.py").write_text((recipes_dir() / "train" / "buckets.py").read_text())
+    envs = {k: "" if v is None else str(v) for k, v in config["envs"].items()}
+    envs["VLLM_COMMAND"] = envs["VLLM_COMMAND"].replace("--host 0.0.0.0", "--host 127.0.0.1")
+    env = {**os.environ, **envs, "HOME": str(node_home), "LLM_ATC_VLLM_ENV": str(vllm_engine.path)}
+    reads_before = len(weight_reads(session_dir / "moto.log", f"{bucket}/cache/{hub_id}/model.safetensors"))
+    log = tmp_path / "node.log"
+    with log.open("w") as out:
+        node = subprocess.Popen(
+            ["bash", "-c", config["run"]], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while node.poll() is None and time.monotonic() < deadline:
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health", 5)
+                break
+            except Exception:
+                continue
+        assert node.poll() is None, log.read_text()[-3000:]
+        text = log.read_text()
+        assert f"streaming the weights from the weights cache s3://{bucket}/cache/{hub_id}" in text, text[-3000:]
+        assert "Loading safetensors using Runai Model Streamer" in text
+        reads = weight_reads(session_dir / "moto.log", f"{bucket}/cache/{hub_id}/model.safetensors")[reads_before:]
+        assert reads and all(" 206 " in line for line in reads)
+        assert not (node_home / "llm-atc" / "weights").exists()  # nothing staged on this node's disk
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(60)

@@ -61,7 +61,7 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
 @click.option(
     "--cache_weights",
     metavar="s3://...|gs://...",
-    help="Stage a Hub model's weights in this bucket folder once; later replicas load from it (vLLM).",
+    help="Stage a Hub model's weights in this bucket folder once; later replicas stream them from it (vLLM).",
 )
 @click.option(
     "--weights",
