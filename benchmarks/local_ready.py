@@ -50,6 +50,26 @@ def first_token(base_url: str, model: str, *, api_key: str = "unused", timeout: 
     raise TimeoutError(f"no token from {base_url} within {timeout}s")
 
 
+def serve_local(name: str, cluster: str, env: dict, *options: str) -> str:
+    """`llm-atc serve --name NAME --cloud local --engine vllm --port 0 -c CLUSTER OPTIONS...` with a small
+    context and KV cache; its base URL."""
+    done = subprocess.run(
+        [str(BIN / "llm-atc"), "serve", "--name", name, "--cloud", "local", "--engine", "vllm", "--port", "0"]
+        + ["-c", cluster, "--max_model_len", "256", "--envs", "VLLM_CPU_KVCACHE_SPACE=1", *options],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("Endpoint:"))
+
+
+def medians(label: str, times: list[float]) -> str:
+    """One report line: the median and every run."""
+    return f"{label:<42} {statistics.median(times):7.2f} s  (runs: {', '.join(f'{t:.2f}' for t in times)})"
+
+
 def wait_health(port: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from local_ready import first_token, free_port  # this folder is on sys.path
+from local_ready import first_token, free_port, medians, serve_local  # this folder is on sys.path
 
 from llm_atc.demo import build_tiny_model
 
@@ -36,38 +36,19 @@ def serve(run: str, weights: str, env: dict, round_: int) -> float:
     if weights == "copy":
         shutil.rmtree(Path(env["LLM_ATC_HOME"]) / "cache", ignore_errors=True)
     start = time.monotonic()
-    done = subprocess.run(
-        [
-            str(BIN / "llm-atc"),
-            "serve",
-            "--name",
-            f"llm-atc/{run}",
-            "--source",
-            f"s3://{BUCKET}/llm-atc/{run}",
-            "--cloud",
-            "local",
-            "--engine",
-            "vllm",
-            "--weights",
-            weights,
-            "--port",
-            "0",
-            "-c",
-            cluster,
-            "--max_model_len",
-            "256",
-            "--envs",
-            f"VLLM_CPU_KVCACHE_SPACE=1 AWS_ENDPOINT_URL={env['AWS_ENDPOINT_URL']}",
-            "--timeout",
-            "1200",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    base_url = serve_local(
+        f"llm-atc/{run}",
+        cluster,
+        env,
+        "--source",
+        f"s3://{BUCKET}/llm-atc/{run}",
+        "--weights",
+        weights,
+        "--envs",
+        f"AWS_ENDPOINT_URL={env['AWS_ENDPOINT_URL']}",
+        "--timeout",
+        "1200",
     )
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    base_url = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("Endpoint:"))
     first_token(base_url, f"llm-atc/{run}", timeout=1200)
     took = time.monotonic() - start
     subprocess.run([str(BIN / "llm-atc"), "stop", cluster], env=env, check=True, capture_output=True)
@@ -137,10 +118,8 @@ def main() -> None:
                 )
             streamed, copied = statistics.median(times["stream"]), statistics.median(times["copy"])
             print(f"{run} ({size / 2**20:.0f} MiB of safetensors):")
-            print(f"  copied   -> first token {copied:7.2f} s  (runs: {', '.join(f'{t:.2f}' for t in times['copy'])})")
-            print(
-                f"  streamed -> first token {streamed:7.2f} s  (runs: {', '.join(f'{t:.2f}' for t in times['stream'])})"
-            )
+            print(medians("  --weights copy -> first token", times["copy"]))
+            print(medians("  --weights stream -> first token", times["stream"]))
             print(f"  streamed / copied {streamed / copied:.2f}  (target <= 1.00; {copied - streamed:+.2f} s)")
     finally:
         moto.terminate()

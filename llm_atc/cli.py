@@ -21,6 +21,7 @@ COMMANDS = {
     "list": ("list", "List fine-tuning runs."),
     "plan": ("plan", "Size a model: which GPUs fit, and what they cost."),
     "endpoint": ("endpoint", "Print a deployment's base URL."),
+    "adapters": ("adapters", "Add, remove or list LoRA adapters of a running deployment (no restart)."),
     "status": ("status", "Show deployments and training runs."),
     "logs": ("logs", "Show a deployment's engine logs."),
     "stop": ("stop", "Stop a deployment (keeps its disk)."),

@@ -68,6 +68,27 @@ class Deployment(RecordHandle):
         with forward(self.record, local_port=local_port) as tunnel:
             yield tunnel.base_url
 
+    def add_adapter(self, name: str, ref: str) -> None:
+        """Load LoRA adapter ``ref`` (llm-atc/<run>, s3://, gs://, a folder, a Hub id) into the running
+        engine; it answers as model ``name`` when this returns (`llm-atc adapters add`)."""
+        from llm_atc.app import adapters
+
+        record = adapters.deployment(self.cluster, self._registry)
+        self.record = adapters.add(record, adapters.check_adapter(record, name, ref, self._registry), self._registry)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload adapter ``name`` from the running engine (`llm-atc adapters remove`)."""
+        from llm_atc.app import adapters
+
+        self.record = adapters.remove(adapters.deployment(self.cluster, self._registry), name, self._registry)
+
+    def adapters(self) -> list[str]:
+        """The adapter names the engine answers to now, besides its base model."""
+        from llm_atc.app import adapters
+
+        record = adapters.deployment(self.cluster, self._registry)
+        return [name for name, _ in adapters.listing(record, self._registry)]
+
     def __enter__(self) -> Deployment:
         return self
 

@@ -25,6 +25,7 @@ LIMITS = {
     "GPUS_PER_NODE": (1, 64, "GPUs per node"),
     "--cpus": (0.001, 1_024, "vCPUs"),
     "--memory": (0.001, 65_536, "GB"),
+    "--max_loras": (0, 256, "adapters"),
 }
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from llm_atc.errors import UserError
 from llm_atc.recipes_catalog import get_recipe, recipes_dir
-from llm_atc.spec import Placement, ServeSpec, TrainSpec
+from llm_atc.spec import VLLM_LORA_RANKS, Placement, ServeSpec, TrainSpec
 from llm_atc.storage import RUN_BASE, Checkpoint
 from llm_atc.weights import STREAM_LOAD_FORMAT
 
@@ -73,10 +73,6 @@ class LocalRun:
     weights: Path | None  # the model folder (None: a Hub id)
     workdir: Path  # the deployment's own folder ($LLM_ATC_HOME/local/<cluster>)
     vllm_env: Path | None = None  # the managed vLLM environment
-
-
-# vLLM accepts these values for --max-lora-rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def overlay_resources(resources: dict, placement: Placement, *, port: int | None) -> dict:
@@ -169,6 +165,8 @@ def render_serve_task(
                 extra_mounts.update({NODE_TLS[0]: str(spec.tls.cert), NODE_TLS[1]: str(spec.tls.key)})
         if spec.eos_token:
             envs["EOS_TOKEN"] = spec.eos_token
+        if spec.max_loras:  # `llm-atc adapters add` loads adapters into the running server
+            envs["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         model, load_format = model_arg, STREAM_LOAD_FORMAT if stream else None
         if spec.cache_weights:  # the node knows whether the cache has the model yet (see the recipe)
             model, load_format = "$MODEL_NAME", "$LOAD_FORMAT"
@@ -263,7 +261,7 @@ def vllm_command(
         args += ["--generation-config", "$LLM_ATC_DIR/generation"]  # written by the recipe from EOS_TOKEN
     if tls is not None:
         args += ["--ssl-certfile", node_path(str(tls[0])), "--ssl-keyfile", node_path(str(tls[1]))]
-    return [*args, *_lora_flags(adapters), *spec.engine_args]
+    return [*args, *_lora_flags(adapters, max_loras=spec.max_loras, max_rank=spec.max_lora_rank), *spec.engine_args]
 
 
 # SkyServe waits this long before probing a new replica: provisioning, install and model loading.
@@ -424,21 +422,19 @@ def _lora_placement(spec: ServeSpec, features: NodeFeatures, is_local: bool, che
     return mounts, placed
 
 
-def _lora_flags(adapters: list) -> list[str]:
-    """vLLM's flags for serving ``adapters`` [(name, path, rank)] on the base model."""
-    if not adapters:
+def _lora_flags(adapters: list, *, max_loras: int = 0, max_rank: int = 0) -> list[str]:
+    """vLLM's flags for serving ``adapters`` [(name, path, rank)] on the base model, and for loading
+    up to ``max_loras`` more at runtime up to rank ``max_rank`` (0: none)."""
+    if not adapters and not max_loras:
         return []
-    rank = max(r for _, _, r in adapters)
-    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
-    flags = [
-        "--enable-lora",
-        "--lora-modules",
-        *[f"{name}={node_path(path)}" for name, path, _ in adapters],
-        "--max-lora-rank",
-        str(max_rank),
-    ]
-    if len(adapters) > 1:
-        flags += ["--max-loras", str(len(adapters))]
+    needed = max([r for _, _, r in adapters] + [max_rank])
+    rank = next((r for r in VLLM_LORA_RANKS if r >= needed), VLLM_LORA_RANKS[-1])
+    flags = ["--enable-lora"]
+    if adapters:
+        flags += ["--lora-modules", *[f"{name}={node_path(path)}" for name, path, _ in adapters]]
+    flags += ["--max-lora-rank", str(rank)]
+    if max(len(adapters), max_loras) > 1:
+        flags += ["--max-loras", str(max(len(adapters), max_loras))]
     return flags
 
 

@@ -156,6 +156,8 @@ class ServeSpec(LaunchSpec):
     open_port: bool = False  # open the port even without an API key (by default such an endpoint stays private)
     tls: TLS | None = None  # vLLM's own HTTPS (SkyServe's load balancer for a service)
     weights: str = "auto"  # how bucket weights reach vLLM: auto, stream or copy (llm_atc.weights)
+    max_loras: int = 0  # runtime LoRA: adapters vLLM keeps active at once (0: no runtime loading)
+    max_lora_rank: int = 0  # runtime LoRA: the highest adapter rank it accepts
 
     @property
     def private(self) -> bool:
@@ -448,6 +450,8 @@ def build_serve_spec(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     weights: str = "auto",
+    max_loras: int | None = None,
+    max_lora_rank: int | None = None,
     registry: Registry | None = None,
 ) -> ServeSpec:
     """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
@@ -538,6 +542,7 @@ def build_serve_spec(
     from llm_atc.weights import check_choice
 
     check_choice(weights, model=model, engine=engine, cache_weights=cache_weights)
+    max_loras, max_lora_rank = _runtime_lora(max_loras, max_lora_rank, engine=engine, num_nodes=num_nodes)
     if num_nodes > 1 and (is_local or engine != "vllm" or policy is not None):
         raise UserError(
             "--num_nodes > 1 spans one vLLM over several nodes of a cluster: not with --cloud local, "
@@ -568,6 +573,8 @@ def build_serve_spec(
         open_port=open_port,
         tls=read_tls(tls_cert, tls_key, engine=engine),
         weights=weights,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
         detach_setup=detach_setup,
         detach_run=detach_run,
         no_setup=no_setup,
@@ -593,6 +600,7 @@ class TrainSpec(LaunchSpec):
     resume: bool = False  # continue the failed or stopped run of this name from its last checkpoint
     default_bucket: bool = False  # no --checkpoint_bucket: the user's default bucket (created on first use)
     base_bucket: str | None = None  # --base_model llm-atc/<run> published in a bucket: copied to the node
+    serve_on: str | None = None  # a running deployment that loads the adapter when the run succeeds
 
     @property
     def data_is_local(self) -> bool:
@@ -624,6 +632,7 @@ def build_train_spec(
     detach_run: bool = False,
     no_setup: bool = False,
     resume: bool = False,
+    serve_on: str | None = None,
     registry: Registry | None = None,
 ) -> TrainSpec:
     """Turn raw ``train`` option values into a validated :class:`TrainSpec`; raises UserError."""
@@ -680,6 +689,9 @@ def build_train_spec(
         needs_accelerator=None if cpus else "A100-80GB:8 or L4:1 (or --cpus N to train on CPUs)",
     )
     plain.pop("MODEL_SIZE", None)  # the original llm-atc's way to pick the base: done above
+    if serve_on is not None:
+        _check_serve_on(model_type, detach_run, plain)
+        plain["MERGE"] = "0"  # the deployment loads the adapter alone, on the base it already serves
     return TrainSpec(
         run=run,
         model_type=model_type,
@@ -698,7 +710,21 @@ def build_train_spec(
         resume=resume,
         default_bucket=default_bucket,
         base_bucket=base_bucket,
+        serve_on=serve_on,
     )
+
+
+def _check_serve_on(model_type: str, detach_run: bool, envs: dict[str, str]) -> None:
+    """``--serve_on``: a LoRA adapter, waited for."""
+    if model_type == "vicuna":
+        raise UserError("--serve_on loads a LoRA adapter: use --model_type lora or qlora (vicuna trains every weight)")
+    if detach_run:
+        raise UserError(
+            "--serve_on loads the adapter once the run succeeds, so it waits for the run: drop --detach_run "
+            "(or later: llm-atc adapters add DEPLOYMENT llm-atc/<run>=llm-atc/<run>)"
+        )
+    if envs.get("MERGE", "0").lower() not in ("0", "false", "no", "off"):
+        raise UserError("--serve_on keeps the adapter unmerged (MERGE=0); drop --envs MERGE=1")
 
 
 # The original llm-atc picked the base with --envs MODEL_SIZE=7|13; these are the sizes Llama 2 has.
@@ -718,6 +744,34 @@ def _model_size_base(base_model: str | None, envs) -> str | None:
             "other base with --base_model (e.g. --base_model huggyllama/llama-30b)"
         )
     return MODEL_SIZES[size.strip()]
+
+
+# Runtime LoRA (`llm-atc adapters add`), on by default with vLLM: a deployment accepts this many
+# adapters active at once, up to this rank (vLLM sizes its LoRA buffers from both).
+DEFAULT_MAX_LORAS = 4
+DEFAULT_MAX_LORA_RANK = 64
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts for --max-lora-rank
+
+
+def _runtime_lora(max_loras: int | None, max_rank: int | None, *, engine: str, num_nodes: int) -> tuple[int, int]:
+    """(max_loras, max_lora_rank): the defaults with vLLM on one node, (0, 0) when off."""
+    if max_loras is not None:
+        check_number(max_loras, "--max_loras")
+    if max_rank is not None and max_rank not in VLLM_LORA_RANKS:
+        raise UserError(f"--max_lora_rank {max_rank}: vLLM accepts {', '.join(map(str, VLLM_LORA_RANKS))}")
+    if engine == "transformers" or num_nodes > 1:
+        if max_loras or max_rank:
+            raise UserError(
+                "--max_loras/--max_lora_rank: runtime LoRA needs vLLM on one node "
+                "(not --engine transformers or --num_nodes > 1)"
+            )
+        return 0, 0
+    loras = DEFAULT_MAX_LORAS if max_loras is None else max_loras
+    if loras == 0:
+        if max_rank:
+            raise UserError("--max_lora_rank applies to runtime LoRA, which --max_loras 0 turns off")
+        return 0, 0
+    return loras, max_rank or DEFAULT_MAX_LORA_RANK
 
 
 def _check_base(base: str, registry: Registry) -> tuple[str, str | None]:

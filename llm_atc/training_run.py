@@ -24,6 +24,14 @@ class TrainingRun(RecordHandle):
         lifecycle.logs(self.record, follow=False, registry=self._registry, output=buffer)
         return buffer.getvalue()
 
+    def serve_on(self, deployment) -> None:
+        """Load this run's adapter into a running deployment (a name or a Deployment), where it answers
+        as ``llm-atc/<name>`` next to the base model. The run must have ended SUCCEEDED with ``MERGE=0``."""
+        from llm_atc.app import adapters
+
+        target = deployment if isinstance(deployment, str) else deployment.cluster
+        adapters.serve_run_on(self.name, target, self._registry)
+
     def serve(self, **options):
         """Serve the trained model (``llm_atc.serve("llm-atc/<name>", **options)``); returns a Deployment."""
         from llm_atc.api import serve

@@ -94,7 +94,14 @@ def test_dryrun_prints_only_a_task_skypilot_accepts(cli, llm_atc_home):
         "bfloat16",
         "--max-model-len",
         "4096",
+        # Runtime LoRA, on by default: `llm-atc adapters add` loads adapters into the running server.
+        "--enable-lora",
+        "--max-lora-rank",
+        "64",
+        "--max-loras",
+        "4",
     ]
+    assert task.envs["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert SECRET not in result.stdout + result.stderr
     assert not (llm_atc_home / "registry.db").exists() or _records() == []
 
@@ -156,13 +163,30 @@ def test_adapter_checkpoint_is_served_as_lora_on_its_base(cli, s3):
     s3.put_object(Bucket=bucket, Key="llm-atc/ad/adapter_config.json", Body=json.dumps(adapter).encode())
     config, _ = dryrun(cli, "--name", "llm-atc/ad", "--source", f"s3://{bucket}/llm-atc/ad", "--accelerator", "L4")
     assert config["envs"]["MODEL_NAME"] == "meta-llama/Llama-2-7b-hf"
-    assert command_of(config)[-5:] == [
+    assert command_of(config)[-7:] == [
+        "--enable-lora",
+        "--lora-modules",
+        "llm-atc/ad=/llm-atc/model",
+        "--max-lora-rank",
+        "64",
+        "--max-loras",
+        "4",
+    ]
+    off, _ = dryrun(
+        cli, "--name", "llm-atc/ad", "--source", f"s3://{bucket}/llm-atc/ad", "--accelerator", "L4", "--max_loras", "0"
+    )
+    assert command_of(off)[-5:] == [
         "--enable-lora",
         "--lora-modules",
         "llm-atc/ad=/llm-atc/model",
         "--max-lora-rank",
         "64",
     ]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in off["envs"]
+    plain, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--max_loras", "0")
+    assert "--enable-lora" not in command_of(plain)
+    bigger, _ = dryrun(cli, "--name", "Qwen/Qwen2.5-7B", "--max_loras", "8", "--max_lora_rank", "256")
+    assert command_of(bigger)[-5:] == ["--enable-lora", "--max-lora-rank", "256", "--max-loras", "8"]
 
 
 def test_gcs_checkpoint_from_registry(cli, gcs_checkpoint):
@@ -721,6 +745,8 @@ def test_lora_adapters_are_served_on_the_base_model(cli, s3, tmp_path, tiny_mode
         f"chat={folder}",
         "--lora",
         "hub=someone/qwen-lora",
+        "--max_loras",
+        "2",
     )
     task = sky_task(config)
     assert task.envs["MODEL_NAME"] == "Qwen/Qwen2.5-7B"

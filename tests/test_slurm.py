@@ -299,6 +299,15 @@ def test_lora_train_then_serve_the_adapter_on_slurm(cli, slurm, s3, tiny_model, 
         assert {m["id"] for m in models} == {f"llm-atc/{run}", f"llm-atc/{run}/base"}
         assert chat(url, f"llm-atc/{run}", api_key=key)
         assert chat(url, f"llm-atc/{run}/base", api_key=key)
+
+        # The same adapter added at runtime under another name: copied to the node by rsync, loaded
+        # by the running vLLM (no restart), then unloaded.
+        hot = cli("adapters", "add", cluster, f"hot=llm-atc/{run}")
+        assert hot.exit_code == 0, hot
+        assert chat(url, "hot", api_key=key)
+        assert cli("adapters", "remove", cluster, "hot").exit_code == 0
+        models = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["data"]
+        assert "hot" not in {m["id"] for m in models}
     finally:
         assert_gone(cli, cluster, port)
         assert slurm_jobs_of(train_cluster) == []  # the training cluster took itself down

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llm_atc import engines, ui, weights
+from llm_atc.app import adapters as adapters_app
 from llm_atc.backends import backend_for
 from llm_atc.backends._base import Workload
 from llm_atc.errors import UserError
@@ -45,12 +46,12 @@ class PreparedServe:
 
 def prepare(spec: ServeSpec, *, registry: Registry) -> PreparedServe:
     """Check everything the serve reads, render its task, and let the backend validate it."""
-    prepared = _prepare_local(spec, registry) if spec.is_local else _prepare_cluster(spec)
+    prepared = _prepare_local(spec, registry) if spec.is_local else _prepare_cluster(spec, registry)
     backend_for(prepared.workload.record).validate(prepared.workload)
     return prepared
 
 
-def _prepare_cluster(spec: ServeSpec) -> PreparedServe:
+def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
     from llm_atc.backends import skypilot
 
     checkpoint, adapters = _check_buckets(spec)
@@ -90,6 +91,7 @@ def _prepare_cluster(spec: ServeSpec) -> PreparedServe:
             **({"service": True} if spec.replicas is not None else {}),
             **({"private": True} if spec.private and "ports" not in config.get("resources", {}) else {}),
             **_tls_details(spec),
+            **adapters_app.lora_details(spec, config, checkpoint, registry),
         },
     )
     workload = Workload(record, config, secrets, stream=not spec.detach_setup, no_setup=spec.no_setup)
@@ -209,7 +211,11 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
         engine=engine,
         port=spec.port,
         endpoint=f"{'https' if spec.tls else 'http'}://127.0.0.1:{spec.port}",
-        details={"log": str(workdir / "server.log"), **_tls_details(spec)},
+        details={
+            "log": str(workdir / "server.log"),
+            **_tls_details(spec),
+            **(adapters_app.lora_details(spec, config, checkpoint, registry) if engine == "vllm" else {}),
+        },
     )
     api_key = spec.secrets.get(API_KEY_SECRET) if spec.auth else None
     notes = [path.note] if path else []

@@ -64,6 +64,10 @@ class PreparedTrain:
 def prepare(spec: TrainSpec, *, registry: Registry, keep_cluster: bool = False) -> PreparedTrain:
     """Check the name (or the run to resume), the bucket and the data; render the task; let the
     backend validate it."""
+    if spec.serve_on:
+        from llm_atc.app import adapters
+
+        adapters.check_training(spec, registry)
     with store_env(spec.envs, spec.secrets):
         spec = _check_name(spec, registry)
         output = None if "://" not in spec.output_uri else BucketURI.parse(spec.output_uri)

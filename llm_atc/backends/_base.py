@@ -86,3 +86,7 @@ class Backend(Protocol):
 
     def down(self, record: Record) -> None:
         """End it for good; raises NotFoundError when there is nothing left to end."""
+
+    def put_folder(self, record: Record, folder: Path, dest: str) -> str:
+        """Make ``folder`` readable by its engine under ``dest`` (relative to the node's home); the
+        absolute path the engine reads it from."""

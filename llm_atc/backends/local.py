@@ -231,6 +231,9 @@ class LocalBackend:
         if child is not None:
             child.poll()
 
+    def put_folder(self, record: Record, folder: Path, dest: str) -> str:
+        return str(folder)  # this machine is the node: the engine reads the folder where it is
+
     def down(self, record: Record) -> None:
         self.stop(record)
 

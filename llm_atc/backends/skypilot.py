@@ -616,6 +616,36 @@ class SkyPilotBackend:
             f"Tear it down instead: llm-atc down {record.cluster}"
         )
 
+    def put_folder(self, record: Record, folder: Path, dest: str) -> str:
+        """rsync over the SSH config SkyPilot generates for the cluster (as its own file mounts do)."""
+        import shlex
+        import shutil
+        import subprocess
+
+        for tool in ("ssh", "rsync"):
+            if shutil.which(tool) is None:
+                raise UserError(f"copying an adapter to {record.cluster} needs {tool}: e.g. apt-get install {tool}")
+        config = str(ssh_config(record.cluster))
+        ssh = ["ssh", "-F", config, "-o", "BatchMode=yes"]
+        made = subprocess.run(
+            [*ssh, record.cluster, f"mkdir -p {shlex.quote(dest)} && cd {shlex.quote(dest)} && pwd"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if made.returncode != 0 or not made.stdout.strip():
+            raise LaunchError(f"cannot reach {record.cluster} over SSH: {_last_line(made.stderr)}")
+        remote = made.stdout.strip().splitlines()[-1]
+        copied = subprocess.run(
+            ["rsync", "-a", "--delete", "-e", shlex.join(ssh), f"{folder}/", f"{record.cluster}:{remote}/"],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        if copied.returncode != 0:
+            raise LaunchError(f"cannot copy {folder} to {record.cluster}: {_last_line(copied.stderr)}")
+        return remote
+
     def down(self, record: Record) -> None:
         with sky_errors(record.cluster):
             if record.mode == "service":
@@ -675,6 +705,11 @@ def _http(url: str, record: Record) -> str:
 def _uncoloured(text: str) -> str:
     """``text`` without terminal colour codes (SkyPilot colours messages and logs)."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in _uncoloured(text).splitlines() if line.strip()]
+    return lines[-1][:400] if lines else "(no output)"
 
 
 def _one_line(exc: BaseException) -> str:

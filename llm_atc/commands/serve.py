@@ -64,6 +64,17 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
     help="Stage a Hub model's weights in this bucket folder once; later replicas stream them from it (vLLM).",
 )
 @click.option(
+    "--max_loras",
+    type=int,
+    help="Runtime LoRA: adapters active at once that `llm-atc adapters add` can load into the running "
+    "server (vLLM; default 4, 0 turns runtime loading off).",
+)
+@click.option(
+    "--max_lora_rank",
+    type=int,
+    help="Runtime LoRA: the highest adapter rank the server accepts (default 64; 8, 16, 32, 64, 128, 256, 320, 512).",
+)
+@click.option(
     "--weights",
     type=click.Choice(["auto", "stream", "copy"]),
     default="auto",

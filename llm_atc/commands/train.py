@@ -39,6 +39,12 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
     is_flag=True,
     help="Continue the failed or stopped run --name from its last checkpoint (same options as before).",
 )
+@click.option(
+    "--serve_on",
+    metavar="DEPLOYMENT",
+    help="When the run succeeds, load its LoRA adapter into this running vLLM deployment, where it answers as "
+    "llm-atc/<run> next to the base model (no restart; implies MERGE=0).",
+)
 @launch_options()
 def train(**options):
     """Fine-tune a model (TRL + peft) on your data and record the run.
@@ -77,5 +83,11 @@ def train(**options):
             raise
         ui.info(f"The run goes on on {spec.cluster}: llm-atc logs {spec.run} -f; llm-atc stop {spec.run}")
         raise SystemExit(128 + exc.signum) from None
+    if spec.serve_on:
+        from llm_atc.app.adapters import serve_run_on
+
+        target = serve_run_on(spec.run, spec.serve_on, registry)
+        ui.out(f"Run {spec.run}: {spec.output_uri}\nllm-atc/{spec.run} answers on {target.cluster} ({target.endpoint})")
+        return
     local = " --cloud local" if spec.is_local else ""
     ui.out(f"Run {spec.run}: {spec.output_uri}\nServe it with: llm-atc serve --name llm-atc/{spec.run}{local}")

@@ -1,0 +1,316 @@
+"""LoRA adapters loaded into a running vLLM deployment, without a restart (vLLM's runtime LoRA API:
+``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``).
+
+Every check is made before anything changes: the deployment serves vLLM with runtime LoRA on, the
+adapter was trained on the model it serves, its rank fits, its name is free. Then the adapter's
+files go to the node the way llm-atc moves model folders (rsync over SkyPilot's SSH config; a bucket
+adapter is downloaded here first), vLLM loads it, and the registry records it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_atc import ui
+from llm_atc.app import lifecycle
+from llm_atc.backends import backend_for
+from llm_atc.errors import LaunchError, NotFoundError, UserError
+from llm_atc.models import ModelRef, resolve_model
+from llm_atc.options import shorten
+from llm_atc.registry import Record, Registry, Status
+from llm_atc.storage import RUN_BASE
+
+NODE_ADAPTERS = "llm-atc/adapters"  # under the node's home: one folder per adapter name
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter as checked: what it is called, where it comes from, its rank and its base."""
+
+    name: str
+    ref: ModelRef
+    rank: int
+    base: str  # the model it was trained on (see same_model)
+
+
+def same_model(text: str) -> str:
+    """A model reference in the form two references to one model share: folders resolved."""
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.is_dir() else text
+
+
+def run_base(location, registry: Registry) -> str:
+    """The base a run with its own ``base/`` (at ``location``: its bucket URI or folder) was trained
+    on: its training record's, else that ``base/`` copy itself."""
+    where = same_model(str(location))
+    for record in registry.records(kind="train"):
+        if record.checkpoint_uri and same_model(record.checkpoint_uri) == where:
+            return same_model(record.model)
+    return same_model(f"{location}/{RUN_BASE}")
+
+
+def deployment_base(spec, checkpoint, registry: Registry) -> str:
+    """The model a serve spec's deployment runs, as adapters trained on it name their base."""
+    model = spec.model
+    if model.hub_id:
+        return model.hub_id
+    if model.path is not None:
+        config = _adapter_config(model.path)
+        if config is None:
+            return same_model(str(model.path))
+        base = config.get("base_model_name_or_path") or ""
+        return run_base(model.path, registry) if base == RUN_BASE else same_model(base)
+    if checkpoint is not None and checkpoint.is_adapter:
+        return run_base(checkpoint.uri, registry) if checkpoint.base_in_run else same_model(checkpoint.base_model)
+    return model.name  # a merged run: adapters trained on it name it llm-atc/<run>
+
+
+def lora_details(spec, config: dict, checkpoint, registry: Registry) -> dict:
+    """What a deployment's record keeps for `adapters add`: runtime LoRA's limits (as the rendered
+    vLLM command has them) and the model it serves."""
+    if not spec.max_loras:
+        return {}
+    import shlex
+
+    command = shlex.split(config["envs"]["VLLM_COMMAND"])
+    max_rank = int(command[command.index("--max-lora-rank") + 1])
+    base = deployment_base(spec, checkpoint, registry)
+    return {"lora": {"max_loras": spec.max_loras, "max_rank": max_rank, "base": base}}
+
+
+def deployment(ref: str, registry: Registry) -> Record:
+    """A running vLLM deployment that can take adapters at runtime; one-line refusals otherwise."""
+    record = registry.find(ref, kind="serve")
+    lifecycle.reconcile([record], registry)
+    if record.status != Status.RUNNING:
+        raise UserError(f"{record.name} on {record.cluster} is {record.status}, not RUNNING; see `llm-atc status`")
+    if record.engine != "vllm":
+        raise UserError(f"{record.cluster} runs transformers serve, which has no LoRA adapters; serve with vLLM")
+    if record.mode == "service":
+        raise UserError(f"{record.cluster} is a SkyServe service: adapters are added to cluster deployments only")
+    if "lora" not in record.details:
+        raise UserError(
+            f"{record.cluster} was started without runtime LoRA; serve it again without --max_loras 0 "
+            "(vLLM on one node gets --max_loras 4 --max_lora_rank 64 by default)"
+        )
+    return record
+
+
+def check_adapter(record: Record, name: str, ref: str, registry: Registry) -> Adapter:
+    """Resolve ``NAME=REF`` and check it against the deployment, changing nothing."""
+    from llm_atc.spec import LORA_NAME_RE
+
+    option = f"adapters add {shorten(name)}="
+    if not LORA_NAME_RE.fullmatch(name):
+        raise UserError(f"{shorten(name)} is not a valid adapter name (letters, digits, . _ / -)")
+    if name == record.name or name in record.details.get("adapters", {}):
+        raise UserError(f"{record.cluster} already serves {name}; remove it first: llm-atc adapters remove")
+    model = (
+        resolve_model(name, ref, registry, option=option)
+        if "://" in ref
+        else resolve_model(ref, None, registry, option=option)
+    )
+    config = _read_adapter_config(model, option)
+    lora = record.details["lora"]
+    rank = int(config.get("r") or 16)
+    if rank > lora["max_rank"]:
+        raise UserError(
+            f"{shorten(ref)} has rank {rank}, above {record.cluster}'s maximum of {lora['max_rank']}; "
+            f"serve it again with --max_lora_rank {rank}"
+        )
+    base = config.get("base_model_name_or_path") or ""
+    base = run_base(model.bucket or model.path, registry) if base == RUN_BASE else same_model(base)
+    if base != lora["base"]:
+        raise UserError(f"{shorten(ref)} was trained on {base}, but {record.cluster} serves {lora['base']}")
+    return Adapter(name, ModelRef(name=name, hub_id=model.hub_id, bucket=model.bucket, path=model.path), rank, base)
+
+
+def check_training(spec, registry: Registry) -> Record:
+    """``train --serve_on``: the deployment can take this run's adapter (checked before training)."""
+    from llm_atc.recipes_catalog import get_recipe
+
+    record = deployment(spec.serve_on, registry)
+    lora = record.details["lora"]
+    base = spec.base_model if spec.base_bucket else same_model(spec.base_model)
+    if base != lora["base"]:
+        raise UserError(f"--serve_on {record.cluster} serves {lora['base']}, but this run trains on {base}")
+    rank = int(spec.envs.get("LORA_R") or get_recipe(f"train/{spec.model_type}").load()["envs"].get("LORA_R", 16))
+    if rank > lora["max_rank"]:
+        raise UserError(
+            f"--serve_on {record.cluster} takes adapters up to rank {lora['max_rank']}; this run trains rank "
+            f"{rank} (--envs LORA_R={lora['max_rank']}, or serve it with --max_lora_rank {rank})"
+        )
+    name = f"llm-atc/{spec.run}"
+    if name in record.details.get("adapters", {}):
+        raise UserError(f"{record.cluster} already serves {name}; remove it first: llm-atc adapters remove")
+    return record
+
+
+def serve_run_on(run: str, deployment_ref: str, registry: Registry) -> Record:
+    """Load finished run ``run``'s adapter into a deployment, as ``llm-atc/<run>``; the deployment's record."""
+    record = deployment(deployment_ref, registry)
+    name = f"llm-atc/{run}"
+    return add(record, check_adapter(record, name, name, registry), registry)
+
+
+def add(record: Record, adapter: Adapter, registry: Registry) -> Record:
+    """Load a checked adapter into the running engine; the updated record."""
+    from llm_atc import credentials
+
+    api_key = credentials.get(record.cluster)
+    with reach(record, registry) as base_url:
+        loaded = served(base_url, record, api_key)
+        if adapter.name in loaded:
+            raise UserError(f"{record.cluster} already serves {adapter.name}; remove it first: llm-atc adapters remove")
+        path = _place(record, adapter)
+        with ui.spinner(f"Loading {adapter.name} into {record.cluster}"):
+            status, text = _post(
+                base_url + "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": path}, api_key, record
+            )
+        if status != 200:
+            raise LaunchError(f"vLLM on {record.cluster} did not load {adapter.name} ({status}): {_message(text)}")
+    adapters = {
+        **record.details.get("adapters", {}),
+        adapter.name: {"ref": adapter.ref.location, "path": path, "rank": adapter.rank},
+    }
+    return registry.update(record, details={**record.details, "adapters": adapters})
+
+
+def remove(record: Record, name: str, registry: Registry) -> Record:
+    """Unload ``name`` from the running engine; the updated record."""
+    from llm_atc import credentials
+
+    api_key = credentials.get(record.cluster)
+    with reach(record, registry) as base_url:
+        loaded = served(base_url, record, api_key)
+        if name not in loaded or name == record.name:
+            shown = ", ".join(n for n in loaded if n != record.name) or "none"
+            raise NotFoundError(f"{record.cluster} serves no adapter {shorten(name)} (adapters: {shown})")
+        status, text = _post(base_url + "/v1/unload_lora_adapter", {"lora_name": name}, api_key, record)
+        if status != 200:
+            raise LaunchError(f"vLLM on {record.cluster} did not unload {name} ({status}): {_message(text)}")
+    adapters = {k: v for k, v in record.details.get("adapters", {}).items() if k != name}
+    return registry.update(record, details={**record.details, "adapters": adapters})
+
+
+def listing(record: Record, registry: Registry) -> list[tuple[str, str]]:
+    """(name, where it came from) of every adapter the engine serves now."""
+    from llm_atc import credentials
+
+    with reach(record, registry) as base_url:
+        loaded = served(base_url, record, credentials.get(record.cluster))
+    added = record.details.get("adapters", {})
+    return [
+        (name, added[name]["ref"] if name in added else "--lora at start")
+        for name in loaded
+        if name != record.name and not name.endswith(f"/{RUN_BASE}")
+    ]
+
+
+@contextmanager
+def reach(record: Record, registry: Registry) -> Iterator[str]:
+    """The engine's base URL (``http://HOST:PORT``), through an SSH tunnel for a private endpoint."""
+    _, url = lifecycle.endpoint(record, registry=registry)
+    if not record.details.get("private"):
+        yield url.rstrip("/")
+        return
+    from llm_atc.tunnel import forward
+
+    with forward(record) as tunnel:
+        yield tunnel.endpoint.rstrip("/")
+
+
+def served(base_url: str, record: Record, api_key: str | None) -> list[str]:
+    """The model names the engine answers to now (its base model and its adapters)."""
+    from llm_atc.readiness import probe
+
+    status, body = probe(base_url + "/v1/models", api_key=api_key, cafile=record.details.get("tls_cert"))
+    if status != 200:
+        raise LaunchError(f"{base_url}/v1/models answered {status or 'nothing'}; is {record.cluster} up?")
+    return [model["id"] for model in json.loads(body).get("data", [])]
+
+
+def _place(record: Record, adapter: Adapter) -> str:
+    """The adapter's files where the engine reads them; the path (or Hub id) vLLM is given."""
+    ref = adapter.ref
+    if ref.hub_id:
+        return ref.hub_id  # vLLM fetches a Hub adapter itself
+    folder = ref.path
+    if ref.bucket is not None:
+        from llm_atc.paths import home
+        from llm_atc.storage import download_checkpoint
+
+        uri = ref.bucket
+        folder = download_checkpoint(uri, home() / "cache" / uri.scheme / uri.bucket / uri.prefix, skip=f"{RUN_BASE}/*")
+    safe = adapter.name.replace("/", "--")
+    with ui.spinner(f"Copying {adapter.name} to {record.cluster}"):
+        return backend_for(record).put_folder(record, folder, f"{NODE_ADAPTERS}/{safe}")
+
+
+def _read_adapter_config(model: ModelRef, option: str) -> dict:
+    """adapter_config.json of a bucket, folder or Hub adapter; one-line errors."""
+    if model.bucket is not None:
+        from llm_atc.storage import check_checkpoint
+
+        checkpoint = check_checkpoint(model.bucket)
+        if not checkpoint.is_adapter:
+            raise UserError(
+                f"{option}{model.bucket} holds a full model, not a LoRA adapter (train with --envs MERGE=0)"
+            )
+        return {"r": checkpoint.rank, "base_model_name_or_path": checkpoint.base_model}
+    if model.path is not None:
+        config = _adapter_config(model.path)
+        if config is None:
+            raise UserError(f"{option}{model.path} holds no adapter_config.json (not a LoRA adapter)")
+        return config
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model.hub_id, "adapter_config.json")).read_text())
+    except Exception as exc:
+        raise UserError(
+            f"{option}{model.hub_id}: cannot read its adapter_config.json from the Hub ({type(exc).__name__})"
+        ) from None
+
+
+def _adapter_config(folder: Path) -> dict | None:
+    config = folder / "adapter_config.json"
+    if (folder / "config.json").is_file() or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config}: not readable JSON ({exc})") from None
+
+
+def _post(url: str, body: dict, api_key: str | None, record: Record) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    from llm_atc.readiness import trusting
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=600, context=trusting(record.details.get("tls_cert"))) as reply:
+            return reply.status, reply.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, (exc.read() or b"").decode(errors="replace")
+    except OSError as exc:
+        raise LaunchError(f"{url}: {exc}") from None
+
+
+def _message(text: str) -> str:
+    """vLLM's error message out of its JSON reply, on one line."""
+    try:
+        data = json.loads(text)
+        text = (data.get("error") or {}).get("message") or data.get("message") or text
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(str(text).split())[:400]
