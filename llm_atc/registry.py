@@ -118,9 +118,10 @@ class Registry:
         with self._damage():
             create_private(self.path)
             for suffix in ("-wal", "-shm"):  # SQLite gives them the database file's mode; older ones may be 0644
-                extra = self.path.with_name(self.path.name + suffix)
-                if extra.exists():
-                    os.chmod(extra, FILE_MODE)
+                try:
+                    os.chmod(self.path.with_name(self.path.name + suffix), FILE_MODE)
+                except FileNotFoundError:
+                    pass  # none, or another process's last connection just removed it
             self._migrate()
 
     def _damage(self):
