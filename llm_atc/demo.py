@@ -110,7 +110,9 @@ def build_tiny_model(path: pathlib.Path, *, layers: int = 2, hidden_size: int = 
     if hidden_size > 128:
         model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(max_new_tokens=16, do_sample=False, **ids)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(
+        path, safe_serialization=True, max_shard_size="300MB"
+    )  # big ones in shards, as published models are
     tokenizer.save_pretrained(path)
     return path
 

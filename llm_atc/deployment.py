@@ -68,13 +68,15 @@ class Deployment(RecordHandle):
         with forward(self.record, local_port=local_port) as tunnel:
             yield tunnel.base_url
 
-    def add_adapter(self, name: str, ref: str) -> None:
+    def add_adapter(self, name: str, ref: str, envs: dict[str, str] | None = None) -> None:
         """Load LoRA adapter ``ref`` (llm-atc/<run>, s3://, gs://, a folder, a Hub id) into the running
-        engine; it answers as model ``name`` when this returns (`llm-atc adapters add`)."""
+        engine; it answers as model ``name`` when this returns (`llm-atc adapters add`). ``envs``: bucket
+        settings and keys for a bucket adapter."""
         from llm_atc.app import adapters
 
         record = adapters.deployment(self.cluster, self._registry)
-        self.record = adapters.add(record, adapters.check_adapter(record, name, ref, self._registry), self._registry)
+        checked = adapters.check_adapter(record, name, ref, self._registry, envs)
+        self.record = adapters.add(record, checked, self._registry, envs)
 
     def remove_adapter(self, name: str) -> None:
         """Unload adapter ``name`` from the running engine (`llm-atc adapters remove`)."""

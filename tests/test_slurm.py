@@ -302,7 +302,7 @@ def test_lora_train_then_serve_the_adapter_on_slurm(cli, slurm, s3, tiny_model, 
 
         # The same adapter added at runtime under another name: copied to the node by rsync, loaded
         # by the running vLLM (no restart), then unloaded.
-        hot = cli("adapters", "add", cluster, f"hot=llm-atc/{run}")
+        hot = cli("adapters", "add", cluster, f"hot=llm-atc/{run}", "--envs", store_envs)
         assert hot.exit_code == 0, hot
         assert chat(url, "hot", api_key=key)
         assert cli("adapters", "remove", cluster, "hot").exit_code == 0

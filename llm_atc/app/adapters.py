@@ -29,12 +29,11 @@ NODE_ADAPTERS = "llm-atc/adapters"  # under the node's home: one folder per adap
 
 @dataclass(frozen=True)
 class Adapter:
-    """An adapter as checked: what it is called, where it comes from, its rank and its base."""
+    """An adapter as checked: what it is called, where it comes from, and its rank."""
 
     name: str
     ref: ModelRef
     rank: int
-    base: str  # the model it was trained on (see same_model)
 
 
 def same_model(text: str) -> str:
@@ -100,33 +99,48 @@ def deployment(ref: str, registry: Registry) -> Record:
     return record
 
 
-def check_adapter(record: Record, name: str, ref: str, registry: Registry) -> Adapter:
-    """Resolve ``NAME=REF`` and check it against the deployment, changing nothing."""
+def check_adapter(record: Record, name: str, ref: str, registry: Registry, store: dict | None = None) -> Adapter:
+    """Resolve ``NAME=REF`` and check it against the deployment, changing nothing. ``store``: bucket
+    settings and keys (``--envs``), over those the deployment was served with."""
     from llm_atc.spec import LORA_NAME_RE
 
     option = f"adapters add {shorten(name)}="
     if not LORA_NAME_RE.fullmatch(name):
         raise UserError(f"{shorten(name)} is not a valid adapter name (letters, digits, . _ / -)")
     if name == record.name or name in record.details.get("adapters", {}):
-        raise UserError(f"{record.cluster} already serves {name}; remove it first: llm-atc adapters remove")
+        raise _served_already(record, name)
     model = (
         resolve_model(name, ref, registry, option=option)
         if "://" in ref
         else resolve_model(ref, None, registry, option=option)
     )
-    config = _read_adapter_config(model, option)
+    with _store(record, store):
+        config = _read_adapter_config(model, option)
     lora = record.details["lora"]
     rank = int(config.get("r") or 16)
     if rank > lora["max_rank"]:
         raise UserError(
             f"{shorten(ref)} has rank {rank}, above {record.cluster}'s maximum of {lora['max_rank']}; "
-            f"serve it again with --max_lora_rank {rank}"
+            f"serve it again with --max_lora_rank {_fitting_rank(rank)}"
         )
     base = config.get("base_model_name_or_path") or ""
     base = run_base(model.bucket or model.path, registry) if base == RUN_BASE else same_model(base)
     if base != lora["base"]:
         raise UserError(f"{shorten(ref)} was trained on {base}, but {record.cluster} serves {lora['base']}")
-    return Adapter(name, ModelRef(name=name, hub_id=model.hub_id, bucket=model.bucket, path=model.path), rank, base)
+    return Adapter(name, ModelRef(name=name, hub_id=model.hub_id, bucket=model.bucket, path=model.path), rank)
+
+
+def _served_already(record: Record, name: str) -> UserError:
+    return UserError(
+        f"{record.cluster} already serves {name}; remove it first: llm-atc adapters remove {record.cluster} {name}"
+    )
+
+
+def _fitting_rank(rank: int) -> int:
+    """The smallest ``--max_lora_rank`` vLLM accepts that fits ``rank``."""
+    from llm_atc.spec import VLLM_LORA_RANKS
+
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
 
 
 def check_training(spec, registry: Registry) -> Record:
@@ -142,22 +156,34 @@ def check_training(spec, registry: Registry) -> Record:
     if rank > lora["max_rank"]:
         raise UserError(
             f"--serve_on {record.cluster} takes adapters up to rank {lora['max_rank']}; this run trains rank "
-            f"{rank} (--envs LORA_R={lora['max_rank']}, or serve it with --max_lora_rank {rank})"
+            f"{rank} (--envs LORA_R={lora['max_rank']}, or serve it with --max_lora_rank {_fitting_rank(rank)})"
         )
     name = f"llm-atc/{spec.run}"
     if name in record.details.get("adapters", {}):
-        raise UserError(f"{record.cluster} already serves {name}; remove it first: llm-atc adapters remove")
+        raise _served_already(record, name)
     return record
 
 
-def serve_run_on(run: str, deployment_ref: str, registry: Registry) -> Record:
-    """Load finished run ``run``'s adapter into a deployment, as ``llm-atc/<run>``; the deployment's record."""
+def serve_run_on(run: str, deployment_ref: str, registry: Registry, store: dict | None = None) -> Record:
+    """Load finished run ``run``'s adapter into a deployment, as ``llm-atc/<run>``; the deployment's record.
+    ``store``: the bucket settings and keys the run was trained with (default: its record's settings)."""
     record = deployment(deployment_ref, registry)
+    if store is None:
+        store = registry.find(run, kind="train").details.get("store_env") or {}
     name = f"llm-atc/{run}"
-    return add(record, check_adapter(record, name, name, registry), registry)
+    return add(record, check_adapter(record, name, name, registry, store), registry, store)
 
 
-def add(record: Record, adapter: Adapter, registry: Registry) -> Record:
+@contextmanager
+def _store(record: Record, store: dict | None) -> Iterator[None]:
+    """Bucket calls with the settings the deployment was served with, and ``store`` over them."""
+    from llm_atc.storage import store_env
+
+    with store_env(record.details.get("store_env") or {}, store or {}):
+        yield
+
+
+def add(record: Record, adapter: Adapter, registry: Registry, store: dict | None = None) -> Record:
     """Load a checked adapter into the running engine; the updated record."""
     from llm_atc import credentials
 
@@ -165,8 +191,9 @@ def add(record: Record, adapter: Adapter, registry: Registry) -> Record:
     with reach(record, registry) as base_url:
         loaded = served(base_url, record, api_key)
         if adapter.name in loaded:
-            raise UserError(f"{record.cluster} already serves {adapter.name}; remove it first: llm-atc adapters remove")
-        path = _place(record, adapter)
+            raise _served_already(record, adapter.name)
+        with _store(record, store):
+            path = _place(record, adapter)
         with ui.spinner(f"Loading {adapter.name} into {record.cluster}"):
             status, text = _post(
                 base_url + "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": path}, api_key, record

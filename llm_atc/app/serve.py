@@ -15,7 +15,7 @@ from llm_atc.paths import home, write_private
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.render import LocalRun, render_serve_task, task_yaml
 from llm_atc.spec import API_KEY_SECRET, ServeSpec
-from llm_atc.storage import RUN_BASE, Checkpoint, check_checkpoint, download_checkpoint, store_env
+from llm_atc.storage import RUN_BASE, Checkpoint, check_checkpoint, download_checkpoint, store_env, store_settings
 
 CLOUD_READY_TIMEOUT = 30 * 60
 LOCAL_READY_TIMEOUT = 600
@@ -92,11 +92,18 @@ def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
             **({"private": True} if spec.private and "ports" not in config.get("resources", {}) else {}),
             **_tls_details(spec),
             **adapters_app.lora_details(spec, config, checkpoint, registry),
+            **_store_details(spec),
         },
     )
     workload = Workload(record, config, secrets, stream=not spec.detach_setup, no_setup=spec.no_setup)
     notes = ([path.note] if path else []) + _exposure_notes(spec, record)
     return PreparedServe(spec, workload, checkpoint, api_key, notes=notes)
+
+
+def _store_details(spec: ServeSpec) -> dict:
+    """Where the deployment's buckets are (not their keys), for later bucket calls (`adapters add`)."""
+    settings = store_settings(spec.envs)
+    return {"store_env": settings} if settings else {}
 
 
 def _tls_details(spec: ServeSpec) -> dict:
@@ -215,6 +222,7 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
             "log": str(workdir / "server.log"),
             **_tls_details(spec),
             **(adapters_app.lora_details(spec, config, checkpoint, registry) if engine == "vllm" else {}),
+            **_store_details(spec),
         },
     )
     api_key = spec.secrets.get(API_KEY_SECRET) if spec.auth else None

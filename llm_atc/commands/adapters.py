@@ -24,12 +24,20 @@ def adapters():
 @adapters.command()
 @click.argument("deployment")
 @click.argument("adapter", metavar="NAME=REF")
-def add(deployment, adapter):
+@click.option(
+    "--envs",
+    multiple=True,
+    metavar="KEY=VAL",
+    help="Bucket settings and keys for a bucket adapter (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), over the "
+    "settings DEPLOYMENT was served with; used here only, never saved.",
+)
+def add(deployment, adapter, envs):
     """Load adapter REF into DEPLOYMENT under NAME. REF is llm-atc/<run>, s3://..., gs://..., a folder or a
     Hugging Face id, as with serve --lora. It must be trained on the model DEPLOYMENT serves."""
     from llm_atc import ui
     from llm_atc.app import adapters as app
     from llm_atc.errors import UserError
+    from llm_atc.options import parse_env_pairs
     from llm_atc.registry import Registry
 
     name, sep, ref = adapter.partition("=")
@@ -37,8 +45,9 @@ def add(deployment, adapter):
         raise UserError(f"{adapter!r}: give NAME=REF, e.g. support=llm-atc/my-run")
     registry = Registry()
     record = app.deployment(deployment, registry)
-    checked = app.check_adapter(record, name.strip(), ref.strip(), registry)
-    app.add(record, checked, registry)
+    store = parse_env_pairs(envs, option="--envs")
+    checked = app.check_adapter(record, name.strip(), ref.strip(), registry, store)
+    app.add(record, checked, registry, store)
     ui.info(f"{checked.name} (rank {checked.rank}) answers on {record.cluster} next to {record.name}.")
     ui.out(checked.name)
 

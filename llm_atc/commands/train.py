@@ -86,7 +86,7 @@ def train(**options):
     if spec.serve_on:
         from llm_atc.app.adapters import serve_run_on
 
-        target = serve_run_on(spec.run, spec.serve_on, registry)
+        target = serve_run_on(spec.run, spec.serve_on, registry, store={**spec.envs, **spec.secrets})
         ui.out(f"Run {spec.run}: {spec.output_uri}\nllm-atc/{spec.run} answers on {target.cluster} ({target.endpoint})")
         return
     local = " --cloud local" if spec.is_local else ""
