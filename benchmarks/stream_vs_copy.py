@@ -7,7 +7,7 @@ Each is timed from the command's start to the first streamed chat token, with vL
 offline). The copy's download cache is emptied before each copied round, so every round starts from
 the bucket. A first round of each warms vLLM's compile cache and is not counted; then the two
 alternate. Target: streamed median <= copied median. Run:
-    .venv/bin/python benchmarks/stream_vs_copy.py [--runs 3] [--layers 16 --hidden 2048]
+    .venv/bin/python benchmarks/stream_vs_copy.py [--runs 3] [--sizes tiny,big] [--layers 16 --hidden 2048]
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from llm_atc.demo import build_tiny_model
 
 BIN = Path(sys.executable).parent
 BUCKET = "bench-weights"
+# Seconds between two serves: without a pause the second of a pair started ~10-20 s slower on this
+# 2-vCPU machine whichever way it loaded (the first runs of this script, with no pause, showed it).
+SETTLE = 20
 
 
 def serve(run: str, weights: str, env: dict, round_: int) -> float:
@@ -52,6 +55,7 @@ def serve(run: str, weights: str, env: dict, round_: int) -> float:
     first_token(base_url, f"llm-atc/{run}", timeout=1200)
     took = time.monotonic() - start
     subprocess.run([str(BIN / "llm-atc"), "stop", cluster], env=env, check=True, capture_output=True)
+    time.sleep(SETTLE)  # the engine that just stopped frees its memory before the next one starts
     return took
 
 
@@ -72,6 +76,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--layers", type=int, default=16, help="layers of the bigger model")
     parser.add_argument("--hidden", type=int, default=2048, help="hidden size of the bigger model")
+    parser.add_argument("--sizes", default="tiny,big", help="which models to time: tiny, big or both")
     args = parser.parse_args()
     from llm_atc import engines
 
@@ -100,10 +105,11 @@ def main() -> None:
 
         os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
         boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
-        models = {
-            "tiny": build_tiny_model(work / "tiny"),
-            "big": build_tiny_model(work / "big", layers=args.layers, hidden_size=args.hidden),
+        builders = {
+            "tiny": lambda: build_tiny_model(work / "tiny"),
+            "big": lambda: build_tiny_model(work / "big", layers=args.layers, hidden_size=args.hidden),
         }
+        models = {size: builders[size]() for size in args.sizes.split(",")}
         for run, folder in models.items():
             size = upload(folder, run, env)
             serve(run, "stream", env, 0)  # warms vLLM's compile cache for this model's shapes
