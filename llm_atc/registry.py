@@ -102,6 +102,11 @@ class Record:
         return "managed" if self.details.get("managed") else "cluster"
 
     @property
+    def served(self) -> list[str]:
+        """The names clients send as ``model`` (several for ``serve --name A --name B``)."""
+        return [m["name"] for m in self.details.get("models", ())] or [self.name]
+
+    @property
     def is_active(self) -> bool:
         """It may still be running (or starting) somewhere."""
         return self.status in (Status.LAUNCHING, Status.RUNNING)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
+from llm_atc.colocate import EngineShare, Layout
 from llm_atc.errors import UserError
 from llm_atc.recipes_catalog import get_recipe, recipes_dir
 from llm_atc.spec import VLLM_LORA_RANKS, Placement, ServeSpec, TrainSpec
@@ -116,6 +117,7 @@ def render_serve_task(
     adapters: dict[str, Checkpoint] | None = None,
     chat_template: Path | None = None,
     stream: bool = False,
+    several: Colocated | None = None,
 ) -> dict:
     """The SkyPilot task config for ``spec`` (``checkpoint``: what its bucket holds).
 
@@ -127,6 +129,7 @@ def render_serve_task(
     ``adapters``: what the buckets of ``--lora`` adapters hold, by adapter name.
     ``chat_template``: the file holding ``spec.chat_template`` (synced to the node).
     ``stream``: vLLM streams the bucket's weights (llm_atc.weights decided it) instead of a copy.
+    ``several``: with several models (``spec.extra_models``), where each engine goes.
     """
     check_user_envs(spec.envs, spec.secrets, SERVE_RESERVED_ENVS)
     _check_engine_options(spec)
@@ -138,55 +141,27 @@ def render_serve_task(
     if spec.num_nodes > 1:
         config["num_nodes"] = spec.num_nodes
 
-    placement = _model_placement(spec, features, local, checkpoint if stream else None)
-    model_arg, served_name, served_adapters = _model_args(spec, checkpoint, placement)
-    extra_mounts, extra_adapters = _lora_placement(spec, features, local is not None, adapters or {})
     envs = config.setdefault("envs", {})
-    envs.update(MODEL_NAME=model_arg, SERVED_MODEL_NAME=served_name, PORT=spec.port)
-    if placement.source:
-        envs.update(MODEL_SOURCE=placement.source, MODEL_DIR=placement.model_dir)
-        if placement.source_skip:
-            envs["MODEL_SOURCE_SKIP"] = placement.source_skip
-    if spec.cache_weights:
-        envs.update(WEIGHTS_CACHE=spec.cache_weights, WEIGHTS_STREAM="1" if stream else "0")
-        extra_mounts.update(buckets_script_mount())
+    envs["PORT"] = spec.port
     if local is not None:
         envs.update(HOST="127.0.0.1", LLM_ATC_DIR=str(local.workdir))
         if local.vllm_env is not None:
             envs["LLM_ATC_VLLM_ENV"] = str(local.vllm_env)
-    if spec.engine == "vllm":
-        if chat_template is not None and local is None:
-            extra_mounts[NODE_CHAT_TEMPLATE] = str(chat_template)
-            chat_template = NODE_CHAT_TEMPLATE
-        tls = None
-        if spec.tls is not None and spec.replicas is None:  # a service's load balancer speaks TLS instead
-            tls = (spec.tls.cert, spec.tls.key) if local is not None else NODE_TLS
-            if local is None:
-                extra_mounts.update({NODE_TLS[0]: str(spec.tls.cert), NODE_TLS[1]: str(spec.tls.key)})
-        if spec.eos_token:
-            envs["EOS_TOKEN"] = spec.eos_token
-        if spec.max_loras:  # `llm-atc adapters add` loads adapters into the running server
-            envs["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        model, load_format = model_arg, STREAM_LOAD_FORMAT if stream else None
-        if spec.cache_weights:  # the node knows whether the cache has the model yet (see the recipe)
-            model, load_format = "$MODEL_NAME", "$LOAD_FORMAT"
-        envs["VLLM_COMMAND"] = shlex.join(
-            vllm_command(
-                spec,
-                model=model,
-                served=served_name,
-                host=envs["HOST"],
-                chat_template=chat_template,
-                adapters=[*served_adapters, *extra_adapters],
-                tls=tls,
-                load_format=load_format,
-            )
-        )
+    extra_mounts: dict = {}
+    tls = None
+    if spec.engine == "vllm" and spec.tls is not None and spec.replicas is None:
+        # vLLM's own HTTPS (a service's load balancer speaks TLS instead)
+        tls = (spec.tls.cert, spec.tls.key) if local is not None else NODE_TLS
+        if local is None:
+            extra_mounts.update({NODE_TLS[0]: str(spec.tls.cert), NODE_TLS[1]: str(spec.tls.key)})
+    if spec.extra_models:
+        extra_mounts.update(_several_engines(spec, several, envs, features=features, local=local, tls=tls))
+        placement = _ModelPlacement("", {})
     else:
-        if served_adapters:
-            raise UserError(f"{spec.model.name} is a LoRA adapter; serve it with --engine vllm")
-        if spec.dtype:
-            envs["DTYPE"] = spec.dtype
+        placement = _model_placement(spec, features, local, checkpoint if stream else None)
+        extra_mounts.update(
+            _one_engine(spec, checkpoint, placement, envs, adapters, chat_template, stream, features, local, tls)
+        )
     envs.update(spec.envs)
 
     secrets = config.get("secrets") or {}
@@ -203,6 +178,150 @@ def render_serve_task(
             )
         config["service"] = service_section(spec)
     return config
+
+
+def _one_engine(
+    spec: ServeSpec,
+    checkpoint: Checkpoint | None,
+    placement: _ModelPlacement,
+    envs: dict,
+    adapters: dict[str, Checkpoint] | None,
+    chat_template: Path | None,
+    stream: bool,
+    features: NodeFeatures,
+    local: LocalRun | None,
+    tls: tuple | None,
+) -> dict:
+    """The envs of one engine serving ``spec.model`` (and its ``--lora`` adapters); the file mounts it needs."""
+    model_arg, served_name, served_adapters = _model_args(spec, checkpoint, placement)
+    extra_mounts, extra_adapters = _lora_placement(spec, features, local is not None, adapters or {})
+    envs.update(MODEL_NAME=model_arg, SERVED_MODEL_NAME=served_name)
+    if placement.source:
+        envs.update(MODEL_SOURCE=placement.source, MODEL_DIR=placement.model_dir)
+        if placement.source_skip:
+            envs["MODEL_SOURCE_SKIP"] = placement.source_skip
+    if spec.cache_weights:
+        envs.update(WEIGHTS_CACHE=spec.cache_weights, WEIGHTS_STREAM="1" if stream else "0")
+        extra_mounts.update(buckets_script_mount())
+    if spec.engine != "vllm":
+        if served_adapters:
+            raise UserError(f"{spec.model.name} is a LoRA adapter; serve it with --engine vllm")
+        if spec.dtype:
+            envs["DTYPE"] = spec.dtype
+        return extra_mounts
+    if chat_template is not None and local is None:
+        extra_mounts[NODE_CHAT_TEMPLATE] = str(chat_template)
+        chat_template = NODE_CHAT_TEMPLATE
+    if spec.eos_token:
+        envs["EOS_TOKEN"] = spec.eos_token
+    if spec.max_loras:  # `llm-atc adapters add` loads adapters into the running server
+        envs["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    model, load_format = model_arg, STREAM_LOAD_FORMAT if stream else None
+    if spec.cache_weights:  # the node knows whether the cache has the model yet (see the recipe)
+        model, load_format = "$MODEL_NAME", "$LOAD_FORMAT"
+    envs["VLLM_COMMAND"] = shlex.join(
+        vllm_command(
+            spec,
+            model=model,
+            served=served_name,
+            host=envs["HOST"],
+            chat_template=chat_template,
+            adapters=[*served_adapters, *extra_adapters],
+            tls=tls,
+            load_format=load_format,
+        )
+    )
+    return extra_mounts
+
+
+@dataclass(frozen=True)
+class Colocated:
+    """``serve --name A --name B``: what each model's engine needs besides the spec (one entry per model)."""
+
+    layout: Layout
+    engine_ports: tuple[int, ...]  # each engine's port, on 127.0.0.1 of the node
+    router_ports: tuple[int, int]  # the router's port and its metrics port
+    checkpoints: tuple[Checkpoint | None, ...]  # what each model's bucket holds
+    streams: tuple[bool, ...]  # vLLM streams that model's weights from its bucket
+    folders: tuple[Path | None, ...] = ()  # --cloud local: each model's folder here
+
+
+NODE_HOME_MODELS_DIR = "~/llm-atc/models"  # several models: synced folders, one per model
+NODE_MODELS_DIR = "/llm-atc/models"  # several models: mounted buckets, one per model
+NODE_GATEWAY_SCRIPT = "~/.llm-atc/gateway.py"
+LOCALHOST = "127.0.0.1"
+
+
+def _several_engines(
+    spec: ServeSpec, several: Colocated, envs: dict, *, features: NodeFeatures, local: LocalRun | None, tls
+) -> dict:
+    """One vLLM per model on 127.0.0.1, vLLM's router, and llm-atc's gateway on the endpoint port
+    (recipes/serve/gateway.py); the envs that say so, and the file mounts they need."""
+    commands, mounts = [], {}
+    for index, model in enumerate(spec.models):
+        one = replace(spec, model=model, extra_models=(), port=several.engine_ports[index])
+        checkpoint, stream = several.checkpoints[index], several.streams[index]
+        run = replace(local, weights=several.folders[index]) if local is not None else None
+        placement = _model_placement(
+            one,
+            features,
+            run,
+            checkpoint if stream else None,
+            home_dir=f"{NODE_HOME_MODELS_DIR}/{index}",
+            mount_dir=f"{NODE_MODELS_DIR}/{index}",
+        )
+        if placement.source:
+            raise UserError(
+                f"--name {model.name}: the node would have to fetch {placement.source} before its engine starts, "
+                "which a deployment of several models does not do; serve it on its own (or let vLLM stream it)"
+            )
+        model_arg, served, adapters = _model_args(one, checkpoint, placement)
+        if adapters:
+            raise UserError(f"--name {model.name} is a LoRA adapter: serve it on its base with --lora, or on its own")
+        mounts.update(placement.mounts)
+        share = several.layout.shares[index]
+        command = vllm_command(
+            one,
+            model=model_arg,
+            served=served,
+            host=LOCALHOST,
+            chat_template=None,
+            adapters=[],
+            load_format=STREAM_LOAD_FORMAT if stream else None,
+            share=share,
+        )
+        if share.gpus:
+            command = ["env", f"CUDA_VISIBLE_DEVICES={','.join(map(str, share.gpus))}", *command]
+        commands.append(shlex.join(command))
+        if index == 0:
+            envs.update(MODEL_NAME=model_arg, SERVED_MODEL_NAME=served)
+    router_port, metrics_port = several.router_ports
+    router = f"http://{LOCALHOST}:{router_port}"
+    envs["VLLM_COMMAND"] = "\n".join(commands)
+    envs["ROUTER_COMMAND"] = shlex.join(
+        [
+            "vllm-router",
+            "--host",
+            LOCALHOST,
+            "--port",
+            str(router_port),
+            "--prometheus-port",
+            str(metrics_port),
+            "--enable-igw",
+            "--policy",
+            "round_robin",  # one engine per model; the default cache_aware asks engines a question vLLM refuses
+        ]
+    )
+    script = str(recipes_dir() / "serve" / "gateway.py") if local is not None else node_path(NODE_GATEWAY_SCRIPT)
+    gateway = ["python3", script, "--host", "$HOST", "--port", "$PORT", "--router", router]
+    if several.layout.sequential:
+        gateway.append("--sequential")
+    if tls is not None:
+        gateway += ["--ssl-certfile", node_path(str(tls[0])), "--ssl-keyfile", node_path(str(tls[1]))]
+    envs["GATEWAY_COMMAND"] = shlex.join(gateway)
+    if local is None:
+        mounts[NODE_GATEWAY_SCRIPT] = str(recipes_dir() / "serve" / "gateway.py")
+    return mounts
 
 
 def node_path(path: str) -> str:
@@ -228,9 +347,12 @@ def vllm_command(
     adapters: list,
     tls: tuple | None = None,
     load_format: str | None = None,
+    share: EngineShare | None = None,
 ) -> list[str]:
     """The whole command line of vLLM's OpenAI server for ``spec``: every flag llm-atc sets, then
-    ``--vllm_args`` (checked against vLLM's own flags when the spec was built)."""
+    ``--vllm_args`` (checked against vLLM's own flags when the spec was built). ``share``: its place
+    on a node it shares with other engines."""
+    share = share or EngineShare()
     args = [
         *VLLM_ENTRYPOINT,
         "--model",
@@ -242,7 +364,7 @@ def vllm_command(
         "--port",
         str(spec.port),
         "--tensor-parallel-size",
-        tensor_parallel_size(spec.placement),
+        str(share.tensor_parallel) if share.tensor_parallel else tensor_parallel_size(spec.placement),
     ]
     if spec.num_nodes > 1:
         args += ["--pipeline-parallel-size", str(spec.num_nodes), "--distributed-executor-backend", "ray"]
@@ -250,8 +372,9 @@ def vllm_command(
         args += ["--load-format", load_format]
     for flag, value in (
         ("--dtype", spec.dtype),
-        ("--max-model-len", spec.max_model_len),
+        ("--max-model-len", spec.max_model_len or share.max_model_len),
         ("--quantization", spec.quantization),
+        ("--gpu-memory-utilization", share.memory_fraction),
     ):
         if value:
             args += [flag, str(value)]
@@ -301,9 +424,16 @@ class _ModelPlacement:
 
 
 def _model_placement(
-    spec: ServeSpec, features: NodeFeatures, local: LocalRun | None, streamed: Checkpoint | None
+    spec: ServeSpec,
+    features: NodeFeatures,
+    local: LocalRun | None,
+    streamed: Checkpoint | None,
+    *,
+    home_dir: str = NODE_HOME_MODEL_DIR,
+    mount_dir: str = NODE_MODEL_DIR,
 ) -> _ModelPlacement:
-    """Where the weights are for the engine; ``streamed``: the checkpoint whose weights vLLM streams."""
+    """Where the weights are for the engine; ``streamed``: the checkpoint whose weights vLLM streams.
+    ``home_dir``/``mount_dir``: where a synced folder / a mounted bucket goes on the node."""
     if streamed is not None:
         # The tokenizer and configs of a streamed model come from the bucket too (EOS_TOKEN fetches them).
         script = buckets_script_mount() if spec.eos_token and local is None else {}
@@ -313,7 +443,7 @@ def _model_placement(
         if local is not None:  # the adapter alone was downloaded here
             return _ModelPlacement(str(local.weights), {}, streamed_base=base)
         return _ModelPlacement(
-            NODE_HOME_MODEL_DIR,
+            home_dir,
             buckets_script_mount(),
             source=str(streamed.uri),
             source_skip=f"{RUN_BASE}/*",
@@ -323,12 +453,12 @@ def _model_placement(
         return _ModelPlacement(str(local.weights) if local.weights else "", {})
     model = spec.model
     if model.path is not None:
-        return _ModelPlacement(NODE_HOME_MODEL_DIR, {NODE_HOME_MODEL_DIR: str(model.path)})
+        return _ModelPlacement(home_dir, {home_dir: str(model.path)})
     if model.bucket is None:
-        return _ModelPlacement(NODE_MODEL_DIR, {})
+        return _ModelPlacement(mount_dir, {})
     if skypilot_mounts_buckets(spec, features):
-        return _ModelPlacement(NODE_MODEL_DIR, {NODE_MODEL_DIR: _copy_mount(model.bucket)})
-    return _ModelPlacement(NODE_HOME_MODEL_DIR, buckets_script_mount(), source=str(model.bucket))
+        return _ModelPlacement(mount_dir, {mount_dir: _copy_mount(model.bucket)})
+    return _ModelPlacement(home_dir, buckets_script_mount(), source=str(model.bucket))
 
 
 def custom_store_env(envs: dict[str, str]) -> str | None:

@@ -158,6 +158,12 @@ class ServeSpec(LaunchSpec):
     weights: str = "auto"  # how bucket weights reach vLLM: auto, stream or copy (llm_atc.weights)
     max_loras: int = 0  # runtime LoRA: adapters vLLM keeps active at once (0: no runtime loading)
     max_lora_rank: int = 0  # runtime LoRA: the highest adapter rank it accepts
+    extra_models: tuple[ModelRef, ...] = ()  # serve --name A --name B: one vLLM each, behind vLLM's router
+
+    @property
+    def models(self) -> tuple[ModelRef, ...]:
+        """Every model the deployment serves (``model`` first)."""
+        return (self.model, *self.extra_models)
 
     @property
     def private(self) -> bool:
@@ -166,17 +172,30 @@ class ServeSpec(LaunchSpec):
 
     @property
     def served_name(self) -> str:
+        """The ``model`` clients send for :attr:`model`."""
+        return self.served_name_of(self.model)
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return tuple(self.served_name_of(m) for m in self.models)
+
+    @property
+    def served_text(self) -> str:
+        """The served names, for messages."""
+        return ", ".join(self.served_names)
+
+    def served_name_of(self, model: ModelRef) -> str:
         """The ``model`` clients send: ``--name``, except that a folder named by an absolute,
         ``~`` or ``..`` path is served on a cluster under its folder name (the path means
         nothing on the node)."""
         from pathlib import PurePosixPath
 
-        name = self.model.name
-        if self.model.path is None or self.is_local:
+        name = model.name
+        if model.path is None or self.is_local:
             return name
         parts = PurePosixPath(name).parts
         if name.startswith(("/", "~")) or ".." in parts:
-            return self.model.path.name
+            return model.path.name
         return name
 
 
@@ -361,8 +380,15 @@ def _auto(model, **options):
     """``--accelerator auto``: the GPUs that fit the model, from SkyPilot's catalog (see ``llm-atc plan``)."""
     from llm_atc import planning, ui
 
-    with ui.spinner("Sizing the model against SkyPilot's GPU catalog"):
-        choice = planning.auto_accelerators(model, **options)
+    several = isinstance(model, tuple) and len(model) > 1
+    with ui.spinner(f"Sizing the model{'s' if several else ''} against SkyPilot's GPU catalog"):
+        if several:
+            from llm_atc import colocate
+
+            options.pop("mode")
+            choice = colocate.auto_accelerators(model, **options)
+        else:
+            choice = planning.auto_accelerators(model[0] if isinstance(model, tuple) else model, **options)
     ui.info(
         f"--accelerator auto: {choice.accelerator_text}"
         + (f" on {choice.num_nodes} nodes" if choice.num_nodes > 1 else "")
@@ -459,13 +485,8 @@ def build_serve_spec(
     Off ``local``, ``engine="auto"`` means vLLM, which gets ``A100:1`` unless
     ``accelerator`` says otherwise; ``transformers`` asks for no GPU unless given one.
     """
-    if not isinstance(name, str) and name is not None:  # the CLI's --name may be repeated, or left out
-        if len(name) > 1:
-            raise UserError(
-                f"--name is given twice ({shorten(name[0])}, {shorten(name[1])}); one engine serves "
-                "one model here: add others to it as --lora adapters, or serve them separately"
-            )
-        name = name[0] if name else None
+    names = [name] if isinstance(name, str) or name is None else list(name)  # --name may be repeated
+    name, more_names = (names[0] if names else None), names[1:]
     if engine not in ENGINES:
         raise UserError(f"--engine {shorten(engine)}: choose one of {', '.join(ENGINES)}")
     if dtype is not None and dtype not in DTYPES:
@@ -487,6 +508,26 @@ def build_serve_spec(
             "local has a built-in demo model)"
         )
     model = _demo() if name is None else resolve_model(name, source, registry)
+    extra_models = ()
+    if more_names:
+        extra_models = _more_models(
+            model,
+            more_names,
+            registry,
+            engine=engine,
+            given={
+                "--source": source,
+                "--lora": lora,
+                "--chat_template": chat_template,
+                "--eos_token": eos_token,
+                "--cache_weights": cache_weights,
+                "--num_nodes": num_nodes > 1,
+                "--replicas": replicas,
+                "--max_loras": max_loras,
+                "--max_lora_rank": max_lora_rank,
+            },
+        )
+        max_loras = 0  # runtime LoRA needs one engine to load into
     if engine == "auto" and not is_local:
         engine = "vllm"
     if engine == "vllm" and not is_local and not accelerator:
@@ -494,7 +535,7 @@ def build_serve_spec(
         accelerator = NONE if cpus else DEFAULT_ACCELERATOR
     if not is_local and (accelerator or "").strip().lower() == AUTO:
         choice = _auto(
-            model,
+            (model, *extra_models),
             mode="serve",
             max_model_len=max_model_len,
             dtype=dtype,
@@ -548,37 +589,87 @@ def build_serve_spec(
             "--num_nodes > 1 spans one vLLM over several nodes of a cluster: not with --cloud local, "
             "--engine transformers or --replicas"
         )
-    return ServeSpec(
-        model=model,
-        cluster=check_cluster_name(cluster) if cluster else cluster_name_for(model.name),
-        placement=placement,
-        envs=plain,
-        secrets=secret_values,
-        port=port,
-        engine=engine,
-        max_model_len=max_model_len,
-        dtype=dtype,
-        quantization=quantization,
-        engine_args=check_vllm_args(parse_extra_args(vllm_args, option="--vllm_args")),
-        keep_on_failure=keep_on_failure,
-        # `transformers serve` has no API keys. Locally the engine binds 127.0.0.1 and uses a key when given one.
-        auth=not no_auth and (API_KEY_SECRET in secret_values if is_local else engine == "vllm"),
-        replicas=policy,
-        chat_template=read_chat_template(chat_template),
-        eos_token=_check_eos_token(eos_token),
-        loras=parse_loras(lora, registry),
-        num_nodes=num_nodes,
-        cache_weights=cache_weights,
-        timeout=timeout,
-        open_port=open_port,
-        tls=read_tls(tls_cert, tls_key, engine=engine),
-        weights=weights,
-        max_loras=max_loras,
-        max_lora_rank=max_lora_rank,
-        detach_setup=detach_setup,
-        detach_run=detach_run,
-        no_setup=no_setup,
+    return _check_served_names(
+        ServeSpec(
+            model=model,
+            cluster=check_cluster_name(cluster)
+            if cluster
+            else cluster_name_for("-".join(m.name.rstrip("/").split("/")[-1] for m in (model, *extra_models))),
+            placement=placement,
+            envs=plain,
+            secrets=secret_values,
+            port=port,
+            engine=engine,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            quantization=quantization,
+            engine_args=check_vllm_args(parse_extra_args(vllm_args, option="--vllm_args"), several=bool(extra_models)),
+            keep_on_failure=keep_on_failure,
+            # `transformers serve` has no API keys. Locally the engine binds 127.0.0.1 and uses a key when given one.
+            auth=not no_auth and (API_KEY_SECRET in secret_values if is_local else engine == "vllm"),
+            replicas=policy,
+            chat_template=read_chat_template(chat_template),
+            eos_token=_check_eos_token(eos_token),
+            loras=parse_loras(lora, registry),
+            num_nodes=num_nodes,
+            cache_weights=cache_weights,
+            timeout=timeout,
+            open_port=open_port,
+            tls=read_tls(tls_cert, tls_key, engine=engine),
+            weights=weights,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            extra_models=extra_models,
+            detach_setup=detach_setup,
+            detach_run=detach_run,
+            no_setup=no_setup,
+        )
     )
+
+
+# Most models one deployment serves side by side (one vLLM each on the node, behind vLLM's router).
+MAX_MODELS = 8
+
+
+def _more_models(
+    first: ModelRef, names: list[str], registry: Registry | None, *, engine: str, given: dict
+) -> tuple[ModelRef, ...]:
+    """``--name A --name B ...``: the models after the first, each served by a vLLM of its own behind
+    vLLM's router; the options that belong to one model are refused."""
+    if engine == "transformers":
+        raise UserError(
+            "several --name need vLLM (one engine per model behind vLLM's router); drop --engine transformers"
+        )
+    if len(names) + 1 > MAX_MODELS:
+        raise UserError(f"--name is given {len(names) + 1} times; one deployment serves at most {MAX_MODELS} models")
+    for option, value in given.items():
+        if value:
+            raise UserError(
+                f"{option} applies to a deployment of one model; with several --name, serve that model on its own"
+            )
+    models = [first]
+    for name in names:
+        if any(name.strip() == m.name for m in models):
+            raise UserError(f"--name {shorten(name)} is given twice; each model is served once")
+        models.append(resolve_model(name, None, registry))
+    for model in models:
+        if model.path is not None and not (model.path / "config.json").is_file():
+            raise UserError(
+                f"--name {shorten(model.name)} is a LoRA adapter: serve it on its base with --lora, or on its own"
+            )
+    return tuple(models[1:])
+
+
+def _check_served_names(spec: ServeSpec) -> ServeSpec:
+    """Clients tell the models apart by name: two models may not be served under one."""
+    names = spec.served_names
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise UserError(
+                f"--name: two models would both be served as {shorten(name)} (folders of the same name); "
+                "rename one of the folders"
+            )
+    return spec
 
 
 MODEL_TYPES = {"vicuna": "full", "lora": "lora", "qlora": "qlora"}

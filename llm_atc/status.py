@@ -39,7 +39,7 @@ def current_rows(
         shown = escape(shown)
         rows.append(
             (
-                escape(record.name),
+                escape(", ".join(record.served)),
                 record.kind,
                 record.cluster,
                 escape(infra),

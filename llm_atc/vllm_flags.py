@@ -41,6 +41,11 @@ OWNED = {
     "load_format": f"{_USE} --weights (stream: from the bucket with Run:ai's streamer; copy: from disk)",
     "help": "would print vLLM's help and exit instead of serving",
 }
+# ... and those it sets when several models share a node (serve --name A --name B).
+OWNED_WHEN_SEVERAL = {
+    "gpu_memory_utilization": "is set by llm-atc for each engine when several models share a node "
+    "(their shares of GPU memory, from each model's size)",
+}
 
 
 @lru_cache(maxsize=1)
@@ -76,16 +81,18 @@ def _resolve(name: str, flags: dict[str, dict], option: str) -> str:
     raise UserError(f"{option} {name}: vLLM {version} has no such flag{hint}")
 
 
-def check_vllm_args(args: tuple[str, ...], *, option: str = "--vllm_args") -> tuple[str, ...]:
-    """``args`` unchanged when every flag is one vLLM knows and llm-atc does not own; else UserError."""
+def check_vllm_args(args: tuple[str, ...], *, option: str = "--vllm_args", several: bool = False) -> tuple[str, ...]:
+    """``args`` unchanged when every flag is one vLLM knows and llm-atc does not own; else UserError.
+    ``several``: the flags go to each engine of a node serving several models."""
     flags = pinned_flags()[1]
+    owned_flags = {**OWNED, **OWNED_WHEN_SEVERAL} if several else OWNED
     index = 0
     while index < len(args):
         token = args[index]
         if not token.startswith("-") or token == "-":
             raise UserError(f"{option}: {token!r} is not a flag (the model is llm-atc's --name)")
         flag = _resolve(_normalise(token), flags, option)
-        owned = OWNED.get(flags[flag]["dest"])
+        owned = owned_flags.get(flags[flag]["dest"])
         if owned:
             raise UserError(f"{option} {token.split('=', 1)[0]} {owned}")
         index += 1

@@ -224,18 +224,34 @@ def test_bucket_errors_are_one_line_with_one_meaning_per_exit_code(cli, s3, gcs,
         )
 
 
-def test_a_repeated_name_is_refused_until_several_models_are_served(cli, nothing_happens):
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--name", MODEL], ["--name", "given twice"]),
+        (["--name", "Qwen/Qwen2.5-0.5B", "--lora", "x=Qwen/adapter"], ["--lora", "several --name"]),
+        (["--name", "Qwen/Qwen2.5-0.5B", "--engine", "transformers"], ["several --name need vLLM"]),
+        (["--name", "Qwen/Qwen2.5-0.5B", "--chat_template", "{{ messages }}"], ["--chat_template", "one model"]),
+        (["--name", "Qwen/Qwen2.5-0.5B", "--replicas", "2"], ["--replicas", "one model"]),
+        (["--name", "Qwen/Qwen2.5-0.5B", "--max_loras", "2"], ["--max_loras", "one model"]),
+        (["--name", "Qwen/Qwen2.5-0.5B", "--source", "s3://my-bucket/llm-atc/x"], ["--source", "one model"]),
+        (
+            ["--name", "Qwen/Qwen2.5-0.5B", "--vllm_args", "--gpu-memory-utilization 0.5"],
+            ["--gpu-memory-utilization", "each engine"],
+        ),
+        (["--name", "Qwen/Qwen2.5-0.5B", "--accelerator", "A100:1,H100:2"], ["--accelerator", "one count"]),
+        ([arg for i in range(8) for arg in ("--name", f"org/m{i}")], ["--name is given 9 times", "at most 8"]),
+    ],
+)
+def test_several_models_refuse_what_cannot_apply(cli, nothing_happens, extra, fragments):
+    refused(cli, "serve", "--name", MODEL, *extra, "--cloud", "gcp", "-y", fragments=fragments)
+
+
+def test_an_adapter_among_several_models_is_refused(cli, nothing_happens, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "Qwen/Qwen2.5-7B", "r": 8}')
     refused(
-        cli,
-        "serve",
-        "--name",
-        MODEL,
-        "--name",
-        "Qwen/Qwen2.5-0.5B",
-        "--cloud",
-        "gcp",
-        "-y",
-        fragments=["--name", "given twice"],
+        cli, "serve", "--name", MODEL, "--name", str(adapter), "--cloud", "gcp", "-y", fragments=["is a LoRA adapter"]
     )
 
 

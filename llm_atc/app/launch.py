@@ -92,11 +92,11 @@ def serve(prepared, *, registry: Registry, backend=None) -> Record:
     with interrupts():
         if spec.replicas is not None:
             ui.info(
-                f"Starting service {spec.cluster} for {spec.served_name} on SkyServe ({spec.replicas.text}, "
+                f"Starting service {spec.cluster} for {spec.served_text} on SkyServe ({spec.replicas.text}, "
                 f"{spec.placement.resources_text} each)"
             )
         elif not record.is_local:
-            ui.info(f"Launching {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text})")
+            ui.info(f"Launching {spec.served_text} on cluster {spec.cluster} ({spec.placement.resources_text})")
         record = _start(workload, registry, backend, api_key=prepared.api_key)
         if spec.detach_run:
             return record
@@ -124,7 +124,7 @@ def _wait_serving(record: Record, backend, prepared, timeout: float) -> float:
     """Poll the engine until it answers; the seconds waited."""
     if record.is_local:
         endpoint, check, interval = record.endpoint, lambda: backend.ended(record), 0.25
-        message = f"Starting {record.engine} for {record.name} on {record.endpoint.split('://')[-1]}"
+        message = f"Starting {record.engine} for {', '.join(record.served)} on {record.endpoint.split('://')[-1]}"
     else:
         known: list[str] = []  # the endpoint does not change while the cluster is up: ask SkyPilot once
 

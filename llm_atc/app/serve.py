@@ -6,14 +6,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llm_atc import engines, ui, weights
+from llm_atc import colocate, engines, ui, weights
 from llm_atc.app import adapters as adapters_app
 from llm_atc.backends import backend_for
 from llm_atc.backends._base import Workload
 from llm_atc.errors import UserError
 from llm_atc.paths import home, write_private
 from llm_atc.registry import Record, Registry, Status
-from llm_atc.render import LocalRun, render_serve_task, task_yaml
+from llm_atc.render import Colocated, LocalRun, render_serve_task, task_yaml
 from llm_atc.spec import API_KEY_SECRET, ServeSpec
 from llm_atc.storage import RUN_BASE, Checkpoint, check_checkpoint, download_checkpoint, store_env, store_settings
 
@@ -54,8 +54,15 @@ def prepare(spec: ServeSpec, *, registry: Registry) -> PreparedServe:
 def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
     from llm_atc.backends import skypilot
 
-    checkpoint, adapters = _check_buckets(spec)
-    path = weights.for_serve(spec, checkpoint)
+    several = None
+    if spec.extra_models:
+        ports = tuple(spec.port + 1 + i for i in range(len(spec.models) + 2))  # engines, router, its metrics
+        several, notes = _colocated(spec, registry, ports=ports)
+        checkpoint, adapters, stream = several.checkpoints[0], {}, False
+    else:
+        checkpoint, adapters = _check_buckets(spec)
+        path = weights.for_serve(spec, checkpoint)
+        notes, stream = ([path.note], path.stream) if path else ([], False)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     template = write_chat_template(spec, home() / "tasks" / f"{spec.cluster}-{stamp}.jinja")
     config = render_serve_task(
@@ -64,7 +71,8 @@ def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
         features=skypilot.node_features(spec.placement),
         adapters=adapters,
         chat_template=template,
-        stream=path is not None and path.stream,
+        stream=stream,
+        several=several,
     )
     api_key = None
     if spec.auth:
@@ -93,11 +101,49 @@ def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
             **_tls_details(spec),
             **adapters_app.lora_details(spec, config, checkpoint, registry),
             **_store_details(spec),
+            **_models_details(spec, several),
         },
     )
     workload = Workload(record, config, secrets, stream=not spec.detach_setup, no_setup=spec.no_setup)
-    notes = ([path.note] if path else []) + _exposure_notes(spec, record)
-    return PreparedServe(spec, workload, checkpoint, api_key, notes=notes)
+    return PreparedServe(spec, workload, checkpoint, api_key, notes=notes + _exposure_notes(spec, record))
+
+
+def _colocated(
+    spec: ServeSpec, registry: Registry, *, ports: tuple[int, ...], available_bytes: int | None = None
+) -> tuple[Colocated, list[str]]:
+    """Several models: each one's bucket checked (and, here, its weights placed), where each engine goes
+    on the node, and the lines that say so. ``ports``: the engines', then the router's and its metrics'."""
+    checkpoints, streams, folders, notes = [], [], [], []
+    for model in spec.models:
+        one = replace(spec, model=model, extra_models=())
+        if spec.is_local:
+            folder, checkpoint, path = _local_weights(one)
+        else:
+            (checkpoint, _), folder = _check_buckets(one), None
+            path = weights.for_serve(one, checkpoint)
+        checkpoints.append(checkpoint)
+        streams.append(path is not None and path.stream)
+        folders.append(folder)
+        notes += [f"{spec.served_name_of(model)}: {path.note}"] if path else []
+    with store_env(spec.envs, spec.secrets), ui.spinner("Sizing the models for one node"):
+        layout = colocate.layout_for(spec, registry=registry, available_bytes=available_bytes)
+    count = len(spec.models)
+    several = Colocated(
+        layout, ports[:count], ports[count : count + 2], tuple(checkpoints), tuple(streams), tuple(folders)
+    )
+    return several, [*notes, layout.summary]
+
+
+def _models_details(spec: ServeSpec, several: Colocated | None) -> dict:
+    """A deployment of several models keeps each one's name and place (for status, endpoint and bench)."""
+    if several is None:
+        return {}
+    return {
+        "models": [
+            {"name": spec.served_name_of(model), "model": model.location, "engine_port": port}
+            for model, port in zip(spec.models, several.engine_ports, strict=True)
+        ]
+    }
 
 
 def _store_details(spec: ServeSpec) -> dict:
@@ -180,10 +226,15 @@ def choose_engine(requested: str) -> str:
 def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
     import shutil
 
-    from llm_atc.backends.local import engine_path, pick_port
+    from llm_atc.backends.local import engine_path, free_ports, pick_port
 
     engine = choose_engine(spec.engine)
-    vllm_env = engines.require("vllm", why="--engine vllm on this machine").path if engine == "vllm" else None
+    if spec.extra_models and engine != "vllm":
+        raise UserError("several --name are served by vLLM, which is not installed here: llm-atc engines install vllm")
+    vllm_env = None
+    if engine == "vllm":
+        why = "several --name on this machine" if spec.extra_models else "--engine vllm on this machine"
+        vllm_env = engines.require("vllm", why=why, extras=bool(spec.extra_models)).path
     if engine == "transformers" and shutil.which("transformers", path=engine_path()) is None:
         raise UserError(
             "local serving needs transformers: pip install 'llm-atc[local]' (or vLLM: llm-atc engines install vllm)"
@@ -195,7 +246,18 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
         )
     _check_name_free(spec.cluster, registry)
     spec = replace(spec, engine=engine, port=pick_port(spec.port))
-    folder, checkpoint, path = _local_weights(spec)
+    several = None
+    if spec.extra_models:
+        import psutil
+
+        ports = free_ports(len(spec.models) + 2, besides=spec.port)
+        several, notes = _colocated(spec, registry, ports=ports, available_bytes=psutil.virtual_memory().available)
+        folder, checkpoint, stream = None, several.checkpoints[0], False
+        offline = all(m.hub_id is None for m in spec.models)
+    else:
+        folder, checkpoint, path = _local_weights(spec)
+        notes, stream = ([path.note], path.stream) if path else ([], False)
+        offline = folder is not None or path is not None
     workdir = home() / "local" / spec.cluster
     template = write_chat_template(spec, workdir / "chat-template.jinja")
     config = render_serve_task(
@@ -203,10 +265,11 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
         checkpoint,
         local=LocalRun(folder, workdir, vllm_env),
         chat_template=template,
-        stream=path is not None and path.stream,
+        stream=stream,
+        several=several,
     )
-    if folder is not None or path is not None:
-        config["envs"].setdefault("HF_HUB_OFFLINE", "1")  # the weights are here or in the bucket: not on the Hub
+    if offline:
+        config["envs"].setdefault("HF_HUB_OFFLINE", "1")  # the weights are here or in a bucket: not on the Hub
     record = Record(
         name=spec.model.name,
         kind="serve",
@@ -223,10 +286,10 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
             **_tls_details(spec),
             **(adapters_app.lora_details(spec, config, checkpoint, registry) if engine == "vllm" else {}),
             **_store_details(spec),
+            **_models_details(spec, several),
         },
     )
     api_key = spec.secrets.get(API_KEY_SECRET) if spec.auth else None
-    notes = [path.note] if path else []
     if not api_key:
         notes.append(
             "No API key: the engine listens on 127.0.0.1 only, for this machine's users "

@@ -39,6 +39,23 @@ def pick_port(port: int, *, option: str = "--port") -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int, *, besides: int) -> tuple[int, ...]:
+    """``count`` distinct free ports on 127.0.0.1, none of them ``besides`` (held open until all are found)."""
+    sockets = []
+    try:
+        while len(sockets) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            if sock.getsockname()[1] == besides:
+                sock.close()
+                continue
+            sockets.append(sock)
+        return tuple(sock.getsockname()[1] for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def engine_path() -> str:
     """PATH with this interpreter's bin folder first, so a venv's tools are found unactivated."""
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

@@ -155,10 +155,10 @@ def serve(**options):
         return
     if not spec.is_local:
         where = spec.placement.infra or "the cheapest infra SkyPilot finds"
-        question = f"Launch {spec.served_name} on cluster {spec.cluster} ({spec.placement.resources_text}, {where})"
+        question = f"Launch {spec.served_text} on cluster {spec.cluster} ({spec.placement.resources_text}, {where})"
         if spec.replicas is not None:
             question = (
-                f"Start service {spec.cluster} for {spec.served_name} ({spec.replicas.text}, "
+                f"Start service {spec.cluster} for {spec.served_text} ({spec.replicas.text}, "
                 f"{spec.placement.resources_text} each, {where})"
             )
         if not ui.confirm(f"{question}{hourly_price(spec)}?", yes=yes):
@@ -180,6 +180,8 @@ def serve(**options):
     cafile = record.details.get("tls_cert")
     key_for = spec.cluster if prepared.api_key else None
     ui.out(snippets(record.endpoint, record.name, record.engine or "vllm", key_for=key_for, cafile=cafile))
+    if len(record.served) > 1:
+        ui.out(f"Models behind this endpoint (send one as `model`): {', '.join(record.served)}")
     if not record.details.get("open_ports", True) and not spec.is_local:
         ui.info(
             f"{spec.placement.cloud} opens no ports: {record.endpoint} is the node's own address. Where that "
