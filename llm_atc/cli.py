@@ -22,12 +22,13 @@ COMMANDS = {
     "plan": ("plan", "Size a model: which GPUs fit, and what they cost."),
     "endpoint": ("endpoint", "Print a deployment's base URL."),
     "adapters": ("adapters", "Add, remove or list LoRA adapters of a running deployment (no restart)."),
+    "bench": ("bench", "Load-test a deployment: TTFT, tokens/s and $ per million tokens."),
     "status": ("status", "Show deployments and training runs."),
     "logs": ("logs", "Show a deployment's engine logs."),
     "stop": ("stop", "Stop a deployment (keeps its disk)."),
     "down": ("down", "Tear a deployment down."),
     "recipes": ("recipes", "List the recipes shipped with llm-atc."),
-    "engines": ("engines", "Install or list the engines llm-atc runs on this machine (vLLM)."),
+    "engines": ("engines", "Install or list the engines llm-atc runs on this machine (vLLM, guidellm)."),
 }
 ALIASES = {"show-models": "recipes"}
 

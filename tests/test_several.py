@@ -9,6 +9,7 @@ vLLM's CPU build and vLLM's router, queried with the official openai client.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shlex
 import time
@@ -178,6 +179,13 @@ def test_two_models_behind_one_endpoint(cli, vllm_engine, two_models, llm_atc_ho
         with pytest.raises(urllib.error.HTTPError) as refused:  # the router's admin API stays private
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 404
+        measured = cli(
+            "bench", "two", "--model", str(b), "--concurrency", "1,2", "--prompt_tokens", "16",
+            "--output_tokens", "8", "--duration", "5", "--max_requests", "8", "--json",
+        )  # fmt: skip
+        assert measured.exit_code == 0, measured
+        report = json.loads(measured.stdout)
+        assert report["model"] == str(b) and all(level["successful"] > 0 for level in report["levels"])
         (row,) = current_rows(only="two")
         assert row[0] == f"{a}, {b}" and "RUNNING" in row[5]  # status names every model
 

@@ -11,6 +11,7 @@ clusters down; the session's SkyPilot API server runs in the test HOME on its ow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -356,6 +357,56 @@ def test_local_folder_ctrl_c_then_python_api(slurm, tiny_model):
             proc.wait(10)
         llm_atc.get(cluster).down()
     assert slurm_jobs_of(cluster) == [] and engine_processes(port) == []
+
+
+def free_port_run(count: int) -> int:
+    """A port such that it and the ``count - 1`` after it are free (an endpoint and its engines, router)."""
+    import socket
+
+    for _ in range(50):
+        first = free_port()
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return first
+    raise RuntimeError(f"no run of {count} free ports")
+
+
+def test_two_models_behind_one_endpoint_on_slurm(cli, slurm, tiny_model, tmp_path):
+    """Two folders, one vLLM each on the Slurm node, vLLM's router and llm-atc's gateway on the endpoint port:
+    both answer under their names with the key llm-atc made, an unknown name gets a 404, and down leaves no
+    engine behind."""
+    other = tmp_path / "tiny-two"
+    shutil.copytree(tiny_model, other)
+    cluster, port = unique("e2e-two"), free_port_run(5)
+    result = cli("serve", "--name", str(tiny_model), "--name", str(other), *slurm_options(slurm, cluster, port))
+    assert result.exit_code == 0, result
+    url = f"http://127.0.0.1:{port}/v1"
+    names = [tiny_model.name, other.name]  # folders by absolute path: served under their names on a node
+    try:
+        key = cli("endpoint", cluster, "--show_key").stdout.strip()
+        headers = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{url}/models", timeout=30).status_code == 401
+        listed = httpx.get(f"{url}/models", headers=headers, timeout=30).json()["data"]
+        assert sorted(m["id"] for m in listed) == sorted(names)
+        for name in names:
+            assert chat(url, name, api_key=key)
+        assert chat(url, names[1], api_key=key, stream=True)
+        unknown = httpx.post(
+            f"{url}/chat/completions", headers=headers, json={"model": "nope", "messages": []}, timeout=30
+        )
+        assert unknown.status_code == 404 and "This endpoint serves" in unknown.text
+        logs = cli("logs", cluster).stdout
+        assert "through vLLM's router" in logs and f"[{names[1]}] " in logs and "[router] " in logs
+        assert "vllm-router==0.1.17" in logs or "is ready in" in logs  # the node installed the router
+    finally:
+        assert_gone(cli, cluster, port)
+    for engine_port in range(port + 1, port + 3):
+        assert engine_processes(engine_port) == []
 
 
 def test_engine_that_dies_on_the_node(cli, slurm, tmp_path):

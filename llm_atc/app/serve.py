@@ -340,25 +340,30 @@ OWN_INFRA = frozenset({"kubernetes", "k8s", "slurm", "ssh"})
 def hourly_price(spec: ServeSpec) -> str:
     """`` (about $X.XX/hour: ...)`` for the confirmation: the cheapest catalog offer of what is asked
     for, times nodes and replicas; empty where SkyPilot's catalog cannot tell (own clusters, CPUs)."""
-    cloud = spec.placement.cloud
-    if cloud in OWN_INFRA or not spec.placement.accelerators:
+    if spec.placement.cloud in OWN_INFRA or not spec.placement.accelerators:
         return ""
-    from llm_atc.backends import skypilot
-    from llm_atc.errors import UserError
-
-    try:
-        clouds = [cloud] if cloud else skypilot.catalog_clouds()
-        offers = skypilot.list_offers(clouds, spec.placement.region) if clouds else []
-    except UserError:
-        offers = []
-    wanted = {(a.name.lower(), a.count) for a in spec.placement.accelerators}
     use_spot = spec.placement.use_spot
-    priced = [o for o in offers if (o.accelerator.lower(), o.count) in wanted and o.hourly(use_spot) is not None]
-    if not priced:
+    wanted = [(a.name, a.count) for a in spec.placement.accelerators]
+    best = cheapest_offer(wanted, spec.placement.cloud, spec.placement.region, use_spot)
+    if best is None:
         return " (price unknown: SkyPilot's catalog here lists no such offer)"
-    best = min(priced, key=lambda o: o.hourly(use_spot))
     hourly = best.hourly(use_spot) * spec.num_nodes
     each = " per replica" if spec.replicas else (f" for {spec.num_nodes} nodes" if spec.num_nodes > 1 else "")
     where = " ".join(str(p) for p in (best.cloud, best.instance_type, best.region(use_spot)) if p)
     spot = " on spot" if use_spot else ""
     return f", about ${hourly:.2f}/hour{each}{spot} ({best.accelerator}:{best.count} on {where})"
+
+
+def cheapest_offer(wanted: list[tuple[str, int]], cloud: str | None, region: str | None, use_spot: bool):
+    """The cheapest offer (``planning.Offer``) in SkyPilot's catalog of any of ``wanted`` (GPU name, count);
+    None where the catalog here lists none."""
+    from llm_atc.backends import skypilot
+
+    try:
+        clouds = [cloud] if cloud else skypilot.catalog_clouds()
+        offers = skypilot.list_offers(clouds, region) if clouds else []
+    except UserError:
+        return None
+    wanted_keys = {(name.lower(), count) for name, count in wanted}
+    priced = [o for o in offers if (o.accelerator.lower(), o.count) in wanted_keys and o.hourly(use_spot) is not None]
+    return min(priced, key=lambda o: o.hourly(use_spot)) if priced else None

@@ -1,4 +1,4 @@
-"""llm-atc engines: the engine environments llm-atc manages on this machine (vLLM for local serving)."""
+"""llm-atc engines: the environments llm-atc manages on this machine (vLLM for local serving, guidellm for bench)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ def engines(ctx):
     """List, install or remove engine environments (each a virtualenv of its own, under
     $LLM_ATC_ENGINES, default ~/.llm_atc/engines).
 
-    vLLM pins packages that SkyPilot's own pins exclude, so it gets an environment of its own;
-    `serve --cloud local --engine vllm` runs it from there.
+    vLLM and guidellm pin packages that SkyPilot's own pins exclude, so each gets an environment of
+    its own: `serve --cloud local` runs vLLM (and vLLM's router) from there, `bench` runs guidellm.
     """
     if ctx.invoked_subcommand is None:
         ctx.invoke(list_)
@@ -40,11 +40,11 @@ def list_():
 
 
 @engines.command()
-@click.argument("name")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
 @click.option(
     "--build",
     type=click.Choice(["cpu", "cuda"]),
-    help="vLLM build (default: cuda when nvidia-smi lists a GPU, else cpu).",
+    help="vLLM build (default: cuda when nvidia-smi lists a GPU, else cpu; guidellm is always cpu).",
 )
 @click.option(
     "--torch_index",
@@ -53,13 +53,16 @@ def list_():
     "https://download.pytorch.org/whl/cpu); '' uses pip's settings only.",
 )
 @click.option("--force", is_flag=True, help="Replace an environment that is already installed.")
-def install(name, build, torch_index, force):
-    """Install engine NAME (vllm) into an environment of its own."""
+def install(names, build, torch_index, force):
+    """Install each engine NAME (vllm, guidellm) into an environment of its own."""
     from llm_atc import engines as store
     from llm_atc import ui
 
-    found = store.install(name, build=build, torch_index=torch_index, force=force)
-    ui.out(str(found.path))
+    for name in names:
+        store.get_engine(name)  # every name is checked before anything installs
+    for name in names:
+        found = store.install(name, build=build if name == "vllm" else None, torch_index=torch_index, force=force)
+        ui.out(str(found.path))
 
 
 @engines.command()
