@@ -17,7 +17,7 @@ from llm_atc.training_run import TrainingRun
 
 
 def serve(
-    name: str,
+    name: str | list[str],
     *,
     cloud: str | None = None,
     accelerator: str | None = None,
@@ -25,7 +25,8 @@ def serve(
     quiet: bool = True,
     **options,
 ) -> Deployment:
-    """Serve ``name`` (Hub id, ``llm-atc/<run>`` or folder) and wait until it answers.
+    """Serve ``name`` (Hub id, ``llm-atc/<run>`` or folder; a list serves several models behind one
+    endpoint) and wait until it answers.
 
     ``options`` are the CLI's ``serve`` options by their Python names (``source``,
     ``cluster``, ``region``, ``envs``, ``secrets``, ``port``, ``engine``,

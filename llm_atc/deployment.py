@@ -27,6 +27,11 @@ class Deployment(RecordHandle):
         return self.record.endpoint
 
     @property
+    def models(self) -> list[str]:
+        """Every model the endpoint serves, by the name clients send (several with ``serve([A, B])``)."""
+        return self.record.served
+
+    @property
     def api_key(self) -> str | None:
         """The endpoint's API key (send it as ``Authorization: Bearer``), or None when it has none."""
         from llm_atc import credentials

@@ -186,6 +186,8 @@ def test_two_models_behind_one_endpoint(cli, vllm_engine, two_models, llm_atc_ho
         assert measured.exit_code == 0, measured
         report = json.loads(measured.stdout)
         assert report["model"] == str(b) and all(level["successful"] > 0 for level in report["levels"])
+        refused = cli("adapters", "add", "two", "x=org/an-adapter")
+        assert_one_line_error(refused, "two serves several models")
         (row,) = current_rows(only="two")
         assert row[0] == f"{a}, {b}" and "RUNNING" in row[5]  # status names every model
 

@@ -376,29 +376,37 @@ def free_port_run(count: int) -> int:
     raise RuntimeError(f"no run of {count} free ports")
 
 
-def test_two_models_behind_one_endpoint_on_slurm(cli, slurm, tiny_model, tmp_path):
-    """Two folders, one vLLM each on the Slurm node, vLLM's router and llm-atc's gateway on the endpoint port:
-    both answer under their names with the key llm-atc made, an unknown name gets a 404, and down leaves no
-    engine behind."""
+def test_two_models_behind_one_endpoint_on_slurm(cli, slurm, tiny_model, tmp_path, tls_files):
+    """Two folders, one vLLM each on the Slurm node, vLLM's router, and llm-atc's gateway on the endpoint port
+    serving HTTPS: both answer under their names with the key llm-atc made, an unknown name gets a 404, and
+    down leaves no engine behind."""
+    from openai import OpenAI
+
     other = tmp_path / "tiny-two"
     shutil.copytree(tiny_model, other)
     cluster, port = unique("e2e-two"), free_port_run(5)
-    result = cli("serve", "--name", str(tiny_model), "--name", str(other), *slurm_options(slurm, cluster, port))
+    tls = ["--tls_cert", str(tls_files["cert"]), "--tls_key", str(tls_files["key"])]
+    result = cli("serve", "--name", str(tiny_model), "--name", str(other), *tls, *slurm_options(slurm, cluster, port))
     assert result.exit_code == 0, result
-    url = f"http://127.0.0.1:{port}/v1"
+    url = f"https://127.0.0.1:{port}/v1"
+    assert url in result.stdout
     names = [tiny_model.name, other.name]  # folders by absolute path: served under their names on a node
     try:
         key = cli("endpoint", cluster, "--show_key").stdout.strip()
+        web = httpx.Client(verify=str(tls_files["cert"]), timeout=30)
         headers = {"Authorization": f"Bearer {key}"}
-        assert httpx.get(f"{url}/models", timeout=30).status_code == 401
-        listed = httpx.get(f"{url}/models", headers=headers, timeout=30).json()["data"]
+        assert web.get(f"{url}/models").status_code == 401
+        listed = web.get(f"{url}/models", headers=headers).json()["data"]
         assert sorted(m["id"] for m in listed) == sorted(names)
+        client = OpenAI(base_url=url, api_key=key, http_client=web, max_retries=0)
         for name in names:
-            assert chat(url, name, api_key=key)
-        assert chat(url, names[1], api_key=key, stream=True)
-        unknown = httpx.post(
-            f"{url}/chat/completions", headers=headers, json={"model": "nope", "messages": []}, timeout=30
-        )
+            reply = client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+            )
+            assert reply.model == name and reply.choices[0].message.role == "assistant"
+        stream = client.completions.create(model=names[1], prompt="Hello", max_tokens=4, stream=True)
+        assert sum(1 for _ in stream) >= 2
+        unknown = web.post(f"{url}/chat/completions", headers=headers, json={"model": "nope", "messages": []})
         assert unknown.status_code == 404 and "This endpoint serves" in unknown.text
         logs = cli("logs", cluster).stdout
         assert "through vLLM's router" in logs and f"[{names[1]}] " in logs and "[router] " in logs

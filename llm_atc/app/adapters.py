@@ -91,6 +91,11 @@ def deployment(ref: str, registry: Registry) -> Record:
         raise UserError(f"{record.cluster} runs transformers serve, which has no LoRA adapters; serve with vLLM")
     if record.mode == "service":
         raise UserError(f"{record.cluster} is a SkyServe service: adapters are added to cluster deployments only")
+    if len(record.served) > 1:
+        raise UserError(
+            f"{record.cluster} serves several models ({', '.join(record.served)}); adapters are added to a "
+            "deployment of one model (serve the adapter's base on its own)"
+        )
     if "lora" not in record.details:
         raise UserError(
             f"{record.cluster} was started without runtime LoRA; serve it again without --max_loras 0 "
