@@ -147,7 +147,55 @@ def estimates_of(models, *, max_model_len=None, dtype=None, quantization=None, r
     ]
 
 
-def auto_accelerators(
+@dataclass
+class JointPlan:
+    """Several models on one node: each one's estimate, and the catalog offers they fit together on."""
+
+    names: list[str]
+    estimates: list[MemoryEstimate]
+    clouds: list[str]
+    use_spot: bool
+    options: list[tuple[float, object, Layout]]  # (hourly price, planning.Offer, layout), cheapest first
+
+    @property
+    def auto(self) -> list[str]:
+        """``--accelerator auto``: the GPU types that fit, cheapest first, all with the count of the cheapest
+        (SkyPilot's any_of, one layout for all)."""
+        if not self.options:
+            return []
+        count = self.options[0][1].count
+        return list(dict.fromkeys(f"{o.accelerator}:{o.count}" for _, o, _ in self.options if o.count == count))
+
+    def to_dict(self) -> dict:
+        return {
+            "models": [
+                {
+                    "name": n,
+                    "weight_bytes": e.weight_bytes,
+                    "kv_cache_bytes": e.kv_cache_bytes,
+                    "max_model_len": e.max_model_len,
+                }
+                for n, e in zip(self.names, self.estimates, strict=True)
+            ],
+            "clouds": self.clouds,
+            "use_spot": self.use_spot,
+            "options": [
+                {
+                    "accelerators": f"{o.accelerator}:{o.count}",
+                    "gpu_memory_gib": o.gpu_memory_gib,
+                    "cloud": o.cloud,
+                    "instance_type": o.instance_type,
+                    "region": o.region(self.use_spot),
+                    "hourly": round(price, 4),
+                    "layout": layout.summary,
+                }
+                for price, o, layout in self.options
+            ],
+            "auto": self.auto,
+        }
+
+
+def make_plan(
     models,
     *,
     max_model_len: int | None = None,
@@ -157,37 +205,44 @@ def auto_accelerators(
     region: str | None = None,
     use_spot: bool = False,
     registry=None,
-):
-    """``--accelerator auto`` for several models on one node: the GPU types on which they fit together,
-    cheapest first, all with the count of the cheapest (SkyPilot's any_of, one layout for all)."""
+) -> JointPlan:
+    """Size every model and find, in SkyPilot's catalog, the single nodes that fit them all together."""
     from llm_atc.backends.skypilot import list_offers
-    from llm_atc.planning import AutoChoice, _resolve_clouds
+    from llm_atc.planning import _resolve_clouds
 
     names = [getattr(m, "name", str(m)) for m in models]
     estimates = estimates_of(
         models, max_model_len=max_model_len, dtype=dtype, quantization=quantization, registry=registry
     )
     clouds = _resolve_clouds(cloud, region)
-    fitting = []
+    best: dict[tuple, tuple] = {}  # the cheapest offer per (GPU, count)
     for offer in list_offers(clouds, region):
         price = offer.hourly(use_spot)
         if price is None or offer.gpu_memory_gib is None:
             continue
         try:
-            on_gpus(estimates, names, offer.gpu_memory_gib, offer.count)
+            layout = on_gpus(estimates, names, offer.gpu_memory_gib, offer.count)
         except UserError:
             continue
-        fitting.append((price, offer.accelerator, offer.count))
-    if not fitting:
-        weights = sum(e.weight_bytes for e in estimates) / GIB
+        key = (offer.accelerator, offer.count)
+        if key not in best or price < best[key][0]:
+            best[key] = (price, offer, layout)
+    options = sorted(best.values(), key=lambda option: (option[0], option[1].accelerator))
+    return JointPlan(names, estimates, clouds, use_spot, options)
+
+
+def auto_accelerators(models, *, max_model_len: int | None = None, **options):
+    """``--accelerator auto`` for several models on one node (see :attr:`JointPlan.auto`)."""
+    from llm_atc.planning import AutoChoice
+
+    plan = make_plan(models, max_model_len=max_model_len, **options)
+    if not plan.options:
+        weights = sum(e.weight_bytes for e in plan.estimates) / GIB
         raise UserError(
-            f"--accelerator auto: no single node in SkyPilot's catalog ({', '.join(clouds)}) fits "
-            f"{' and '.join(names)} together ({weights:.1f} GiB of weights before KV cache); serve them separately"
+            f"--accelerator auto: no single node in SkyPilot's catalog ({', '.join(plan.clouds)}) fits "
+            f"{' and '.join(plan.names)} together ({weights:.1f} GiB of weights before KV cache); serve them separately"
         )
-    fitting.sort()
-    count = fitting[0][2]
-    chosen = list(dict.fromkeys(f"{name}:{n}" for _, name, n in fitting if n == count))
-    return AutoChoice(tuple(chosen), 1, max_model_len, plan=None)
+    return AutoChoice(tuple(plan.auto), 1, max_model_len, plan=None)
 
 
 def layout_for(spec, *, registry=None, available_bytes: int | None = None) -> Layout:

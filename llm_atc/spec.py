@@ -510,7 +510,7 @@ def build_serve_spec(
     model = _demo() if name is None else resolve_model(name, source, registry)
     extra_models = ()
     if more_names:
-        extra_models = _more_models(
+        extra_models = several_models(
             model,
             more_names,
             registry,
@@ -631,7 +631,7 @@ def build_serve_spec(
 MAX_MODELS = 8
 
 
-def _more_models(
+def several_models(
     first: ModelRef, names: list[str], registry: Registry | None, *, engine: str, given: dict
 ) -> tuple[ModelRef, ...]:
     """``--name A --name B ...``: the models after the first, each served by a vLLM of its own behind

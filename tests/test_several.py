@@ -109,6 +109,12 @@ def test_accelerator_auto_sizes_the_sum(cli, catalog, tmp_path):
             colocate.on_gpus(estimates, ["a", "b"], memory[name], int(count))  # raises if they did not fit
     assert len({entry.split(":")[1] for entry in chosen}) == 1  # one count: one layout for every choice
     sky_task(config)
+    planned = cli("plan", "--name", str(a), "--name", str(b), "--cloud", "gcp", "--json")
+    assert planned.exit_code == 0, planned
+    assert json.loads(planned.stdout)["auto"] == chosen  # `plan` says what `auto` picks
+    shown = cli("plan", "--name", str(a), "--name", str(b), "--cloud", "gcp")
+    assert "Nodes that fit them together" in shown.stdout and f"--accelerator auto: {','.join(chosen)}" in shown.stdout
+    assert "one GPU set each" in shown.stdout
 
 
 @pytest.fixture

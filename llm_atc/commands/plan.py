@@ -10,7 +10,9 @@ import click
     "-n",
     "--name",
     required=True,
-    help="Model: a Hugging Face id, llm-atc/<run> (a checkpoint we trained) or a local folder.",
+    multiple=True,
+    help="Model: a Hugging Face id, llm-atc/<run> (a checkpoint we trained) or a local folder. Repeat it to "
+    "plan several models on one node (serve --name A --name B).",
 )
 @click.option("--source", help="s3:// or gs:// URI of the checkpoint to size under --name (wins over the registry).")
 @click.option(
@@ -45,11 +47,17 @@ def plan(name, source, mode, max_model_len, dtype, quantization, cloud, region, 
       HF_TOKEN=hf_... llm-atc plan --name meta-llama/Llama-2-70b-hf
       llm-atc plan --name ./my-model --mode qlora --cloud gcp --use_spot
       llm-atc plan --name Qwen/Qwen2.5-7B-Instruct --max_model_len 8192 --json
+      llm-atc plan --name Qwen/Qwen2.5-7B-Instruct --name mistralai/Mistral-7B-Instruct-v0.3
     """
     import json
 
     from llm_atc import planning, ui
 
+    if len(name) > 1:
+        _plan_several(name, source, mode, as_json, max_model_len=max_model_len, dtype=dtype,
+                      quantization=quantization, cloud=cloud, region=region, use_spot=use_spot)  # fmt: skip
+        return
+    name = name[0]
     result = planning.make_plan(
         name,
         mode=mode,
@@ -69,6 +77,54 @@ def plan(name, source, mode, max_model_len, dtype, quantization, cloud, region, 
     _render(result)
     if path is not None:
         ui.out(ui.escape(path.note))
+
+
+def _plan_several(names, source, mode, as_json, **options) -> None:
+    """Several models on one node: where each engine goes on each GPU type that fits them all."""
+    import json
+
+    from rich.table import Table
+
+    from llm_atc import colocate, ui
+    from llm_atc.errors import UserError
+    from llm_atc.models import resolve_model
+    from llm_atc.planning import GIB
+    from llm_atc.registry import Registry
+    from llm_atc.spec import several_models
+
+    if mode != "serve" or source:
+        raise UserError("several --name plan a deployment of several models: --mode serve, without --source")
+    registry = Registry()
+    first = resolve_model(names[0], None, registry)
+    models = (first, *several_models(first, list(names[1:]), registry, engine="vllm", given={}))
+    result = colocate.make_plan(models, registry=registry, **options)
+    if as_json:
+        ui.raw_out(json.dumps(result.to_dict(), indent=2) + "\n")
+        return
+    for model, estimate in zip(result.names, result.estimates, strict=True):
+        ui.out(
+            f"[bold]{ui.escape(model)}[/bold]: {estimate.weight_bytes / GIB:.1f} GiB of weights + "
+            f"{estimate.kv_cache_bytes / GIB:.1f} GiB of KV cache for {estimate.max_model_len} tokens"
+        )
+    if not result.options:
+        ui.out(f"\nNo single node in SkyPilot's catalog ({', '.join(result.clouds)}) fits them together.")
+        return
+    price = "SPOT $/H" if result.use_spot else "$/H"
+    table = Table(box=None, header_style="bold", title="Nodes that fit them together", title_justify="left")
+    for column in ("GPUS", "GIB/GPU", "CLOUD", "INSTANCE", price, "ENGINES"):
+        table.add_column(column, justify="right" if "/" in column else "left")
+    for hourly, offer, layout in result.options:
+        table.add_row(
+            f"{offer.accelerator}:{offer.count}",
+            f"{offer.gpu_memory_gib:.1f}",
+            offer.cloud,
+            str(offer.instance_type or "-"),
+            f"{hourly:.3f}",
+            ui.escape(layout.summary.removeprefix("Engines: ")),
+        )
+    ui.out()
+    ui.out(table)
+    ui.out(f"\n--accelerator auto: {','.join(result.auto)}")
 
 
 def _load_path(name: str, source: str | None):
