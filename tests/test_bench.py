@@ -118,3 +118,22 @@ def test_bench_of_a_model_the_deployment_does_not_serve(vllm_deployment, guidell
         result = run_cli("bench", vllm_deployment.cluster, "--model", "other", *LOAD)
     assert_one_line_error(result, "--model 'other'", f"serves {vllm_deployment.model}")
     assert (sorted(runs.iterdir()) if runs.exists() else []) == before  # guidellm never started
+
+
+def test_price_per_million_tokens_comes_from_the_catalog(catalog):
+    """A deployment on a cloud is priced at the cheapest on-demand catalog offer of its GPUs; own clusters and
+    this machine have none, and say how to give one."""
+    from llm_atc.app.bench import Level, _per_million, hourly_price
+    from llm_atc.app.serve import cheapest_offer
+    from llm_atc.registry import Record
+
+    record = Record(name="m", kind="serve", model="m", cluster="c", status="RUNNING", cloud="gcp", accelerator="L4:1")
+    price, source = hourly_price(record, None)
+    offer = cheapest_offer([("L4", 1)], "gcp", None, use_spot=False)
+    assert price == offer.price and price > 0 and "SkyPilot's catalog: L4:1 on GCP" in source
+    level = Level(1, 10, 0, 0, 1.0, 2.0, 0.1, 0.2, output_tokens_per_second=500.0, duration_s=5.0)
+    assert _per_million(price, level) == pytest.approx(price / (500 * 3600) * 1e6)
+    assert hourly_price(record, 2.5) == (2.5, "--price_per_hour")
+    for cloud in ("local", "slurm"):
+        mine = Record(name="m", kind="serve", model="m", cluster="c", status="RUNNING", cloud=cloud, accelerator="L4:1")
+        assert hourly_price(mine, None) == (None, "no catalog price for this infra: pass --price_per_hour")

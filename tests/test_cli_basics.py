@@ -108,7 +108,7 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     command = (
-        "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/llm-atc engines install vllm"
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/llm-atc engines install vllm guidellm"
         " && bash scripts/slurm-up.sh && .venv/bin/python -m pytest"
     )
     assert f"```bash\n{command}\n```" in readme
