@@ -52,6 +52,9 @@ SERVE_RESERVED_ENVS = frozenset(
         "MODEL_SOURCE_SKIP",
         "LLM_ATC_DIR",
         "LLM_ATC_VLLM_ENV",
+        "ADAPTERS_MANIFEST",
+        "ROUTER_COMMAND",
+        "GATEWAY_COMMAND",
     }
 )
 # vLLM's OpenAI server; `python3` is the engine environment's (the recipe puts it first on PATH).
@@ -118,6 +121,7 @@ def render_serve_task(
     chat_template: Path | None = None,
     stream: bool = False,
     several: Colocated | None = None,
+    adapters_manifest: str | None = None,
 ) -> dict:
     """The SkyPilot task config for ``spec`` (``checkpoint``: what its bucket holds).
 
@@ -130,6 +134,7 @@ def render_serve_task(
     ``chat_template``: the file holding ``spec.chat_template`` (synced to the node).
     ``stream``: vLLM streams the bucket's weights (llm_atc.weights decided it) instead of a copy.
     ``several``: with several models (``spec.extra_models``), where each engine goes.
+    ``adapters_manifest``: a SkyServe service's list of runtime adapters, which each replica follows.
     """
     check_user_envs(spec.envs, spec.secrets, SERVE_RESERVED_ENVS)
     _check_engine_options(spec)
@@ -162,6 +167,9 @@ def render_serve_task(
         extra_mounts.update(
             _one_engine(spec, checkpoint, placement, envs, adapters, chat_template, stream, features, local, tls)
         )
+    if adapters_manifest:  # each replica loads what `llm-atc adapters add SERVICE` lists (recipes/train/buckets.py)
+        envs["ADAPTERS_MANIFEST"] = adapters_manifest
+        extra_mounts.update(buckets_script_mount())
     envs.update(spec.envs)
 
     secrets = config.get("secrets") or {}

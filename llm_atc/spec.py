@@ -890,6 +890,16 @@ def _check_base(base: str, registry: Registry) -> tuple[str, str | None]:
     return base, str(ref.bucket)
 
 
+def default_bucket(cloud: str | None, registry: Registry) -> tuple[str, str]:
+    """(store, bucket): the user's own bucket in the cloud's store (GCS on gcp, else S3), named once and
+    remembered in the registry; created where it is first written to."""
+    import secrets
+
+    store = "GCS" if (cloud or "").strip().lower() == "gcp" else "S3"
+    name, _ = registry.setting(f"default_bucket.{store}", f"llm-atc-{secrets.token_hex(4)}")
+    return store, name
+
+
 def _check_store(
     store: str | None, bucket: str | None, is_local: bool, cloud: str | None, registry: Registry
 ) -> tuple[str, str | None, bool]:
@@ -899,11 +909,7 @@ def _check_store(
     if store is None and bucket is None:
         if is_local:
             return "local", None, False
-        store = "GCS" if (cloud or "").strip().lower() == "gcp" else "S3"
-        import secrets
-
-        name, _ = registry.setting(f"default_bucket.{store}", f"llm-atc-{secrets.token_hex(4)}")
-        return store, name, True
+        return (*default_bucket(cloud, registry), True)
     if store is None:
         raise UserError("--checkpoint_store is required with --checkpoint_bucket: S3 or GCS")
     normalised = {s.lower(): s for s in CHECKPOINT_STORES}.get(store.lower())

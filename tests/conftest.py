@@ -547,6 +547,54 @@ def sky_boundary(monkeypatch):
     return install
 
 
+@pytest.fixture
+def fake_sky(sky_boundary, vllm_deployment):
+    """The SkyPilot boundary, whose "VM" serves with the session's real vLLM server (key VLLM_KEY)."""
+    url = vllm_deployment.base_url.removeprefix("http://").removesuffix("/v1")
+    return lambda **kwargs: sky_boundary(engine_url=url, **kwargs)
+
+
+class FakeServe:
+    """Stands in for ``sky.serve`` (a controller and replicas on a cloud); the replicas' engine is the
+    session's real vLLM server."""
+
+    def __init__(self, sky: FakeSky):
+        self.sky, self.ups, self.downs = sky, [], []
+
+    def up(self, task, service_name):
+        self.ups.append((task, service_name))
+        return (service_name, self.sky.engine_url)
+
+    def status(self, names):
+        from sky.serve import ReplicaStatus, ServiceStatus
+
+        if not self.ups or names[0] in self.downs:
+            return []
+        replica = {
+            "replica_id": 1,
+            "status": ReplicaStatus.READY,
+            "handle": self.sky.replica_handle,
+            "endpoint": self.sky.engine_url,
+        }
+        return [
+            {
+                "name": names[0],
+                "status": ServiceStatus.READY,
+                "endpoint": self.sky.engine_url,
+                "replica_info": [replica],
+                "requested_resources_str": "1x[L4:1]",
+            }
+        ]
+
+    def tail_logs(self, name, target, replica_id, follow, output_stream):
+        import sys
+
+        (output_stream or sys.stdout).write(f"{target} {replica_id} of {name}: INFO Started server process\n")
+
+    def down(self, names):
+        self.downs.extend(names)
+
+
 # --- SkyPilot's GPU catalog, offline: a fixture copy where SkyPilot reads it ----------------------------
 
 CATALOG = ROOT / "tests" / "fixtures" / "catalog" / "v8"

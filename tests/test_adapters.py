@@ -204,3 +204,133 @@ def test_deployments_without_runtime_lora_say_how_to_get_it(cli, vllm_engine, ti
         finally:
             cli("stop", small)
         assert_one_line_error(cli("adapters", "list", plain), "STOPPED, not RUNNING")
+
+
+# --- SkyServe services: a manifest in a bucket that every replica follows --------------------------------
+
+
+def _wait_for(predicate, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def _replica(live, manifest: str, work, moto_endpoint):
+    """What each replica of a service runs beside its engine (recipes/serve/vllm.yaml): the manifest follower,
+    here beside the session's real vLLM server."""
+    import os
+    import subprocess
+    import sys
+
+    from llm_atc.recipes_catalog import recipes_dir
+
+    env = {
+        **os.environ,
+        "VLLM_API_KEY": live.api_key,
+        "LLM_ATC_ADAPTERS_POLL": "0.5",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    script = recipes_dir() / "train" / "buckets.py"
+    engine = live.base_url.removesuffix("/v1")
+    log = (work / f"replica-{unique('log')}.log").open("w")
+    return subprocess.Popen(
+        [sys.executable, str(script), "adapters", manifest, engine, str(work / "node-adapters")],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_a_replica_loads_what_the_service_manifest_lists(vllm_deployment, lora_run, s3, moto_endpoint, tmp_path):
+    """The node side: a replica's follower loads the adapters the manifest lists (fetched from the bucket, without
+    the run's base), unloads those it drops, and one started later loads everything listed."""
+    from conftest import upload_folder
+
+    live = vllm_deployment
+    bucket = unique("svc")
+    s3.create_bucket(Bucket=bucket)
+    run = live.home / "checkpoints" / lora_run
+    upload_folder(run, lambda name, path: s3.upload_file(str(path), bucket, f"runs/{lora_run}/{name}"))
+    manifest = f"s3://{bucket}/llm-atc/services/svc/adapters.json"
+
+    def publish(adapters: dict) -> None:
+        body = json.dumps({"adapters": adapters}).encode()
+        s3.put_object(Bucket=bucket, Key="llm-atc/services/svc/adapters.json", Body=body)
+
+    replica = _replica(live, manifest, tmp_path, moto_endpoint)
+    try:
+        publish({"replica-ad": {"uri": f"s3://{bucket}/runs/{lora_run}"}})
+        _wait_for(lambda: "replica-ad" in models(live))
+        assert answers(live, "replica-ad") is not None
+        assert not (tmp_path / "node-adapters" / "replica-ad" / "base").exists()  # the adapter alone was fetched
+        publish({})
+        _wait_for(lambda: "replica-ad" not in models(live))
+        publish({"late-ad": {"uri": f"s3://{bucket}/runs/{lora_run}"}})
+        replica.terminate()
+        replica.wait(10)
+        replica = _replica(live, manifest, tmp_path, moto_endpoint)  # a replica started later
+        _wait_for(lambda: "late-ad" in models(live))
+        assert answers(live, "late-ad") is not None
+    finally:
+        replica.terminate()
+        replica.wait(10)
+        for name in ("replica-ad", "late-ad"):
+            if name in models(live):
+                live.client().post("/unload_lora_adapter", body={"lora_name": name}, cast_to=object)
+
+
+def test_adapters_add_to_a_service_reaches_every_ready_replica(
+    cli, fake_sky, vllm_deployment, lora_run, tiny_model, s3, moto_endpoint, tmp_path
+):
+    """`adapters add/list/remove SERVICE`: the adapter is uploaded next to the service's manifest in the user's
+    default bucket, listed there, and the command returns once every ready replica serves it (SkyServe's replica
+    here is the session's real vLLM server, with the follower each replica runs)."""
+    from conftest import VLLM_KEY, FakeServe
+
+    from llm_atc.registry import Registry
+
+    live = vllm_deployment
+    sky = fake_sky()
+    sky.serve = FakeServe(sky)
+    sky.replica_handle = None
+    service = unique("svc")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(live.home / "checkpoints" / lora_run, adapter, ignore=shutil.ignore_patterns("base"))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({**json.loads((adapter / "adapter_config.json").read_text()), "base_model_name_or_path": live.model})
+    )
+    with using_home(live.home):
+        served = cli(
+            "serve", "--name", live.model, "--accelerator", "L4:1", "--cloud", "aws", "-c", service,
+            "--replicas", "2", "-y", "--secret", f"VLLM_API_KEY={VLLM_KEY}",
+        )  # fmt: skip
+        assert served.exit_code == 0, served
+        record = Registry().find(service)
+        manifest = record.details["adapters_manifest"]
+        assert manifest.startswith("s3://llm-atc-") and manifest.endswith(f"/llm-atc/services/{service}/adapters.json")
+        ((task, _),) = sky.serve.ups
+        assert task.envs["ADAPTERS_MANIFEST"] == manifest  # what each replica follows
+        replica = _replica(live, manifest, tmp_path, moto_endpoint)
+        try:
+            added = cli("adapters", "add", service, f"svc-ad={adapter}")
+            assert added.exit_code == 0, added
+            assert "loaded by 1 ready replica(s); replicas started later load it too" in added.stderr
+            assert "svc-ad" in models(live) and answers(live, "svc-ad") is not None
+            listed = cli("adapters", "list", service)
+            assert "svc-ad" in listed.stdout and f"/llm-atc/services/{service}/adapters/svc-ad" in listed.stdout
+            again = cli("adapters", "add", service, f"svc-ad={adapter}")
+            assert_one_line_error(again, f"{service} already serves svc-ad")
+            removed = cli("adapters", "remove", service, "svc-ad")
+            assert removed.exit_code == 0, removed
+            assert "svc-ad" not in models(live)
+            assert_one_line_error(cli("adapters", "remove", service, "svc-ad"), "lists no adapter 'svc-ad'")
+        finally:
+            replica.terminate()
+            replica.wait(10)
+            cli("down", service, "-y")

@@ -13,10 +13,9 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import conftest
 import pytest
 import yaml
-from conftest import VLLM_KEY, assert_one_line_error
+from conftest import VLLM_KEY, FakeServe, assert_one_line_error
 
 SECRET = "hf_SECRETVALUE123"
 
@@ -252,13 +251,6 @@ def test_user_values_stay_data_in_the_engine_command(cli, tmp_path):
     assert flag(command, "--response-role") == f"$(touch {marker})"
     assert command[-1] == "--enable-prefix-caching"
     assert not marker.exists()
-
-
-@pytest.fixture
-def fake_sky(sky_boundary, vllm_deployment):
-    """The SkyPilot boundary, whose "VM" serves with the session's real vLLM server (key VLLM_KEY)."""
-    url = vllm_deployment.base_url.removeprefix("http://").removesuffix("/v1")
-    return lambda **kwargs: sky_boundary(engine_url=url, **kwargs)
 
 
 KEY = ("--secret", f"VLLM_API_KEY={VLLM_KEY}")  # the key the session's vLLM server wants
@@ -583,42 +575,6 @@ def test_a_401_while_waiting_is_explained(cli, fake_sky, monkeypatch):
 
 
 # --- SkyServe: replicas and autoscaling ----------------------------------------------------------------
-
-
-class FakeServe:
-    """Stands in for ``sky.serve`` (a controller and replicas on a cloud); the replicas' engine is the
-    session's real vLLM server."""
-
-    def __init__(self, sky: conftest.FakeSky):
-        self.sky, self.ups, self.downs = sky, [], []
-
-    def up(self, task, service_name):
-        self.ups.append((task, service_name))
-        return (service_name, self.sky.engine_url)
-
-    def status(self, names):
-        from sky.serve import ReplicaStatus, ServiceStatus
-
-        if not self.ups or names[0] in self.downs:
-            return []
-        replica = {"replica_id": 1, "status": ReplicaStatus.READY, "handle": self.sky.replica_handle}
-        return [
-            {
-                "name": names[0],
-                "status": ServiceStatus.READY,
-                "endpoint": self.sky.engine_url,
-                "replica_info": [replica],
-                "requested_resources_str": "1x[L4:1]",
-            }
-        ]
-
-    def tail_logs(self, name, target, replica_id, follow, output_stream):
-        import sys
-
-        (output_stream or sys.stdout).write(f"{target} {replica_id} of {name}: INFO Started server process\n")
-
-    def down(self, names):
-        self.downs.extend(names)
 
 
 def test_replicas_run_a_skyserve_service(cli, fake_sky, llm_atc_home):

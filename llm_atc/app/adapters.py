@@ -89,8 +89,11 @@ def deployment(ref: str, registry: Registry) -> Record:
         raise UserError(f"{record.name} on {record.cluster} is {record.status}, not RUNNING; see `llm-atc status`")
     if record.engine != "vllm":
         raise UserError(f"{record.cluster} runs transformers serve, which has no LoRA adapters; serve with vLLM")
-    if record.mode == "service":
-        raise UserError(f"{record.cluster} is a SkyServe service: adapters are added to cluster deployments only")
+    if record.mode == "service" and not record.details.get("adapters_manifest"):
+        raise UserError(
+            f"{record.cluster} is a SkyServe service started without runtime LoRA; serve it again without "
+            "--max_loras 0 (its replicas then load the adapters `adapters add` lists for them)"
+        )
     if len(record.served) > 1:
         raise UserError(
             f"{record.cluster} serves several models ({', '.join(record.served)}); adapters are added to a "
@@ -193,6 +196,12 @@ def add(record: Record, adapter: Adapter, registry: Registry, store: dict | None
     from llm_atc import credentials
 
     api_key = credentials.get(record.cluster)
+    if record.mode == "service":
+        with _store(record, store):
+            path = _publish(record, adapter)
+        return _record(
+            record, registry, {adapter.name: {"ref": adapter.ref.location, "path": path, "rank": adapter.rank}}
+        )
     with reach(record, registry) as base_url:
         loaded = served(base_url, record, api_key)
         if adapter.name in loaded:
@@ -205,10 +214,12 @@ def add(record: Record, adapter: Adapter, registry: Registry, store: dict | None
             )
         if status != 200:
             raise LaunchError(f"vLLM on {record.cluster} did not load {adapter.name} ({status}): {_message(text)}")
-    adapters = {
-        **record.details.get("adapters", {}),
-        adapter.name: {"ref": adapter.ref.location, "path": path, "rank": adapter.rank},
-    }
+    return _record(record, registry, {adapter.name: {"ref": adapter.ref.location, "path": path, "rank": adapter.rank}})
+
+
+def _record(record: Record, registry: Registry, added: dict | None = None, removed: str | None = None) -> Record:
+    """The deployment's record with ``added`` adapters and without ``removed``."""
+    adapters = {k: v for k, v in {**record.details.get("adapters", {}), **(added or {})}.items() if k != removed}
     return registry.update(record, details={**record.details, "adapters": adapters})
 
 
@@ -217,6 +228,10 @@ def remove(record: Record, name: str, registry: Registry) -> Record:
     from llm_atc import credentials
 
     api_key = credentials.get(record.cluster)
+    if record.mode == "service":
+        with _store(record, None):
+            _unpublish(record, name)
+        return _record(record, registry, removed=name)
     with reach(record, registry) as base_url:
         loaded = served(base_url, record, api_key)
         if name not in loaded or name == record.name:
@@ -225,14 +240,17 @@ def remove(record: Record, name: str, registry: Registry) -> Record:
         status, text = _post(base_url + "/v1/unload_lora_adapter", {"lora_name": name}, api_key, record)
         if status != 200:
             raise LaunchError(f"vLLM on {record.cluster} did not unload {name} ({status}): {_message(text)}")
-    adapters = {k: v for k, v in record.details.get("adapters", {}).items() if k != name}
-    return registry.update(record, details={**record.details, "adapters": adapters})
+    return _record(record, registry, removed=name)
 
 
 def listing(record: Record, registry: Registry) -> list[tuple[str, str]]:
     """(name, where it came from) of every adapter the engine serves now."""
     from llm_atc import credentials
 
+    if record.mode == "service":
+        with _store(record, None):
+            listed = _manifest(record)
+        return [(name, entry.get("uri") or entry.get("hub") or "") for name, entry in listed.items()]
     with reach(record, registry) as base_url:
         loaded = served(base_url, record, credentials.get(record.cluster))
     added = record.details.get("adapters", {})
@@ -281,6 +299,129 @@ def _place(record: Record, adapter: Adapter) -> str:
     safe = adapter.name.replace("/", "--")
     with ui.spinner(f"Copying {adapter.name} to {record.cluster}"):
         return backend_for(record).put_folder(record, folder, f"{NODE_ADAPTERS}/{safe}")
+
+
+# --- SkyServe services: a manifest in a bucket that every replica follows (recipes/train/buckets.py adapters) ---
+
+SERVICE_WAIT = 600  # seconds for the ready replicas to load (or unload) an adapter
+SERVICE_POLL = 2.0
+
+
+def service_manifest(spec, registry: Registry) -> str | None:
+    """Where a SkyServe service's runtime adapters are listed: ``llm-atc/services/<service>/adapters.json`` in
+    the user's default bucket of the cloud's store (GCS on gcp, else S3; created when the first adapter is
+    added). None for a service without runtime LoRA."""
+    if spec.replicas is None or not spec.max_loras:
+        return None
+    from llm_atc.spec import default_bucket
+
+    store, bucket = default_bucket(spec.placement.cloud, registry)
+    return f"{'gs' if store == 'GCS' else 's3'}://{bucket}/llm-atc/services/{spec.cluster}/adapters.json"
+
+
+def _manifest(record: Record) -> dict[str, dict]:
+    """The adapters the service's manifest lists now, by name."""
+    from llm_atc.storage import BucketURI, ObjectStore
+
+    uri = BucketURI.parse(record.details["adapters_manifest"])
+    store = ObjectStore(uri.scheme)
+    if not store.bucket_exists(uri.bucket):
+        return {}
+    try:
+        return json.loads(store.read_text(uri)).get("adapters", {})
+    except NotFoundError:
+        return {}
+
+
+def _service_folder(record: Record):
+    """The service's folder in the bucket (the manifest and uploaded adapters); the bucket is created if needed."""
+    from llm_atc.storage import BucketURI, ObjectStore
+
+    manifest = BucketURI.parse(record.details["adapters_manifest"])
+    store = ObjectStore(manifest.scheme)
+    if not store.bucket_exists(manifest.bucket):
+        with ui.spinner(f"Creating bucket {manifest.scheme}://{manifest.bucket}"):
+            store.create_bucket(manifest.bucket)
+    return BucketURI.parse(str(manifest).rsplit("/", 1)[0]), store
+
+
+def _write_manifest(record: Record, adapters: dict[str, dict]) -> None:
+    import tempfile
+
+    folder_uri, store = _service_folder(record)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "adapters.json"
+        path.write_text(json.dumps({"adapters": adapters}, indent=1))
+        store.upload(path, folder_uri.child("adapters.json"), lambda _: None)
+
+
+def _publish(record: Record, adapter: Adapter) -> str:
+    """List ``adapter`` in the service's manifest (a folder is uploaded beside it first) and wait until every
+    ready replica serves it; where replicas load it from."""
+    from llm_atc.storage import upload_path
+
+    listed = _manifest(record)
+    if adapter.name in listed:
+        raise _served_already(record, adapter.name)
+    ref = adapter.ref
+    if ref.hub_id:
+        entry = {"hub": ref.hub_id}
+    elif ref.bucket is not None:
+        entry = {"uri": str(ref.bucket)}
+    else:
+        uri = _service_folder(record)[0].child("adapters", adapter.name.replace("/", "--"))
+        upload_path(ref.path, uri)
+        entry = {"uri": str(uri)}
+    _write_manifest(record, {**listed, adapter.name: entry})
+    _wait_replicas(record, adapter.name, present=True)
+    return entry.get("uri") or entry["hub"]
+
+
+def _unpublish(record: Record, name: str) -> None:
+    listed = _manifest(record)
+    if name not in listed:
+        shown = ", ".join(listed) or "none"
+        raise NotFoundError(f"{record.cluster} lists no adapter {shorten(name)} (adapters: {shown})")
+    _write_manifest(record, {k: v for k, v in listed.items() if k != name})
+    _wait_replicas(record, name, present=False)
+
+
+def _wait_replicas(record: Record, name: str, *, present: bool) -> None:
+    """Until every ready replica serves ``name`` (or no longer does); bounded, with progress."""
+    import time
+
+    from llm_atc import credentials
+
+    replicas = backend_for(record).ready_replicas(record)
+    what = "load" if present else "unload"
+    if not replicas:
+        ui.info(f"{record.cluster} has no ready replica now; each replica {what}s {name} when it starts.")
+        return
+    api_key, start = credentials.get(record.cluster), time.monotonic()
+    with ui.spinner(f"Waiting for {len(replicas)} replica(s) of {record.cluster} to {what} {name}") as spinner:
+        while True:
+            pending = [rid for rid, url in replicas if _serves(url, name, api_key) != present]
+            if not pending:
+                break
+            elapsed = time.monotonic() - start
+            if elapsed > SERVICE_WAIT:
+                raise LaunchError(
+                    f"replica(s) {', '.join(map(str, pending))} of {record.cluster} did not {what} {name} within "
+                    f"{SERVICE_WAIT}s (it stays listed; see `llm-atc logs {record.cluster}`)"
+                )
+            spinner.update(elapsed, f"{len(replicas) - len(pending)} of {len(replicas)} done")
+            time.sleep(SERVICE_POLL)
+    ui.info(f"{name}: {what}ed by {len(replicas)} ready replica(s); replicas started later {what} it too.")
+
+
+def _serves(url: str, name: str, api_key: str | None) -> bool | None:
+    """Whether the replica at ``url`` lists ``name``; None when it does not answer."""
+    from llm_atc.readiness import probe
+
+    status, body = probe(url.rstrip("/") + "/v1/models", api_key=api_key)
+    if status != 200:
+        return None
+    return name in [model["id"] for model in json.loads(body).get("data", [])]
 
 
 def _read_adapter_config(model: ModelRef, option: str) -> dict:

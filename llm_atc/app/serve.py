@@ -65,6 +65,7 @@ def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
         notes, stream = ([path.note], path.stream) if path else ([], False)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     template = write_chat_template(spec, home() / "tasks" / f"{spec.cluster}-{stamp}.jinja")
+    manifest = adapters_app.service_manifest(spec, registry) if spec.engine == "vllm" else None
     config = render_serve_task(
         spec,
         checkpoint,
@@ -73,6 +74,7 @@ def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
         chat_template=template,
         stream=stream,
         several=several,
+        adapters_manifest=manifest,
     )
     api_key = None
     if spec.auth:
@@ -102,6 +104,7 @@ def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
             **adapters_app.lora_details(spec, config, checkpoint, registry),
             **_store_details(spec),
             **_models_details(spec, several),
+            **({"adapters_manifest": manifest} if manifest else {}),
         },
     )
     workload = Workload(record, config, secrets, stream=not spec.detach_setup, no_setup=spec.no_setup)

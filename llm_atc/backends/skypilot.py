@@ -350,6 +350,15 @@ class SkyPilotBackend:
         found = self.service(record.cluster) or {}
         return sorted(found.get("replica_info") or [], key=lambda r: r["replica_id"])
 
+    def ready_replicas(self, record: Record) -> list[tuple[int, str]]:
+        """A service's READY replicas: (id, base URL of its engine) each."""
+        ready = []
+        for replica in self._replica_info(record):
+            endpoint = replica.get("endpoint")
+            if _status_name(replica["status"]) == "READY" and endpoint:
+                ready.append((replica["replica_id"], endpoint if "://" in endpoint else f"http://{endpoint}"))
+        return ready
+
     def replicas(self, record: Record) -> list[tuple[str, str, str, str, str]]:
         """A service's replicas: (id, status, infra, resources, $/hour) each."""
         rows = []

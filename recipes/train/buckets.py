@@ -265,12 +265,86 @@ def streamable(hub_id: str, cache: str) -> None:
     raise SystemExit(0 if complete else 1)
 
 
+def read_manifest(uri: str) -> dict[str, dict]:
+    """A service's runtime adapters, by name (``{"adapters": {name: {"uri": ...} or {"hub": ...}}}``);
+    empty while it has none (no file yet)."""
+    import json
+
+    where, _, name = uri.rpartition("/")
+    bucket = Bucket(where)
+    if name not in bucket.list():
+        return {}
+    return json.loads(bucket.read_text(name)).get("adapters", {})
+
+
+def sync_adapters(manifest: str, engine: str, dest: str) -> None:
+    """Keep the engine's runtime LoRA adapters as a SkyServe service's manifest lists them, on each replica
+    (``llm-atc adapters add/remove SERVICE``): adapters are fetched into ``dest`` and loaded through vLLM's
+    ``/v1/load_lora_adapter``; replicas started later load them all. Runs beside the engine, until its parent
+    (the engine) is gone."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    parent, key = os.getppid(), os.environ.get("VLLM_API_KEY", "")
+    poll = float(os.environ.get("LLM_ATC_ADAPTERS_POLL", "10"))
+    loaded: dict[str, str] = {}  # name -> what it was loaded from
+
+    def call(path: str, body: dict | None = None) -> tuple[int, str]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(engine.rstrip("/") + path, data=data, method="GET" if data is None else "POST")
+        request.add_header("Content-Type", "application/json")
+        if key:
+            request.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(request, timeout=600) as reply:
+                return reply.status, reply.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, (exc.read() or b"").decode(errors="replace")
+
+    def load(name: str, entry: dict) -> None:
+        source = entry.get("uri") or entry.get("hub") or ""
+        path = source
+        if entry.get("uri"):
+            path = str(Path(dest).expanduser() / name.replace("/", "--"))
+            Bucket(source).download_folder(Path(path), skip_same_size=True, skip="base/*")
+        status, text = call("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        if status != 200 and "already" not in text:
+            raise RuntimeError(f"vLLM did not load {name} ({status}): {text[:300]}")
+        loaded[name] = source
+        print(f"llm-atc: adapter {name} loaded from {source}", flush=True)
+
+    while os.getppid() == parent:
+        try:
+            if call("/health")[0] == 200:
+                wanted = read_manifest(manifest)
+                for name, entry in wanted.items():
+                    if loaded.get(name) != (entry.get("uri") or entry.get("hub")):
+                        load(name, entry)
+                for name in [n for n in loaded if n not in wanted]:
+                    call("/v1/unload_lora_adapter", {"lora_name": name})
+                    del loaded[name]
+                    print(f"llm-atc: adapter {name} unloaded", flush=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            print(f"llm-atc: adapters: {type(exc).__name__}: {exc}", flush=True)
+        except Exception as exc:  # a bucket error: said, then tried again at the next poll
+            print(f"llm-atc: adapters: cannot read {manifest}: {type(exc).__name__}: {exc}", flush=True)
+        time.sleep(poll)
+
+
 USAGE = """usage: python3 buckets.py fetch s3://BUCKET/PREFIX DEST [SKIP_GLOB]
        python3 buckets.py stage HUB_ID s3://BUCKET/PREFIX DEST
-       python3 buckets.py streamable HUB_ID s3://BUCKET/PREFIX"""
+       python3 buckets.py streamable HUB_ID s3://BUCKET/PREFIX
+       python3 buckets.py adapters s3://BUCKET/.../adapters.json http://127.0.0.1:PORT DEST"""
 
 if __name__ == "__main__":
-    commands = {"fetch": (fetch, (2, 3)), "stage": (stage, (3,)), "streamable": (streamable, (2,))}
+    commands = {
+        "fetch": (fetch, (2, 3)),
+        "stage": (stage, (3,)),
+        "streamable": (streamable, (2,)),
+        "adapters": (sync_adapters, (3,)),
+    }
     command, arities = commands.get(sys.argv[1] if len(sys.argv) > 1 else "", (None, ()))
     if command is None or len(sys.argv) - 2 not in arities:
         raise SystemExit(USAGE)
