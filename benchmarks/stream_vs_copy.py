@@ -1,6 +1,10 @@
 """Cold start from a bucket: `llm-atc serve llm-atc/<run>` with the weights streamed into vLLM
 (`--weights stream`, Run:ai's model streamer) against copied to disk first (`--weights copy`), in the
-same run, from the same S3 bucket (moto_server on 127.0.0.1).
+same run, from the same S3 bucket on 127.0.0.1: moto_server (the test suite's S3), or s3rver, an S3 server
+on Node.js that answers ranged reads from its files as a real store does (moto serves each range from
+Python, far slower than one whole-object read, which is not what S3 does):
+    npm install --prefix /tmp/s3rver s3rver@3.7.1
+    .venv/bin/python benchmarks/stream_vs_copy.py --store s3rver --s3rver /tmp/s3rver/node_modules/.bin/s3rver
 
 Each is timed from the command's start to the first streamed chat token, with vLLM's CPU build from
 `llm-atc engines install vllm`, for the tiny model and a bigger one (random weights, bfloat16, built
@@ -77,17 +81,21 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16, help="layers of the bigger model")
     parser.add_argument("--hidden", type=int, default=2048, help="hidden size of the bigger model")
     parser.add_argument("--sizes", default="tiny,big", help="which models to time: tiny, big or both")
+    parser.add_argument("--store", choices=("moto", "s3rver"), default="moto", help="the S3 server on 127.0.0.1")
+    parser.add_argument("--s3rver", default="s3rver", help="the s3rver program (npm install s3rver)")
     args = parser.parse_args()
     from llm_atc import engines
 
     engine = engines.require("vllm", why="this benchmark")
     work = Path(tempfile.mkdtemp(prefix="llm-atc-bench-"))
     port = free_port()
-    moto = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    if args.store == "moto":
+        server, key = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], "bench"
+    else:  # files under the work folder; s3rver's own fixed credentials
+        (work / "s3rver").mkdir()
+        server = [args.s3rver, "-d", str(work / "s3rver"), "-a", "127.0.0.1", "-p", str(port), "--no-vhost-buckets"]
+        key = "S3RVER"
+    store = subprocess.Popen(server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {
         **os.environ,
         "HOME": str(work),
@@ -95,8 +103,8 @@ def main() -> None:
         "LLM_ATC_ENGINES": str(engine.path.parent),
         "HF_HUB_OFFLINE": "1",
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": key,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     try:
@@ -123,13 +131,13 @@ def main() -> None:
                     flush=True,
                 )
             streamed, copied = statistics.median(times["stream"]), statistics.median(times["copy"])
-            print(f"{run} ({size / 2**20:.0f} MiB of safetensors):")
+            print(f"{run} ({size / 2**20:.0f} MiB of safetensors, {args.store}):")
             print(medians("  --weights copy -> first token", times["copy"]))
             print(medians("  --weights stream -> first token", times["stream"]))
             print(f"  streamed / copied {streamed / copied:.2f}  (target <= 1.00; {copied - streamed:+.2f} s)")
     finally:
-        moto.terminate()
-        moto.wait(30)
+        store.terminate()
+        store.wait(30)
         shutil.rmtree(work, ignore_errors=True)
 
 
