@@ -206,6 +206,24 @@ def test_offers_come_from_skypilots_catalog(catalog):
     assert "m6i.2xlarge" not in {o.instance_type for o in offers.values()}
 
 
+def test_store_credentials_do_not_outlive_a_catalog_read(catalog, s3, monkeypatch):
+    """AWS's catalog maps zones per account, so reading it looks up who the credentials belong to. A read
+    made while `--envs` store settings (here moto's) are in the environment must not leave that identity
+    behind: a later read without them would fetch every region's zones as that account (in CI: for
+    many minutes, against the metadata server)."""
+    from sky import exceptions
+    from sky.clouds import AWS
+
+    from llm_atc.backends import skypilot
+
+    assert skypilot.list_offers(["aws"])  # as moto's account
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(exceptions.CloudUserIdentityError):
+        AWS.get_active_user_identity()
+
+
 def test_memory_falls_back_to_metadata_then_gpu_names(catalog):
     from llm_atc.backends import skypilot
 

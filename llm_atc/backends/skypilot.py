@@ -195,15 +195,23 @@ def _other_catalogs(listing: Mapping[str, list], clouds: list[str]) -> Mapping[s
 
 def _list_accelerators(clouds: list[str], **filters) -> dict[str, list]:
     """SkyPilot's GPU catalog rows of ``clouds`` by GPU name, one cloud at a time: with several,
-    SkyPilot reads the catalogs on a thread pool, which was seen to hang for good in a test process."""
+    SkyPilot reads the catalogs on a thread pool, which was seen to hang for good in a test process.
+
+    Each read is one request, as in SkyPilot's API server: the cloud identity it looked up (AWS's
+    catalog maps zones per account) is forgotten afterwards, so credentials that were in the
+    environment then (``--envs`` store settings) are never used by a later read."""
     from sky import catalog
+    from sky.utils import annotations
 
     listing: dict[str, list] = {}
-    with _quiet_sky():
-        for cloud in clouds:
-            found = catalog.list_accelerators(gpus_only=True, clouds=[cloud], case_sensitive=False, **filters)
-            for name, infos in found.items():
-                listing.setdefault(name, []).extend(infos)
+    try:
+        with _quiet_sky():
+            for cloud in clouds:
+                found = catalog.list_accelerators(gpus_only=True, clouds=[cloud], case_sensitive=False, **filters)
+                for name, infos in found.items():
+                    listing.setdefault(name, []).extend(infos)
+    finally:
+        annotations.clear_request_level_cache()
     return listing
 
 
