@@ -42,6 +42,11 @@ os.environ.pop("LLM_ATC_HOME", None)
 for _var in ("AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST", "AWS_PROFILE"):
     os.environ.pop(_var, None)
 
+# Started in the background (`nohup ... &`), a shell hands its children SIGINT ignored, and they would
+# pass that on to every command the tests interrupt with Ctrl-C: give them the default back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
