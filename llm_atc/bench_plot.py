@@ -57,54 +57,92 @@ def chart(title: str, unit: str, xs: list[int], series: dict[str, list[float]]) 
     return "".join(parts)
 
 
-def write(report, path: Path) -> Path:
-    """Write ``report`` (``llm_atc.app.bench.Report``) as an HTML page at ``path``."""
-    levels = report.levels
-    xs = [level.concurrency for level in levels]
-    charts = [
-        chart(
-            "Time to first token",
-            "ms",
-            xs,
-            {"p50": [lv.ttft_p50_ms for lv in levels], "p95": [lv.ttft_p95_ms for lv in levels]},
-        ),
-        chart(
-            "Inter-token latency",
-            "ms",
-            xs,
-            {"p50": [lv.itl_p50_ms for lv in levels], "p95": [lv.itl_p95_ms for lv in levels]},
-        ),
-        chart("Output throughput", "tokens/s", xs, {"output tokens/s": [lv.output_tokens_per_second for lv in levels]}),
-    ]
-    if report.price_per_hour is not None:
-        charts.append(
-            chart(
-                "Cost per million output tokens",
-                "$",
-                xs,
-                {"$ / M tokens": [lv.usd_per_million_output_tokens or 0.0 for lv in levels]},
-            )
-        )
-    rows = "".join(
-        "<tr>"
-        + "".join(
-            f"<td>{cell}</td>"
-            for cell in (
-                lv.concurrency,
+def rows(report) -> tuple[list[str], list[list[str]]]:
+    """The table of a report, as headings and rows of text (the terminal's table and the page's)."""
+    cost = lambda value: "-" if value is None else f"{value:.4g}"
+    if report.task == "embed":
+        headings = ["concurrency", "latency p50 ms", "latency p95 ms", "requests/s", "input tok/s", "$ / M input tok"]
+        cells = [
+            [
+                str(lv.concurrency),
+                f"{lv.latency_p50_ms:.1f}",
+                f"{lv.latency_p95_ms:.1f}",
+                f"{lv.requests_per_second:.1f}",
+                f"{lv.input_tokens_per_second:.0f}",
+                cost(lv.usd_per_million_input_tokens),
+            ]
+            for lv in report.levels
+        ]
+    else:
+        headings = ["concurrency", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "output tok/s"]
+        headings.append("$ / M output tok")
+        cells = [
+            [
+                str(lv.concurrency),
                 f"{lv.ttft_p50_ms:.1f}",
                 f"{lv.ttft_p95_ms:.1f}",
                 f"{lv.itl_p50_ms:.2f}",
                 f"{lv.itl_p95_ms:.2f}",
                 f"{lv.output_tokens_per_second:.1f}",
-                "-" if lv.usd_per_million_output_tokens is None else f"{lv.usd_per_million_output_tokens:.4g}",
-                f"{lv.successful} / {lv.errored}",
-            )
-        )
-        + "</tr>"
-        for lv in levels
-    )
+                cost(lv.usd_per_million_output_tokens),
+            ]
+            for lv in report.levels
+        ]
+    for row, lv in zip(cells, report.levels, strict=True):
+        row += [str(lv.successful), str(lv.errored)]
+    return [*headings, "ok", "failed"], cells
+
+
+def _charts(report) -> list[str]:
+    levels = report.levels
+    xs = [level.concurrency for level in levels]
+    if report.task == "embed":
+        found = [
+            chart(
+                "Request latency",
+                "ms",
+                xs,
+                {"p50": [lv.latency_p50_ms for lv in levels], "p95": [lv.latency_p95_ms for lv in levels]},
+            ),
+            chart("Throughput", "requests/s", xs, {"requests/s": [lv.requests_per_second for lv in levels]}),
+        ]
+        cost = ("Cost per million input tokens", [lv.usd_per_million_input_tokens or 0.0 for lv in levels])
+    else:
+        found = [
+            chart(
+                "Time to first token",
+                "ms",
+                xs,
+                {"p50": [lv.ttft_p50_ms for lv in levels], "p95": [lv.ttft_p95_ms for lv in levels]},
+            ),
+            chart(
+                "Inter-token latency",
+                "ms",
+                xs,
+                {"p50": [lv.itl_p50_ms for lv in levels], "p95": [lv.itl_p95_ms for lv in levels]},
+            ),
+            chart(
+                "Output throughput", "tokens/s", xs, {"output tokens/s": [lv.output_tokens_per_second for lv in levels]}
+            ),
+        ]
+        cost = ("Cost per million output tokens", [lv.usd_per_million_output_tokens or 0.0 for lv in levels])
+    if report.price_per_hour is not None:
+        found.append(chart(cost[0], "$", xs, {"$ / M tokens": cost[1]}))
+    return found
+
+
+def write(report, path: Path) -> Path:
+    """Write ``report`` (``llm_atc.app.bench.Report``) as an HTML page at ``path``."""
+    headings, cells = rows(report)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headings)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
     load = report.load
     price = "unknown" if report.price_per_hour is None else f"${report.price_per_hour:.4g}/hour"
+    sizes = (
+        f"{load.prompt_tokens}-token texts embedded per request"
+        if report.task == "embed"
+        else f"{load.prompt_tokens} prompt tokens, {load.output_tokens} output tokens per request"
+    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llm-atc bench: {html.escape(report.deployment)}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#111}} table{{border-collapse:collapse}}
@@ -112,12 +150,10 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} svg{{margin:8px;
 </head><body>
 <h1>{html.escape(report.model)} on {html.escape(report.deployment)}</h1>
 <p>{html.escape(report.endpoint)} &middot; {html.escape(report.tool)} &middot; {time.strftime("%Y-%m-%d %H:%M")}<br>
-{load.prompt_tokens} prompt tokens, {load.output_tokens} output tokens per request; each level at most
-{load.duration}s or {load.max_requests} requests &middot; price {html.escape(price)}
+{sizes}; each level at most {load.duration}s or {load.max_requests} requests &middot; price {html.escape(price)}
 ({html.escape(report.price_source)})</p>
-<div>{"".join(charts)}</div>
-<table><tr><th>concurrency</th><th>TTFT p50 ms</th><th>TTFT p95 ms</th><th>ITL p50 ms</th><th>ITL p95 ms</th>
-<th>output tok/s</th><th>$ / M output tokens</th><th>ok / failed</th></tr>{rows}</table>
+<div>{"".join(_charts(report))}</div>
+<table><tr>{head}</tr>{body}</table>
 </body></html>
 """
     path.parent.mkdir(parents=True, exist_ok=True)

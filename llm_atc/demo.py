@@ -11,6 +11,9 @@ generated text, a chat template with ``{% generation %}`` markers (so
 ``apply_chat_template(..., return_assistant_tokens_mask=True)`` works), and a 2-layer
 ``LlamaForCausalLM`` saved as safetensors.
 
+:func:`build_tiny_encoder` writes a tiny BERT the same way: an embedding model, or a classifier (a
+cross-encoder for reranking with one label), for the embedding and rerank paths.
+
 Command line: ``python -m llm_atc.demo OUTDIR``
 """
 
@@ -113,6 +116,57 @@ def build_tiny_model(path: pathlib.Path, *, layers: int = 2, hidden_size: int = 
     model.save_pretrained(
         path, safe_serialization=True, max_shard_size="300MB"
     )  # big ones in shards, as published models are
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_encoder(path: pathlib.Path, *, labels: int | None = None) -> pathlib.Path:
+    """Write a tiny BERT into ``path``: an embedding model (``BertModel``), or with ``labels`` a sequence
+    classifier (``BertForSequenceClassification``; one label: a cross-encoder for reranking). A WordPiece
+    tokenizer trained on generated text; hidden size 128 with 2 heads of 64, as vLLM's CPU kernels need."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    if labels is None:
+        model = BertModel(config)
+    else:
+        config.num_labels = labels
+        model = BertForSequenceClassification(config)
+    model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
 

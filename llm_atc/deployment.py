@@ -43,6 +43,62 @@ class Deployment(RecordHandle):
         """The OpenAI base URL, ``http://HOST:PORT/v1``."""
         return self.endpoint.rstrip("/") + "/v1"
 
+    @property
+    def task(self) -> str:
+        """What the (first) model serves: ``generate`` (chat, completions), ``embed``, ``rerank`` or ``classify``."""
+        return self.record.task_of()
+
+    def client(self, **kwargs):
+        """An ``openai.OpenAI`` client for this endpoint: its base URL, its API key and, for HTTPS, its
+        certificate (needs the ``openai`` package)."""
+        try:
+            import httpx
+            from openai import OpenAI
+        except ImportError:
+            from llm_atc.errors import UserError
+
+            raise UserError("Deployment.client() needs the openai package: pip install openai") from None
+        if self._cafile and "http_client" not in kwargs:
+            kwargs["http_client"] = httpx.Client(verify=self._cafile)
+        return OpenAI(base_url=self.base_url, api_key=self.api_key or "EMPTY", **kwargs)
+
+    def embed(self, texts: str | list[str], *, model: str | None = None) -> list[list[float]]:
+        """One embedding vector per text (``/v1/embeddings``), in order."""
+        inputs = [texts] if isinstance(texts, str) else list(texts)
+        answer = self._post("embed", "/v1/embeddings", {"input": inputs}, model)
+        return [item["embedding"] for item in sorted(answer["data"], key=lambda item: item["index"])]
+
+    def rerank(
+        self, query: str, documents: list[str], *, model: str | None = None, top_n: int | None = None
+    ) -> list[tuple[int, float]]:
+        """``(document index, relevance score)`` per document, most relevant first (``/v1/rerank``)."""
+        body = {"query": query, "documents": list(documents), **({"top_n": top_n} if top_n else {})}
+        answer = self._post("rerank", "/v1/rerank", body, model)
+        return [(item["index"], item["relevance_score"]) for item in answer["results"]]
+
+    def classify(self, texts: str | list[str], *, model: str | None = None) -> list[dict]:
+        """Per text, its ``label`` and the ``probs`` of every label (``/classify``)."""
+        inputs = [texts] if isinstance(texts, str) else list(texts)
+        answer = self._post("classify", "/classify", {"input": inputs}, model)
+        return [{"label": item["label"], "probs": item["probs"]} for item in answer["data"]]
+
+    def _post(self, task: str, path: str, body: dict, model: str | None) -> dict:
+        from llm_atc.errors import LaunchError, UserError
+        from llm_atc.readiness import post_json
+
+        name = model or next((m for m in self.models if self.record.task_of(m) == task), self.name)
+        if self.record.task_of(name) != task:
+            raise UserError(f"{name} is served for {self.record.task_of(name)}, not {task}")
+        url = self.endpoint.rstrip("/") + path
+        status, answer = post_json(url, {"model": name, **body}, api_key=self.api_key, cafile=self._cafile)
+        if status != 200 or not isinstance(answer, dict):
+            raise LaunchError(f"{url} answered {status or 'nothing'}: {str(answer)[:300]}")
+        return answer
+
+    @property
+    def _cafile(self) -> str | None:
+        return self.record.details.get("tls_cert")
+
     def logs(self) -> str:
         """The engine's log so far."""
         buffer = io.StringIO()
@@ -57,7 +113,7 @@ class Deployment(RecordHandle):
             timeout=timeout,
             message=f"Waiting for {self.name}",
             api_key=self.api_key,
-            cafile=self.record.details.get("tls_cert"),
+            cafile=self._cafile,
         )
 
     @contextmanager

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_atc.errors import NotFoundError, UserError
+from llm_atc.model_files import ModelFiles, has_sentence_transformers
 from llm_atc.storage import RUN_BASE
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ TRAIN_MEMORY_FRACTION = 0.95
 RUNTIME_OVERHEAD_GIB = 1.5
 # Without --max_model_len, serving is sized for the model's context, at most this.
 MAX_MODEL_LEN_CAP = 32768
+# Tokens a pooling model (embeddings, reranking, classification) takes in one batch: vLLM's default
+# max_num_batched_tokens for its OpenAI server on a large GPU.
+POOLING_BATCH_TOKENS = 8192
 # The training recipe's defaults (recipes/train/finetune.py: MAX_SEQ_LEN, BATCH_SIZE, LORA_R).
 # Training's sequence length, batch size and LoRA rank are the recipes' (recipes_catalog.train_settings).
 LORA_RANK = 16  # peft's default, for LoRA parameters outside a training plan
@@ -121,6 +125,16 @@ class ModelInfo:
     source: str  # where it was read: "Hugging Face Hub", a folder, a bucket URI
     index_total_size: int | None = None  # ``metadata.total_size`` of model.safetensors.index.json
     adapter_of: str | None = None  # a LoRA adapter's base model (the config is the base's)
+    sentence_transformers: bool = False  # it carries sentence-transformers' files: an embedding model
+
+    @property
+    def task(self) -> str:
+        """What the model is served for (``llm_atc.model_tasks``): a LoRA adapter generates."""
+        from llm_atc.model_tasks import GENERATE, detect_task
+
+        if self.adapter_of:
+            return GENERATE
+        return detect_task(self.config, sentence_transformers=self.sentence_transformers).task
 
     @classmethod
     def from_config(
@@ -193,7 +207,8 @@ def _from_folder(name: str, folder: Path) -> ModelInfo:
     config = _parse_json(config_path.read_text(), str(config_path))
     index_path = folder / "model.safetensors.index.json"
     index = _parse_json(index_path.read_text(), str(index_path)) if index_path.is_file() else None
-    return ModelInfo(name, config, f"folder {folder}", _index_size(index))
+    st = has_sentence_transformers(ModelFiles(folder=folder))
+    return ModelInfo(name, config, f"folder {folder}", _index_size(index), sentence_transformers=st)
 
 
 def _from_bucket(name: str, uri: BucketURI, store: ObjectStore | None) -> ModelInfo:
@@ -214,28 +229,33 @@ def _from_bucket(name: str, uri: BucketURI, store: ObjectStore | None) -> ModelI
         index = _parse_json(store.read_text(uri.child("model.safetensors.index.json")), f"{uri}/index")
     except (NotFoundError, UserError):
         index = None
-    return ModelInfo(name, config, str(uri), _index_size(index))
+    st = has_sentence_transformers(ModelFiles(bucket=uri, store=store))
+    return ModelInfo(name, config, str(uri), _index_size(index), sentence_transformers=st)
 
 
 def _from_hub(repo_id: str) -> ModelInfo:
-    path = _hub_file(repo_id, "config.json")
+    path = hub_file(repo_id, "config.json")
     config = _parse_json(Path(path).read_text(), f"{repo_id}/config.json")
     index = None
     try:
-        index_path = _hub_file(repo_id, "model.safetensors.index.json")
+        index_path = hub_file(repo_id, "model.safetensors.index.json")
         index = _parse_json(Path(index_path).read_text(), f"{repo_id}/model.safetensors.index.json")
     except UserError:
         pass  # single-file checkpoints have no index; the config alone is enough
-    return ModelInfo(repo_id, config, "Hugging Face Hub", _index_size(index))
+    st = has_sentence_transformers(ModelFiles(hub_id=repo_id))
+    return ModelInfo(repo_id, config, "Hugging Face Hub", _index_size(index), sentence_transformers=st)
 
 
-def _hub_file(repo_id: str, filename: str) -> str:
-    """``hf_hub_download`` with one-line errors (the cache answers offline)."""
+def hub_file(repo_id: str, filename: str, *, missing_ok: bool = False) -> str | None:
+    """``hf_hub_download`` with one-line errors (the cache answers offline). ``missing_ok``: None where
+    the repository has no such file (or, offline, the cache does not have it)."""
     from huggingface_hub import errors, hf_hub_download
 
     try:
         return hf_hub_download(repo_id, filename, token=os.environ.get("HF_TOKEN") or None)
     except errors.LocalEntryNotFoundError:
+        if missing_ok:
+            return None
         reason = (
             f"{filename} is not in the local Hugging Face cache and the Hub cannot be reached "
             "(offline, or HF_HUB_OFFLINE=1)"
@@ -247,6 +267,8 @@ def _hub_file(repo_id: str, filename: str) -> str:
     except errors.RevisionNotFoundError:
         reason = "the revision does not exist"
     except errors.EntryNotFoundError:
+        if missing_ok:
+            return None
         reason = f"the repository has no {filename}"
     except errors.HfHubHTTPError as exc:
         reason = f"the Hub answered {_first_line(exc)}"
@@ -254,7 +276,8 @@ def _hub_file(repo_id: str, filename: str) -> str:
         reason = _first_line(exc)
     except Exception as exc:
         reason = f"the Hugging Face Hub cannot be reached ({type(exc).__name__}: {_first_line(exc)})"
-    raise UserError(f"cannot read config for {repo_id}: {reason}; {_FIX_HUB}")
+    what = "config for" if filename == "config.json" else f"{filename} of"
+    raise UserError(f"cannot read {what} {repo_id}: {reason}; {_FIX_HUB}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -610,6 +633,11 @@ class MemoryEstimate:
     overhead_bytes_per_gpu: int = int(RUNTIME_OVERHEAD_GIB * GIB)
     memory_fraction: float = GPU_MEMORY_UTILIZATION
     notes: tuple[str, ...] = ()
+    task: str = "generate"  # serve: what the model is served for (llm_atc.model_tasks); only generate has a KV cache
+
+    @property
+    def generates(self) -> bool:
+        return self.task == "generate"
 
     # -- fitting -------------------------------------------------------------------------------
 
@@ -638,7 +666,8 @@ class MemoryEstimate:
         if self.mode == "serve":
             kv_heads = self.arch.num_kv_heads
             kv_share = 1.0 if self.arch.mla else math.ceil(kv_heads / count) / kv_heads
-            return int(self.weight_bytes / gpus + self.kv_cache_bytes * kv_share / nodes + overhead)
+            kv = self.kv_cache_bytes * kv_share / nodes
+            return int(self.weight_bytes / gpus + kv + self.activation_bytes / count + overhead)
         if self.mode == "full":
             if gpus == 1:  # bf16 weights, grads and Adam m, v (the recipe keeps bf16 on one GPU)
                 state = self.params * FULL_SINGLE_GPU_BYTES_PER_PARAM
@@ -682,8 +711,17 @@ class MemoryEstimate:
             "overhead_bytes_per_gpu": self.overhead_bytes_per_gpu,
             "memory_fraction": self.memory_fraction,
         }
-        if self.mode == "serve":
+        if self.mode == "serve" and not self.generates:
             terms.update(
+                task=self.task,
+                max_model_len=self.max_model_len,
+                batch_tokens=self.batch_size,
+                activation_bytes=self.activation_bytes,
+                gpu_memory_utilization=self.memory_fraction,
+            )
+        elif self.mode == "serve":
+            terms.update(
+                task=self.task,
                 max_model_len=self.max_model_len,
                 kv_bytes_per_token=self.kv_bytes_per_token,
                 kv_formula=self.kv_formula(),
@@ -731,10 +769,13 @@ def estimate_memory(
     dtype: str | None = None,
     quantization: str | None = None,
     train_envs: Mapping[str, str] | None = None,
+    task: str | None = None,
 ) -> MemoryEstimate:
     """The memory terms of ``model`` (a :class:`ModelInfo`, a config dict, or anything
     :func:`load_model_info` reads) served or fine-tuned in ``mode``; a fine-tune is sized with its
-    recipe's sequence length, batch size and LoRA rank (``train_envs`` overrides them, as ``--envs`` does)."""
+    recipe's sequence length, batch size and LoRA rank (``train_envs`` overrides them, as ``--envs`` does).
+    ``task``: what a served model is for (default: what the model says, see ``llm_atc.model_tasks``); an
+    embedding, reranking or classification model has no KV cache, only the activations of one batch."""
     if mode not in MODES:
         raise UserError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     if dtype is not None and dtype not in DTYPES:
@@ -804,8 +845,15 @@ def estimate_memory(
                     f"--quantization {quant.method} needs a {quant.method} checkpoint; vLLM quantizes "
                     "on the fly only for fp8 and bitsandbytes"
                 )
-        kv_token = arch.num_layers * arch.kv_elements_per_token_per_layer() * nbytes
-        kv_cache = arch.kv_cache_tokens(length) * arch.kv_elements_per_token_per_layer() * nbytes
+        task = task or info.task
+        if task == "generate":
+            kv_token = arch.num_layers * arch.kv_elements_per_token_per_layer() * nbytes
+            kv_cache = arch.kv_cache_tokens(length) * arch.kv_elements_per_token_per_layer() * nbytes
+            batch_tokens = activations = 0
+        else:  # a pooling model keeps nothing between requests: one batch's activations
+            kv_token = kv_cache = 0
+            batch_tokens = max(POOLING_BATCH_TOKENS, length)
+            activations = _pooling_activation_bytes(arch, batch_tokens, nbytes)
         return MemoryEstimate(
             model=info.name,
             mode=mode,
@@ -821,8 +869,11 @@ def estimate_memory(
             max_model_len=length,
             kv_bytes_per_token=kv_token,
             kv_cache_bytes=kv_cache,
+            activation_bytes=activations,
+            batch_size=batch_tokens,
             memory_fraction=GPU_MEMORY_UTILIZATION,
             notes=tuple(notes),
+            task=task,
         )
 
     from llm_atc.recipes_catalog import train_settings
@@ -888,6 +939,13 @@ def estimate_memory(
         batch_size=batch_size,
         memory_fraction=TRAIN_MEMORY_FRACTION,
     )
+
+
+def _pooling_activation_bytes(arch: Architecture, tokens: int, nbytes: int) -> int:
+    """One forward pass of a batch of ``tokens`` through a pooling model (no gradients, nothing kept
+    between layers): the largest layer's intermediates, and the float32 pooled outputs."""
+    h, inner = arch.hidden_size, arch.intermediate_size
+    return int(tokens * (4 * h + inner) * nbytes + tokens * h * 4)
 
 
 def _activation_bytes(arch: Architecture, tokens: int) -> int:
@@ -1158,11 +1216,19 @@ def make_plan(
     max_nodes: int = MAX_NODES,
     registry: Registry | None = None,
     train_envs: Mapping[str, str] | None = None,
+    task: str | None = None,
 ) -> Plan:
-    """Size ``model`` and price every GPU type in SkyPilot's catalog that fits it."""
+    """Size ``model`` (served for ``task``: default what it says) and price every GPU type in SkyPilot's
+    catalog that fits it."""
     info = load_model_info(model, source=source, registry=registry)
     estimate = estimate_memory(
-        info, mode=mode, max_model_len=max_model_len, dtype=dtype, quantization=quantization, train_envs=train_envs
+        info,
+        mode=mode,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        quantization=quantization,
+        train_envs=train_envs,
+        task=task,
     )
     clouds = _resolve_clouds(cloud, region)
     from llm_atc.backends.skypilot import list_offers
@@ -1203,6 +1269,7 @@ def auto_accelerators(
     source: str | None = None,
     registry: Registry | None = None,
     train_envs: Mapping[str, str] | None = None,
+    task: str | None = None,
 ) -> AutoChoice:
     """The GPU types that fit, cheapest first, on the fewest nodes; raises a one-line
     :class:`UserError` when none does within ``max_nodes``."""
@@ -1219,6 +1286,7 @@ def auto_accelerators(
         max_nodes=max(max_nodes, 1),
         registry=registry,
         train_envs=train_envs,
+        task=task,
     )
     if not plan.options:
         raise UserError(
@@ -1229,6 +1297,8 @@ def auto_accelerators(
 
 
 def _summary(e: MemoryEstimate) -> str:
+    if e.mode == "serve" and not e.generates:
+        return f"{_fmt_bytes(e.weight_bytes)} of weights + {_fmt_bytes(e.activation_bytes)} of activations ({e.task})"
     if e.mode == "serve":
         return (
             f"{_fmt_bytes(e.weight_bytes)} of weights + {_fmt_bytes(e.kv_cache_bytes)} of KV cache for "
@@ -1260,7 +1330,16 @@ def iter_terms(e: MemoryEstimate) -> Iterator[tuple[str, str]]:
     yield "Parameters", f"{_fmt_count(e.params)} ({source})"
     yield "Weights", f"{_fmt_bytes(e.weight_bytes)} = {e.weight_formula}"
     overhead = _fmt_bytes(e.overhead_bytes_per_gpu)
-    if e.mode == "serve":
+    if e.mode == "serve" and not e.generates:
+        yield "Task", f"{e.task}: a pooling model, no KV cache"
+        yield (
+            "Activations",
+            f"{_fmt_bytes(e.activation_bytes)} for one batch of {e.batch_size} tokens (vLLM's "
+            f"max_num_batched_tokens; context {e.max_model_len})",
+        )
+        yield "Runtime", f"{overhead} per GPU (CUDA context, CUDA graphs)"
+        yield "Fits if", f"weights / GPUs + activations + runtime <= {e.memory_fraction:g} x GPU memory"
+    elif e.mode == "serve":
         yield (
             "KV cache",
             (

@@ -125,39 +125,141 @@ def served_models(
         raise LaunchError(f"{base_url}/v1/models did not return an OpenAI model list") from None
 
 
+def post_json(
+    url: str, body: dict, *, api_key: str | None = None, cafile: str | None = None, timeout: float = 60.0
+) -> tuple[int, object]:
+    """POST ``body`` as JSON; ``(status, parsed answer)``, status 0 when nothing answered."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=trusting(cafile)) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read() or b""
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return 0, None
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+# One small real request of each task, and how to read its answer.
+_PROBES = {
+    "generate": ("/v1/completions", lambda m: {"model": m, "prompt": "Hello", "max_tokens": 1}),
+    "embed": ("/v1/embeddings", lambda m: {"model": m, "input": ["Hello"]}),
+    "rerank": ("/v1/rerank", lambda m: {"model": m, "query": "Hello", "documents": ["Hello", "Goodbye"]}),
+    "classify": ("/classify", lambda m: {"model": m, "input": ["Hello"]}),
+}
+
+
+def try_model(
+    base_url: str, model: str, task: str, *, engine: str = "vllm", api_key: str | None = None, cafile: str | None = None
+) -> str:
+    """Send ``model`` one real request of its task; what it answered, in a few words. Raises LaunchError
+    when it does not answer as it should."""
+    path, body = _PROBES.get(task, _PROBES["generate"])
+    body = body(model)
+    if engine == "transformers":  # transformers serve: chat only
+        path, body = "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+        body["max_tokens"] = 1
+    status, answer = post_json(base_url.rstrip("/") + path, body, api_key=api_key, cafile=cafile)
+    if status != 200 or not isinstance(answer, dict):
+        detail = answer.get("error", answer) if isinstance(answer, dict) else answer
+        if isinstance(detail, dict):
+            detail = detail.get("message", detail)
+        raise LaunchError(f"{model} answered {status or 'nothing'} on {path}: {str(detail)[:200]}")
+    try:
+        if task == "embed":
+            return f"embeddings of {len(answer['data'][0]['embedding'])} dimensions"
+        if task == "rerank":
+            return f"reranks ({len(answer['results'])} scores for 2 documents)"
+        if task == "classify":
+            return f"classifies ({answer['data'][0]['num_classes']} labels)"
+        return "generates (1 token)" if answer["choices"] else "generates"
+    except (KeyError, IndexError, TypeError):
+        raise LaunchError(f"{model} answered {path} with an unexpected body: {str(answer)[:200]}") from None
+
+
 API_KEY_ENV = "LLM_ATC_API_KEY"
 
 
 def snippets(
-    base_url: str, model: str, engine: str = "vllm", *, key_for: str | None = None, cafile: str | None = None
+    base_url: str,
+    model: str,
+    engine: str = "vllm",
+    *,
+    task: str = "generate",
+    key_for: str | None = None,
+    cafile: str | None = None,
 ) -> str:
-    """The base URL, a curl and a 5-line openai snippet, as printed after serve.
+    """The base URL, a curl and a short Python snippet for ``task`` (chat, embeddings, rerank or
+    classification), as printed after serve.
 
     ``key_for``: the cluster whose endpoint needs an API key; the snippets read it from
     ``$LLM_ATC_API_KEY`` (never printed here) and say how to set it. ``cafile``: the certificate an
     HTTPS endpoint serves, for clients to trust (curl's --cacert, httpx's SSL_CERT_FILE).
     """
-    api = base_url.rstrip("/") + "/v1"
+    base = base_url.rstrip("/")
+    api = base + "/v1"
     header = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if key_for else ""
     header += f" --cacert {cafile}" if cafile else ""
-    if engine == "vllm":
-        curl = f"curl {api}/models{header}"
-    else:  # `transformers serve` lists only its Hub cache under /v1/models
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
-        curl = f"curl {api}/chat/completions -H 'Content-Type: application/json'{header} -d '{body}'"
     export = f"  export {API_KEY_ENV}=$(llm-atc endpoint {key_for} --show_key)\n" if key_for else ""
     export += (
         f"  export SSL_CERT_FILE={cafile}  # the openai client trusts the endpoint's certificate\n" if cafile else ""
     )
     key = f'os.environ["{API_KEY_ENV}"]' if key_for else '"EMPTY"'
-    imports = "import os\n  from openai import OpenAI" if key_for else "from openai import OpenAI"
-    return f"""Endpoint: {api}
+    name = json.dumps(model)
 
-{export}  {curl}
+    def curl(path: str, body: dict) -> str:
+        return f"curl {path} -H 'Content-Type: application/json'{header} -d '{json.dumps(body)}'"
+
+    if task in ("rerank", "classify"):  # not in OpenAI's API: plain HTTP
+        if task == "rerank":
+            path, body = f"{api}/rerank", {"model": model, "query": "What is llm-atc?", "documents": DOCUMENTS}
+            show = '[(r["index"], round(r["relevance_score"], 3)) for r in reply.json()["results"]]'
+        else:
+            path, body = f"{base}/classify", {"model": model, "input": ["llm-atc serves models."]}
+            show = '[item["label"] for item in reply.json()["data"]]'
+        auth = f'"Authorization": "Bearer " + {key}' if key_for else ""
+        imports = "import os, httpx" if key_for else "import httpx"
+        return f"""Endpoint: {api}
+
+{export}  {curl(path, body)}
 
   {imports}
-  client = OpenAI(base_url="{api}", api_key={key})
+  reply = httpx.post("{path}", headers={{{auth}}}, json={json.dumps(body)})
+  print({show})
+"""
+    imports = "import os\n  from openai import OpenAI" if key_for else "from openai import OpenAI"
+    client = f'client = OpenAI(base_url="{api}", api_key={key})'
+    if task == "embed":
+        return f"""Endpoint: {api}
+
+{export}  {curl(f"{api}/embeddings", {"model": model, "input": ["Hello!"]})}
+
+  {imports}
+  {client}
+  reply = client.embeddings.create(model={name}, input=["Hello!", "How are you?"])
+  print(len(reply.data), "vectors of", len(reply.data[0].embedding))
+"""
+    if engine == "vllm":
+        first = f"curl {api}/models{header}"
+    else:  # `transformers serve` lists only its Hub cache under /v1/models
+        body = {"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
+        first = curl(f"{api}/chat/completions", body)
+    return f"""Endpoint: {api}
+
+{export}  {first}
+
+  {imports}
+  {client}
   reply = client.chat.completions.create(
-      model={json.dumps(model)}, messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=64)
+      model={name}, messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=64)
   print(reply.choices[0].message.content)
 """
+
+
+DOCUMENTS = ["llm-atc serves models on your own cloud.", "Bananas are yellow."]

@@ -106,6 +106,13 @@ class Record:
         """The names clients send as ``model`` (several for ``serve --name A --name B``)."""
         return [m["name"] for m in self.details.get("models", ())] or [self.name]
 
+    def task_of(self, model: str | None = None) -> str:
+        """What ``model`` (a served name; None: the first) is served for: generate, embed, rerank or classify."""
+        for entry in self.details.get("models", ()):
+            if model in (None, entry["name"]):
+                return entry.get("task", "generate")
+        return self.details.get("task", "generate")
+
     @property
     def is_active(self) -> bool:
         """It may still be running (or starting) somewhere."""

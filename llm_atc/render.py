@@ -15,6 +15,7 @@ import yaml
 
 from llm_atc.colocate import EngineShare, Layout
 from llm_atc.errors import UserError
+from llm_atc.model_tasks import Serving
 from llm_atc.recipes_catalog import get_recipe, recipes_dir
 from llm_atc.spec import VLLM_LORA_RANKS, Placement, ServeSpec, TrainSpec
 from llm_atc.storage import RUN_BASE, Checkpoint
@@ -27,6 +28,10 @@ NODE_MODEL_DIR = "/llm-atc/model"
 NODE_HOME_MODEL_DIR = "~/llm-atc/model"
 # The recipes' bucket helper, mounted where they look for it.
 NODE_BUCKETS_SCRIPT = "~/.llm-atc/buckets.py"
+# The API key on every path of vLLM's server (recipes/serve/llm_atc_vllm_auth.py), on the engines' PYTHONPATH:
+# ~/.llm-atc on a node (the recipe's default), the recipes' own folder here (LLM_ATC_PYTHONPATH).
+NODE_AUTH_MODULE = "~/.llm-atc/llm_atc_vllm_auth.py"
+AUTH_MIDDLEWARE = ("--middleware", "llm_atc_vllm_auth.RequireKey")
 # Env vars that point object-store clients elsewhere than AWS/GCS proper; SkyPilot's own
 # bucket mounting does not follow them, so with one of these the node fetches by itself.
 CUSTOM_STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST")
@@ -55,6 +60,7 @@ SERVE_RESERVED_ENVS = frozenset(
         "ADAPTERS_MANIFEST",
         "ROUTER_COMMAND",
         "GATEWAY_COMMAND",
+        "LLM_ATC_PYTHONPATH",
     }
 )
 # vLLM's OpenAI server; `python3` is the engine environment's (the recipe puts it first on PATH).
@@ -153,6 +159,11 @@ def render_serve_task(
         if local.vllm_env is not None:
             envs["LLM_ATC_VLLM_ENV"] = str(local.vllm_env)
     extra_mounts: dict = {}
+    if spec.engine == "vllm" and spec.auth:  # the engines load the key middleware from their PYTHONPATH
+        if local is None:
+            extra_mounts[NODE_AUTH_MODULE] = str(recipes_dir() / "serve" / "llm_atc_vllm_auth.py")
+        else:
+            envs["LLM_ATC_PYTHONPATH"] = str(recipes_dir() / "serve")
     tls = None
     if spec.engine == "vllm" and spec.tls is not None and spec.replicas is None:
         # vLLM's own HTTPS (a service's load balancer speaks TLS instead)
@@ -237,6 +248,7 @@ def _one_engine(
             adapters=[*served_adapters, *extra_adapters],
             tls=tls,
             load_format=load_format,
+            serving=spec.serving_of(spec.model),
         )
     )
     return extra_mounts
@@ -297,6 +309,7 @@ def _several_engines(
             adapters=[],
             load_format=STREAM_LOAD_FORMAT if stream else None,
             share=share,
+            serving=spec.serving_of(model),
         )
         if share.gpus:
             command = ["env", f"CUDA_VISIBLE_DEVICES={','.join(map(str, share.gpus))}", *command]
@@ -356,10 +369,11 @@ def vllm_command(
     tls: tuple | None = None,
     load_format: str | None = None,
     share: EngineShare | None = None,
+    serving: Serving = Serving(),
 ) -> list[str]:
     """The whole command line of vLLM's OpenAI server for ``spec``: every flag llm-atc sets, then
     ``--vllm_args`` (checked against vLLM's own flags when the spec was built). ``share``: its place
-    on a node it shares with other engines."""
+    on a node it shares with other engines; ``serving``: what the model is served for, and its parsers."""
     share = share or EngineShare()
     args = [
         *VLLM_ENTRYPOINT,
@@ -392,7 +406,10 @@ def vllm_command(
         args += ["--generation-config", "$LLM_ATC_DIR/generation"]  # written by the recipe from EOS_TOKEN
     if tls is not None:
         args += ["--ssl-certfile", node_path(str(tls[0])), "--ssl-keyfile", node_path(str(tls[1]))]
-    return [*args, *_lora_flags(adapters, max_loras=spec.max_loras, max_rank=spec.max_lora_rank), *spec.engine_args]
+    if spec.auth:
+        args += AUTH_MIDDLEWARE
+    lora = _lora_flags(adapters, max_loras=spec.max_loras, max_rank=spec.max_lora_rank) if serving.generates else []
+    return [*args, *serving.flags(), *lora, *spec.engine_args]
 
 
 # SkyServe waits this long before probing a new replica: provisioning, install and model loading.

@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_atc import gpus
+from llm_atc import gpus, model_tasks
 from llm_atc.errors import NotFoundError, UserError
+from llm_atc.model_tasks import Serving
 from llm_atc.models import ModelRef, resolve_model
 from llm_atc.options import (
     Accelerator,
@@ -159,6 +160,18 @@ class ServeSpec(LaunchSpec):
     max_loras: int = 0  # runtime LoRA: adapters vLLM keeps active at once (0: no runtime loading)
     max_lora_rank: int = 0  # runtime LoRA: the highest adapter rank it accepts
     extra_models: tuple[ModelRef, ...] = ()  # serve --name A --name B: one vLLM each, behind vLLM's router
+    task: str = model_tasks.AUTO  # --task: what the model is served for (auto: what it carries says)
+    tool_parser: str = model_tasks.AUTO  # --tool_parser: auto (the model family's), none or a vLLM parser name
+    reasoning_parser: str = model_tasks.AUTO  # --reasoning_parser: likewise
+    runtime_lora_asked: bool = False  # --max_loras or --max_lora_rank was given (not just the default)
+    servings: tuple[Serving, ...] = ()  # how each of ``models`` is served, once read from the models (app.serving)
+
+    def serving_of(self, model: ModelRef) -> Serving:
+        """How ``model`` is served (generative, with no parser, until app.serving has read the models)."""
+        for candidate, serving in zip(self.models, self.servings, strict=False):
+            if candidate == model:
+                return serving
+        return Serving()
 
     @property
     def models(self) -> tuple[ModelRef, ...]:
@@ -478,6 +491,9 @@ def build_serve_spec(
     weights: str = "auto",
     max_loras: int | None = None,
     max_lora_rank: int | None = None,
+    task: str | None = None,
+    tool_parser: str | None = None,
+    reasoning_parser: str | None = None,
     registry: Registry | None = None,
 ) -> ServeSpec:
     """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
@@ -497,6 +513,22 @@ def build_serve_spec(
     check_number(timeout, "--timeout")
     check_number(num_nodes, "--num_nodes")
     check_port(port)
+    task = model_tasks.check_task(task)
+    tool_parser = model_tasks.check_parser(tool_parser, "tool")
+    reasoning_parser = model_tasks.check_parser(reasoning_parser, "reasoning")
+    _check_task_options(
+        task,
+        engine,
+        {
+            "--tool_parser": tool_parser not in (model_tasks.AUTO, model_tasks.NONE),
+            "--reasoning_parser": reasoning_parser not in (model_tasks.AUTO, model_tasks.NONE),
+            "--lora": bool(lora),
+            "--max_loras": bool(max_loras),
+            "--max_lora_rank": max_lora_rank is not None,
+            "--chat_template": chat_template is not None,
+            "--eos_token": eos_token is not None,
+        },
+    )
     is_local = (cloud or "").strip().lower() == LOCAL
     if port == 0 and not is_local:
         raise UserError("--port 0 (pick a free port) only works with --cloud local")
@@ -525,6 +557,9 @@ def build_serve_spec(
                 "--replicas": replicas,
                 "--max_loras": max_loras,
                 "--max_lora_rank": max_lora_rank,
+                "--task": task != model_tasks.AUTO,
+                "--tool_parser": tool_parser != model_tasks.AUTO,
+                "--reasoning_parser": reasoning_parser != model_tasks.AUTO,
             },
         )
         max_loras = 0  # runtime LoRA needs one engine to load into
@@ -544,6 +579,7 @@ def build_serve_spec(
             region=region,
             use_spot=use_spot,
             registry=registry,
+            **({"task": task} if task != model_tasks.AUTO and not extra_models else {}),
         )
         accelerator = choice.accelerator_text
         max_model_len = max_model_len or choice.max_model_len
@@ -583,6 +619,9 @@ def build_serve_spec(
     from llm_atc.weights import check_choice
 
     check_choice(weights, model=model, engine=engine, cache_weights=cache_weights)
+    runtime_lora_asked = max_loras is not None or max_lora_rank is not None
+    if task not in (model_tasks.AUTO, model_tasks.GENERATE):
+        max_loras = 0  # a pooling model has no runtime LoRA
     max_loras, max_lora_rank = _runtime_lora(max_loras, max_lora_rank, engine=engine, num_nodes=num_nodes)
     if num_nodes > 1 and (is_local or engine != "vllm" or policy is not None):
         raise UserError(
@@ -620,11 +659,34 @@ def build_serve_spec(
             max_loras=max_loras,
             max_lora_rank=max_lora_rank,
             extra_models=extra_models,
+            task=task,
+            tool_parser=tool_parser,
+            reasoning_parser=reasoning_parser,
+            runtime_lora_asked=runtime_lora_asked,
             detach_setup=detach_setup,
             detach_run=detach_run,
             no_setup=no_setup,
         )
     )
+
+
+def _check_task_options(task: str, engine: str, given: dict[str, bool]) -> None:
+    """``--task`` and the parsers: what transformers serve can do, and what a pooling model takes."""
+    if engine == "transformers":
+        asked = [flag for flag in ("--tool_parser", "--reasoning_parser") if given[flag]]
+        if task not in (model_tasks.AUTO, model_tasks.GENERATE):
+            asked.insert(0, f"--task {task}")
+        if asked:
+            raise UserError(
+                f"{asked[0]} needs vLLM (transformers serve only generates text); drop --engine transformers"
+            )
+    if task in (model_tasks.AUTO, model_tasks.GENERATE):
+        return
+    for flag, value in given.items():
+        if value:
+            raise UserError(
+                f"{flag} applies to generative models; --task {task} serves {model_tasks.ENDPOINT_TEXT[task]}"
+            )
 
 
 # Most models one deployment serves side by side (one vLLM each on the node, behind vLLM's router).

@@ -40,7 +40,7 @@ def current_rows(
         rows.append(
             (
                 escape(", ".join(record.served)),
-                record.kind,
+                _kind(record),
                 record.cluster,
                 escape(infra),
                 escape(record.accelerator or "-"),
@@ -50,3 +50,11 @@ def current_rows(
             )
         )
     return rows
+
+
+def _kind(record) -> str:
+    """``serve``, with what the models serve besides chat: ``serve (embed)``, ``serve (generate, rerank)``."""
+    if record.kind != "serve":
+        return record.kind
+    tasks = list(dict.fromkeys(record.task_of(name) for name in record.served))
+    return record.kind if tasks == ["generate"] else f"serve ({', '.join(tasks)})"

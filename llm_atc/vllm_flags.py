@@ -40,6 +40,11 @@ OWNED = {
     "ssl_keyfile": f"{_USE} --tls_key (with --tls_cert)",
     "load_format": f"{_USE} --weights (stream: from the bucket with Run:ai's streamer; copy: from disk)",
     "help": "would print vLLM's help and exit instead of serving",
+    "runner": f"{_USE} --task (embed, rerank and classify run vLLM's pooling runner)",
+    "convert": f"{_USE} --task (a generative model serves embeddings with --task embed)",
+    "enable_auto_tool_choice": f"{_USE} --tool_parser (on by default for model families vLLM documents)",
+    "tool_call_parser": f"{_USE} --tool_parser",
+    "reasoning_parser": f"{_USE} --reasoning_parser",
 }
 # ... and those it sets when several models share a node (serve --name A --name B).
 OWNED_WHEN_SEVERAL = {

@@ -16,32 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import VLLM_KEY, FakeServe, assert_one_line_error
+from support.dryrun import command_of, dryrun, flag, sky_task
 
 SECRET = "hf_SECRETVALUE123"
-
-
-def sky_task(config: dict):
-    """SkyPilot's own parser and validator (it consumes the dict, so give it a copy)."""
-    import copy
-
-    from llm_atc.backends.skypilot import import_sky
-
-    return import_sky().Task.from_yaml_config(copy.deepcopy(config))
-
-
-def dryrun(cli, *args):
-    result = cli("serve", *args, "--dryrun")
-    assert result.exit_code == 0, result
-    return yaml.safe_load(result.stdout), result
-
-
-def command_of(config: dict) -> list[str]:
-    """The exact vLLM command line the node runs (the recipe splits VLLM_COMMAND without a shell)."""
-    return shlex.split(config["envs"]["VLLM_COMMAND"])
-
-
-def flag(command: list[str], name: str) -> str:
-    return command[command.index(name) + 1]
 
 
 def test_dryrun_prints_only_a_task_skypilot_accepts(cli, llm_atc_home):
@@ -545,8 +522,9 @@ def test_cloud_endpoint_gets_an_api_key_kept_only_in_credentials(cli, fake_sky, 
     result = cli("serve", "--name", "Qwen/Qwen2.5-7B", "-c", "given-srv", "-y", *KEY)  # a key of the user's own
     assert result.exit_code == 0, result
     assert "$LLM_ATC_API_KEY" in result.stdout and "llm-atc endpoint given-srv --show_key" in result.stdout
-    checked = cli("endpoint", "given-srv", "--check")
-    assert checked.exit_code == 0 and "ad" in checked.stdout.split(), checked  # vLLM's own model list
+    checked = cli("endpoint", "given-srv", "--check")  # our key is taken; the session's engine serves another model
+    assert "ad" in checked.stdout.split(), checked  # vLLM's own model list
+    assert_one_line_error(checked, "does not list Qwen/Qwen2.5-7B among its models")
     assert VLLM_KEY not in result.stdout + result.stderr + checked.stdout
     assert cli("down", "auth-srv", "-y").exit_code == 0
     assert credentials.clusters() == ["given-srv"]

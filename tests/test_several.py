@@ -8,7 +8,6 @@ vLLM's CPU build and vLLM's router, queried with the official openai client.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shlex
@@ -17,32 +16,12 @@ import urllib.request
 
 import psutil
 import pytest
-import yaml
 from conftest import assert_one_line_error
+from support.dryrun import dryrun, engines_of, flag, sky_task
 from test_plan import model_folder
 
 from llm_atc.registry import Registry
 from llm_atc.status import current_rows
-
-
-def dryrun(cli, *args):
-    result = cli("serve", *args, "--dryrun")
-    assert result.exit_code == 0, result
-    return yaml.safe_load(result.stdout), result
-
-
-def engines_of(config: dict) -> list[list[str]]:
-    return [shlex.split(line) for line in config["envs"]["VLLM_COMMAND"].splitlines()]
-
-
-def flag(command: list[str], name: str) -> str:
-    return command[command.index(name) + 1]
-
-
-def sky_task(config: dict):
-    from llm_atc.backends.skypilot import import_sky
-
-    return import_sky().Task.from_yaml_config(copy.deepcopy(config))
 
 
 def test_dryrun_shows_every_engine_the_router_and_the_gateway(cli, catalog, tmp_path):
@@ -118,10 +97,17 @@ def test_accelerator_auto_sizes_the_sum(cli, catalog, tmp_path):
 
 
 @pytest.fixture
-def two_models(session_dir):
-    from llm_atc.demo import build_tiny_model
+def rag_models(session_dir):
+    """The RAG trio, tiny: a Qwen2.5-style chat model (tool calls: the table gives it hermes), an embedding
+    model and a reranker (BERT, one label)."""
+    from support.tiny_models import build_family_model
 
-    return build_tiny_model(session_dir / "model-a"), build_tiny_model(session_dir / "model-b")
+    from llm_atc.demo import build_tiny_encoder
+
+    chat = session_dir / "Qwen2.5-tiny-Instruct"
+    if not chat.exists():
+        build_family_model(chat)
+    return chat, build_tiny_encoder(session_dir / "embed-b"), build_tiny_encoder(session_dir / "rerank-c", labels=1)
 
 
 def _group_processes(pgid: int) -> list[psutil.Process]:
@@ -135,67 +121,86 @@ def _group_processes(pgid: int) -> list[psutil.Process]:
     return found
 
 
-def test_two_models_behind_one_endpoint(cli, vllm_engine, two_models, llm_atc_home):
-    """The real thing on this machine: two CPU vLLMs, vLLM's router and the gateway, through one port."""
+def test_chat_embeddings_and_rerank_behind_one_endpoint(cli, vllm_engine, rag_models, llm_atc_home):
+    """The real thing on this machine: a chat model, an embedding model and a reranker, one CPU vLLM each,
+    vLLM's router and the gateway, through one port and one key; each answers what it serves."""
+    import httpx
     import openai
 
-    a, b = two_models
+    a, b, c = rag_models
     key = "several-models-key"
     result = cli(
-        "serve",
-        "--name",
-        str(a),
-        "--name",
-        str(b),
-        "--cloud",
-        "local",
-        "--port",
-        "0",
-        "-c",
-        "two",
-        "--secret",
-        f"VLLM_API_KEY={key}",
-        "--envs",
-        "VLLM_CPU_KVCACHE_SPACE=1",
-        "--max_model_len",
-        "256",
-        "--timeout",
-        "900",
-    )
-    record = Registry().find("two")
+        "serve", "--name", str(a), "--name", str(b), "--name", str(c), "--cloud", "local", "--port", "0",
+        "-c", "rag", "--secret", f"VLLM_API_KEY={key}", "--envs", "VLLM_CPU_KVCACHE_SPACE=1", "--timeout", "900",
+    )  # fmt: skip
+    record = Registry().find("rag")
     try:
         assert result.exit_code == 0, result
-        assert f"Models behind this endpoint (send one as `model`): {a}, {b}" in result.stdout
+        assert (
+            f"Models behind this endpoint (send one as `model`): {a} (chat and completions), {b} (embeddings), "
+            f"{c} (rerank and score)"
+        ) in result.stdout
+        assert f"{a}: chat and completions, tool calls (hermes) (the Qwen2.5 family" in result.stderr
+        assert f"{b}: embeddings (BertModel" in result.stderr and f"{c}: rerank and score" in result.stderr
         assert "Engines: on the CPUs" in result.stderr
-        client = openai.OpenAI(base_url=record.endpoint + "/v1", api_key=key, max_retries=0, timeout=60)
-        assert sorted(m.id for m in client.models.list().data) == sorted([str(a), str(b)])
-        for name in (str(a), str(b)):
-            reply = client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
-            )
-            assert reply.model == name and reply.usage.completion_tokens > 0
-        stream = client.completions.create(model=str(b), prompt="Hello", max_tokens=4, stream=True)
+        base = record.endpoint
+        client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+        assert sorted(m.id for m in client.models.list().data) == sorted([str(a), str(b), str(c)])
+        reply = client.chat.completions.create(model=str(a), messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.model == str(a) and reply.usage.completion_tokens > 0
+        stream = client.completions.create(model=str(a), prompt="Hello", max_tokens=4, stream=True)
         assert sum(1 for _ in stream) >= 2  # server-sent events pass through the gateway and the router
-        with pytest.raises(openai.NotFoundError, match=f"This endpoint serves: {a}, {b}"):
+        vectors = client.embeddings.create(model=str(b), input=["alpha beta", "gamma", "delta"])
+        assert [len(v.embedding) for v in vectors.data] == [128, 128, 128]  # one per input, the hidden size
+        headers = {"Authorization": f"Bearer {key}"}
+        documents = ["model serve cloud", "water day people", "token train data"]
+        ranked = httpx.post(
+            f"{base}/v1/rerank", headers=headers, timeout=60,
+            json={"model": str(c), "query": "serve a model", "documents": documents},
+        )  # fmt: skip
+        assert ranked.status_code == 200, ranked.text
+        scores = ranked.json()["results"]
+        assert sorted(r["index"] for r in scores) == [0, 1, 2]
+        assert [r["relevance_score"] for r in scores] == sorted((r["relevance_score"] for r in scores), reverse=True)
+        for path, body in (("/invocations", {"model": str(a), "prompt": "Hi"}), ("/classify", {"model": str(c)})):
+            assert httpx.post(base + path, json=body, timeout=30).status_code == 401  # the key guards every path
+        _tool_calls_and_json_output(client, str(a))
+        with pytest.raises(openai.NotFoundError, match=f"This endpoint serves: {a}, {b}, {c}"):
             client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=record.endpoint + "/v1", api_key="wrong", max_retries=0).models.list()
-        request = urllib.request.Request(record.endpoint + "/workers", data=b"{}", method="POST")
+            openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+        request = urllib.request.Request(base + "/workers", data=b"{}", method="POST")
         request.add_header("Authorization", f"Bearer {key}")
         with pytest.raises(urllib.error.HTTPError) as refused:  # the router's admin API stays private
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 404
+
+        checked = cli("endpoint", "rag", "--check")
+        assert checked.exit_code == 0, checked
+        assert f"  {a}  generates" in checked.stdout and f"  {b}  embeddings of 128 dimensions" in checked.stdout
+        assert f"  {c}  reranks" in checked.stdout
+        import llm_atc
+
+        deployment = llm_atc.get("rag")
+        assert deployment.task == "generate" and len(deployment.embed(["alpha", "beta"], model=str(b))[1]) == 128
+        assert sorted(i for i, _ in deployment.rerank("serve", documents)) == [0, 1, 2]
+        with pytest.raises(llm_atc.UserError, match="is served for generate, not embed"):
+            deployment.embed("alpha", model=str(a))
         measured = cli(
-            "bench", "two", "--model", str(b), "--concurrency", "1,2", "--prompt_tokens", "16",
-            "--output_tokens", "8", "--duration", "5", "--max_requests", "8", "--json",
+            "bench", "rag", "--model", str(b), "--concurrency", "1,2", "--prompt_tokens", "16",
+            "--duration", "5", "--max_requests", "8", "--json",
         )  # fmt: skip
         assert measured.exit_code == 0, measured
         report = json.loads(measured.stdout)
-        assert report["model"] == str(b) and all(level["successful"] > 0 for level in report["levels"])
-        refused = cli("adapters", "add", "two", "x=org/an-adapter")
-        assert_one_line_error(refused, "two serves several models")
-        (row,) = current_rows(only="two")
-        assert row[0] == f"{a}, {b}" and "RUNNING" in row[5]  # status names every model
+        assert report["model"] == str(b) and report["task"] == "embed"
+        for level in report["levels"]:
+            assert level["successful"] > 0 and level["requests_per_second"] > 0 and level["input_tokens_per_second"] > 0
+            assert 0 < level["latency_p50_ms"] <= level["latency_p95_ms"] < 60_000
+        assert_one_line_error(cli("bench", "rag", "--model", str(c)), "bench measures chat and embedding models")
+        refused = cli("adapters", "add", "rag", "x=org/an-adapter")
+        assert_one_line_error(refused, "rag serves several models")
+        (row,) = current_rows(only="rag")
+        assert row[0] == f"{a}, {b}, {c}" and row[1] == "serve (generate, embed, rerank)" and "RUNNING" in row[5]
 
         # One engine dies: the gateway stops the rest, and the deployment is over.
         engine_port = record.details["models"][1]["engine_port"]
@@ -203,16 +208,48 @@ def test_two_models_behind_one_endpoint(cli, vllm_engine, two_models, llm_atc_ho
         engine = next(
             p
             for p in group
-            if any(c.laddr.port == engine_port and c.status == "LISTEN" for c in p.net_connections(kind="tcp"))
+            if any(conn.laddr.port == engine_port and conn.status == "LISTEN" for conn in p.net_connections(kind="tcp"))
         )
         engine.kill()
         deadline = time.monotonic() + 120
         while _group_processes(record.pid) and time.monotonic() < deadline:
             time.sleep(1)
         assert _group_processes(record.pid) == []
-        assert "FAILED" in current_rows(only="two")[0][5]
-        log = (llm_atc_home / "local" / "two" / "server.log").read_text()
+        assert "FAILED" in current_rows(only="rag")[0][5]
+        log = (llm_atc_home / "local" / "rag" / "server.log").read_text()
         assert f"llm-atc: {b} exited with code" in log and "stopping the others" in log
     finally:
-        cli("stop", "two")
+        cli("stop", "rag")
     assert _group_processes(record.pid) == []
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def _tool_calls_and_json_output(client, model: str) -> None:
+    """tools with tool_choice auto, required and named, and a JSON schema, answer in OpenAI's shape. The model is
+    random (greedy here, so the run repeats): its arguments are noise, but the function a named or required choice
+    calls and the values a schema allows are enforced by vLLM."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = client.chat.completions.create(
+            model=model, messages=messages, tools=[WEATHER], tool_choice=choice, max_tokens=200, temperature=0
+        )
+        message = reply.choices[0].message
+        assert message.role == "assistant" and reply.choices[0].finish_reason in ("stop", "tool_calls", "length")
+        if isinstance(choice, dict):  # the call itself, parsed by the table's tool parser
+            assert message.tool_calls[0].function.name == "get_weather" and message.tool_calls[0].id
+        elif choice == "required":  # a call is forced; its random arguments may run past max_tokens
+            assert message.tool_calls or "".join(message.content.split()).startswith('<tool_call>{"name":"get_weather"')
+    city = {"type": "string", "enum": ["Paris", "Rome"]}
+    reply = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": city}},
+    )  # fmt: skip
+    assert json.loads(reply.choices[0].message.content) in ("Paris", "Rome")

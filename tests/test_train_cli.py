@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import assert_one_line_error
+from support.dryrun import sky_task
 
 
 def sharegpt(n: int = 12) -> list[dict]:
@@ -31,12 +31,6 @@ def data_file(tmp_path) -> Path:
     path = tmp_path / "chats.json"
     path.write_text(json.dumps(sharegpt()))
     return path
-
-
-def sky_task(config: dict):
-    from llm_atc.backends.skypilot import import_sky
-
-    return import_sky().Task.from_yaml_config(copy.deepcopy(config))
 
 
 @pytest.mark.parametrize("model_type, env_type", [("vicuna", "full"), ("lora", "lora"), ("qlora", "qlora")])

@@ -119,6 +119,11 @@ class Level:
     output_tokens_per_second: float
     duration_s: float
     usd_per_million_output_tokens: float | None = None
+    requests_per_second: float = 0.0
+    latency_p50_ms: float = 0.0  # a whole request, sent to answered
+    latency_p95_ms: float = 0.0
+    input_tokens_per_second: float = 0.0
+    usd_per_million_input_tokens: float | None = None  # embeddings: what a million embedded tokens cost
 
 
 @dataclass
@@ -132,6 +137,7 @@ class Report:
     levels: list[Level]
     price_per_hour: float | None
     price_source: str
+    task: str = "generate"  # what was measured: generate (chat completions, streamed) or embed (/v1/embeddings)
     tool: str = f"guidellm {GUIDELLM_VERSION}"
     raw: str = ""  # guidellm's own JSON
     plot: str = ""
@@ -217,6 +223,7 @@ def run(
     from llm_atc.app import lifecycle
 
     served, location = pick_model(record, model)
+    task = measurable_task(record, served)
     price, source = hourly_price(record, check_price(price))
     tool = engines.installed("guidellm") or engines.install("guidellm")
     tokenizer = tokenizer or tokenizer_for(location, record)
@@ -227,35 +234,57 @@ def run(
         from llm_atc.tunnel import forward
 
         with forward(record) as tunnel:
-            levels, errors = _measure(tool, tunnel.endpoint, served, tokenizer, api_key, load, raw, record)
+            levels, errors = _measure(tool, tunnel.endpoint, served, tokenizer, api_key, load, raw, record, task)
         endpoint = tunnel.endpoint
     else:
         endpoint = lifecycle.endpoint(record, registry=registry)[1]
-        levels, errors = _measure(tool, endpoint, served, tokenizer, api_key, load, raw, record)
+        levels, errors = _measure(tool, endpoint, served, tokenizer, api_key, load, raw, record, task)
     if price is not None:
         levels = [
-            Level(**{**asdict(level), "usd_per_million_output_tokens": _per_million(price, level)}) for level in levels
+            Level(
+                **{
+                    **asdict(level),
+                    "usd_per_million_output_tokens": _per_million(price, level.output_tokens_per_second),
+                    "usd_per_million_input_tokens": _per_million(price, level.input_tokens_per_second),
+                }
+            )
+            for level in levels
         ]
-    return Report(record.cluster, served, endpoint, load, levels, price, source, raw=str(raw), errors=errors)
+    return Report(record.cluster, served, endpoint, load, levels, price, source, task, raw=str(raw), errors=errors)
 
 
-def _per_million(price: float, level: Level) -> float | None:
-    if level.output_tokens_per_second <= 0:
+def measurable_task(record: Record, served: str) -> str:
+    """What ``bench`` sends ``served``: chat completions to a generative model, embeddings to an embedding
+    model; a one-line error for what guidellm cannot send (rerank, classification)."""
+    task = record.task_of(served)
+    if task not in ("generate", "embed"):
+        raise UserError(
+            f"{served} serves {task}: bench measures chat and embedding models (guidellm {GUIDELLM_VERSION} sends "
+            "no rerank or classification requests)"
+        )
+    return task
+
+
+def _per_million(price: float, tokens_per_second: float) -> float | None:
+    if tokens_per_second <= 0:
         return None
-    return price / (level.output_tokens_per_second * 3600) * 1_000_000
+    return price / (tokens_per_second * 3600) * 1_000_000
 
 
-def _measure(tool, endpoint, served, tokenizer, api_key, load: Load, raw: Path, record: Record):
+def _measure(tool, endpoint, served, tokenizer, api_key, load: Load, raw: Path, record: Record, task: str):
     """Run guidellm against ``endpoint``; (levels, first error messages)."""
+    embed = task == "embed"
+    output_tokens = 1 if embed else load.output_tokens
     args = [
         str(tool.bin / "guidellm"),
         "run",
         "--backend",
-        f"kind=openai_http,target={endpoint.rstrip('/')},model={served}",
+        f"kind=openai_http,target={endpoint.rstrip('/')},model={served}"
+        + (",request_format=/v1/embeddings" if embed else ""),
         "--tokenizer",
         f"kind=hf_auto,model={tokenizer}",
         "--data",
-        f"kind=synthetic_text,prompt_tokens={load.prompt_tokens},output_tokens={load.output_tokens}",
+        f"kind=synthetic_text,prompt_tokens={load.prompt_tokens},output_tokens={output_tokens}",
         "--profile",
         "kind=concurrent",
         "--override",
@@ -332,6 +361,11 @@ def _percentile(metrics: dict, name: str, p: str) -> float:
     return float(found.get(p) or 0.0)
 
 
+def _rate(metrics: dict, name: str) -> float:
+    """The level's mean rate ``name`` over all its requests (0 when guidellm has none)."""
+    return float(((metrics.get(name) or {}).get("total") or {}).get("mean") or 0.0)
+
+
 def parse_results(data: dict) -> tuple[list[Level], list[str]]:
     """Each concurrency level of guidellm's JSON, in its order, and up to three error messages."""
     levels, errors = [], []
@@ -350,6 +384,10 @@ def parse_results(data: dict) -> tuple[list[Level], list[str]]:
                 itl_p95_ms=_percentile(metrics, "inter_token_latency_ms", "p95"),
                 output_tokens_per_second=float(metrics["output_tokens_per_second"]["total"]["mean"]),
                 duration_s=float(bench.get("duration") or 0.0),
+                requests_per_second=_rate(metrics, "requests_per_second"),
+                latency_p50_ms=_percentile(metrics, "request_latency", "p50") * 1000,
+                latency_p95_ms=_percentile(metrics, "request_latency", "p95") * 1000,
+                input_tokens_per_second=_rate(metrics, "prompt_tokens_per_second"),
             )
         )
         for request in (bench.get("requests") or {}).get("errored") or []:

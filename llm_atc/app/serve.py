@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llm_atc import colocate, engines, ui, weights
 from llm_atc.app import adapters as adapters_app
+from llm_atc.app import serving
 from llm_atc.backends import backend_for
 from llm_atc.backends._base import Workload
 from llm_atc.errors import UserError
@@ -46,7 +47,16 @@ class PreparedServe:
 
 def prepare(spec: ServeSpec, *, registry: Registry) -> PreparedServe:
     """Check everything the serve reads, render its task, and let the backend validate it."""
-    prepared = _prepare_local(spec, registry) if spec.is_local else _prepare_cluster(spec, registry)
+    spec, notes = serving.resolve(spec)
+    if spec.is_local:
+        engine = choose_engine(spec)
+        if engine == "transformers" and spec.engine != engine:  # no parsers: serve as transformers would
+            spec, notes = serving.resolve(replace(spec, engine=engine))
+        spec = replace(spec, engine=engine)
+        prepared = _prepare_local(spec, registry)
+    else:
+        prepared = _prepare_cluster(spec, registry)
+    prepared.notes[:0] = notes
     backend_for(prepared.workload.record).validate(prepared.workload)
     return prepared
 
@@ -138,12 +148,18 @@ def _colocated(
 
 
 def _models_details(spec: ServeSpec, several: Colocated | None) -> dict:
-    """A deployment of several models keeps each one's name and place (for status, endpoint and bench)."""
+    """What each model is served for, and a deployment of several models keeps each one's name and place
+    (for status, endpoint, bench and the Python API)."""
     if several is None:
-        return {}
+        return spec.serving_of(spec.model).details() if spec.engine == "vllm" else {}
     return {
         "models": [
-            {"name": spec.served_name_of(model), "model": model.location, "engine_port": port}
+            {
+                "name": spec.served_name_of(model),
+                "model": model.location,
+                "engine_port": port,
+                **spec.serving_of(model).details(),
+            }
             for model, port in zip(spec.models, several.engine_ports, strict=True)
         ]
     }
@@ -217,13 +233,18 @@ def write_chat_template(spec: ServeSpec, path: Path) -> Path | None:
 # --- this machine ----------------------------------------------------------------------------------
 
 
-def choose_engine(requested: str) -> str:
+def choose_engine(spec: ServeSpec) -> str:
     """``auto``: vLLM when its engine environment is installed and runs here (its CPU build, or the
-    CUDA build with a GPU visible), else transformers."""
-    if requested != "auto":
-        return requested
+    CUDA build with a GPU visible), else transformers, which only generates text."""
+    if spec.engine != "auto":
+        return spec.engine
     found = engines.installed("vllm")
-    return "vllm" if found is not None and found.usable_here() else "transformers"
+    if found is not None and found.usable_here():
+        return "vllm"
+    pooling = next((s for s in spec.servings if not s.generates), None)
+    if pooling is not None:
+        engines.require("vllm", why=f"serving a model for {pooling.task} on this machine")
+    return "transformers"
 
 
 def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
@@ -231,7 +252,7 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
 
     from llm_atc.backends.local import engine_path, free_ports, pick_port
 
-    engine = choose_engine(spec.engine)
+    engine = spec.engine
     if spec.extra_models and engine != "vllm":
         raise UserError("several --name are served by vLLM, which is not installed here: llm-atc engines install vllm")
     vllm_env = None

@@ -48,7 +48,8 @@ def bench(
     plot,
 ):
     """Load-test DEPLOYMENT with guidellm: TTFT, inter-token latency, output tokens/s and $ per million
-    output tokens at several concurrencies, each level bounded in time and requests.
+    output tokens at several concurrencies, each level bounded in time and requests. An embedding model
+    gets embedding requests: latency, requests/s, input tokens/s and $ per million input tokens.
 
     \b
     Examples:
@@ -70,12 +71,17 @@ def bench(
     app.check_price(price_per_hour)
     registry = Registry()
     record = app.deployment(deployment, registry)
-    app.pick_model(record, model)
+    served, _ = app.pick_model(record, model)
+    task = app.measurable_task(record, served)
     out_dir = home() / "bench" / f"{record.cluster}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sizes = (
+        f"embedding {load.prompt_tokens}-token texts"
+        if task == "embed"
+        else f"{load.prompt_tokens} prompt / {load.output_tokens} output tokens"
+    )
     ui.info(
-        f"Measuring {record.cluster} at concurrency {', '.join(map(str, load.concurrency))}: "
-        f"{load.prompt_tokens} prompt / {load.output_tokens} output tokens, each level at most {load.duration}s "
-        f"or {load.max_requests} requests (all told at most {load.bound_seconds}s)"
+        f"Measuring {record.cluster} at concurrency {', '.join(map(str, load.concurrency))}: {sizes}, each level "
+        f"at most {load.duration}s or {load.max_requests} requests (all told at most {load.bound_seconds}s)"
     )
     report = app.run(
         record,
@@ -103,30 +109,12 @@ def bench(
 def _table(report):
     from rich.table import Table
 
+    from llm_atc.bench_plot import rows
+
+    headings, cells = rows(report)
     table = Table(title=f"{report.model} on {report.deployment}", box=None, header_style="bold")
-    for column in (
-        "CONCURRENCY",
-        "TTFT P50 MS",
-        "TTFT P95 MS",
-        "ITL P50 MS",
-        "ITL P95 MS",
-        "OUTPUT TOK/S",
-        "$ / M OUTPUT TOK",
-        "OK",
-        "FAILED",
-    ):
-        table.add_column(column, justify="right")
-    for level in report.levels:
-        cost = level.usd_per_million_output_tokens
-        table.add_row(
-            str(level.concurrency),
-            f"{level.ttft_p50_ms:.1f}",
-            f"{level.ttft_p95_ms:.1f}",
-            f"{level.itl_p50_ms:.2f}",
-            f"{level.itl_p95_ms:.2f}",
-            f"{level.output_tokens_per_second:.1f}",
-            "-" if cost is None else f"{cost:.4g}",
-            str(level.successful),
-            str(level.errored),
-        )
+    for column in headings:
+        table.add_column(column.upper(), justify="right")
+    for row in cells:
+        table.add_row(*row)
     return table

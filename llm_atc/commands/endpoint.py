@@ -7,7 +7,12 @@ import click
 
 @click.command()
 @click.argument("name")
-@click.option("--check", is_flag=True, help="Query the engine and print the served model ids.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Query the engine: print the served model ids, and send each model one real request of its kind "
+    "(a 1-token completion, an embedding, a rerank or a classification).",
+)
 @click.option(
     "--port", type=int, default=8000, show_default=True, help="Engine port, for clusters llm-atc did not launch."
 )
@@ -24,7 +29,6 @@ def endpoint(name, check, port, forward, local_port, show_key):
     from llm_atc import credentials, ui
     from llm_atc.app import lifecycle
     from llm_atc.errors import NotFoundError
-    from llm_atc.readiness import served_models
     from llm_atc.registry import Registry
 
     if local_port is not None and not forward:
@@ -44,10 +48,7 @@ def endpoint(name, check, port, forward, local_port, show_key):
     def show(base: str) -> None:
         ui.out(base.rstrip("/") + "/v1")
         if check:
-            for model in served_models(
-                base, record.engine or "vllm", record.name, api_key=api_key, cafile=record.details.get("tls_cert")
-            ):
-                ui.out(f"  {model}")
+            _check(base, record, api_key)
 
     if not forward:
         show(lifecycle.endpoint(record, registry=registry)[1])
@@ -61,3 +62,21 @@ def endpoint(name, check, port, forward, local_port, show_key):
             tunnel.wait()
         except KeyboardInterrupt:
             ui.info("Tunnel closed.")
+
+
+def _check(base: str, record, api_key: str | None) -> None:
+    """Every model id the endpoint lists; each of the deployment's own models answers one real request."""
+    from llm_atc import ui
+    from llm_atc.errors import LaunchError
+    from llm_atc.readiness import served_models, try_model
+
+    engine, cafile = record.engine or "vllm", record.details.get("tls_cert")
+    listed = served_models(base, engine, record.name, api_key=api_key, cafile=cafile)
+    for model in listed:
+        answer = ""
+        if model in record.served:
+            answer = try_model(base, model, record.task_of(model), engine=engine, api_key=api_key, cafile=cafile)
+        ui.out(f"  {model}  {answer}".rstrip())
+    missing = [name for name in record.served if name not in listed]
+    if missing:
+        raise LaunchError(f"the endpoint does not list {', '.join(missing)} among its models ({', '.join(listed)})")

@@ -29,13 +29,20 @@ import click
     help="serve: context length to size the KV cache for (default: the model's, at most 32768); "
     "training: sequence length (default 2048).",
 )
+@click.option(
+    "--task",
+    type=click.Choice(["auto", "generate", "embed", "rerank", "classify"]),
+    default="auto",
+    show_default=True,
+    help="serve: what the model serves (as serve --task); embed, rerank and classify keep no KV cache.",
+)
 @click.option("--dtype", help="Weights dtype: auto, half, float16, bfloat16, float32 (serve).")
 @click.option("--quantization", help="vLLM quantization method, e.g. awq, gptq, fp8, bitsandbytes (serve).")
 @click.option("--cloud", help="Only this cloud's offers (default: every cloud whose SkyPilot catalog is on disk).")
 @click.option("--region", help="Only this region (needs --cloud).")
 @click.option("--use_spot", is_flag=True, help="Price and sort by spot prices.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(name, source, mode, max_model_len, dtype, quantization, cloud, region, use_spot, as_json):
+def plan(name, source, mode, max_model_len, task, dtype, quantization, cloud, region, use_spot, as_json):
     """Size a model's GPU memory and list the GPUs that fit it, cheapest first.
 
     Parameters come from the model's config.json (or its safetensors index),
@@ -53,14 +60,19 @@ def plan(name, source, mode, max_model_len, dtype, quantization, cloud, region, 
 
     from llm_atc import planning, ui
 
+    if len(name) > 1 and task != "auto":
+        raise click.UsageError("--task applies to one model; several --name are each planned for what they serve")
     if len(name) > 1:
         _plan_several(name, source, mode, as_json, max_model_len=max_model_len, dtype=dtype,
                       quantization=quantization, cloud=cloud, region=region, use_spot=use_spot)  # fmt: skip
         return
     name = name[0]
+    if task != "auto" and mode != "serve":
+        raise click.UsageError(f"--task {task} goes with --mode serve")
     result = planning.make_plan(
         name,
         mode=mode,
+        task=None if task == "auto" else task,
         max_model_len=max_model_len,
         dtype=dtype,
         quantization=quantization,

@@ -42,6 +42,30 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
     metavar="TOKEN",
     help="A token that also ends generation, e.g. '<|im_end|>' (vLLM; for models whose config misses it).",
 )
+@click.option(
+    "--task",
+    type=click.Choice(["auto", "generate", "embed", "rerank", "classify"]),
+    default="auto",
+    show_default=True,
+    help="What the model serves: chat and completions (generate), /v1/embeddings (embed), /v1/rerank and "
+    "/v1/score (rerank), /classify (classify). auto: what its config.json says (vLLM).",
+)
+@click.option(
+    "--tool_parser",
+    metavar="auto|none|NAME",
+    default="auto",
+    show_default=True,
+    help="vLLM's tool-call parser, for `tools` and `tool_choice` requests. auto: the one vLLM's docs give for "
+    "the model's family (e.g. hermes for Qwen2.5 and Qwen3, llama3_json for Llama 3.1).",
+)
+@click.option(
+    "--reasoning_parser",
+    metavar="auto|none|NAME",
+    default="auto",
+    show_default=True,
+    help="vLLM's reasoning parser: the model's thinking comes back apart, as `reasoning`. auto: the one for the "
+    "model's family (e.g. qwen3, deepseek_r1 for R1 distills).",
+)
 @click.option("--vllm_args", metavar="'FLAGS'", help='Extra vLLM engine flags, e.g. "--enable-prefix-caching".')
 @click.option(
     "--engine",
@@ -131,6 +155,7 @@ def serve(**options):
       llm-atc serve --name lmsys/vicuna-13b-v1.3 --accelerator A100-80GB:1 --cloud gcp --envs HF_TOKEN
       llm-atc serve --name llm-atc/my-run --source s3://my-bucket/llm-atc/my-run --accelerator L4:1
       llm-atc serve --name Qwen/Qwen2.5-0.5B-Instruct --cloud local
+      llm-atc serve --name Qwen/Qwen3-8B --name BAAI/bge-m3 --accelerator L4:1 --cloud gcp  # chat + embeddings
       llm-atc serve --name llm-atc/my-run --accelerator L4:1 --replicas 0..4 --target_qps 2 --use_spot
       llm-atc serve --name ./small-model --cloud slurm --region mycluster --engine transformers --cpus 4
     """
@@ -179,9 +204,16 @@ def serve(**options):
         return
     cafile = record.details.get("tls_cert")
     key_for = spec.cluster if prepared.api_key else None
-    ui.out(snippets(record.endpoint, record.name, record.engine or "vllm", key_for=key_for, cafile=cafile))
+    ui.out(
+        snippets(
+            record.endpoint, record.name, record.engine or "vllm", task=record.task_of(), key_for=key_for, cafile=cafile
+        )
+    )
     if len(record.served) > 1:
-        ui.out(f"Models behind this endpoint (send one as `model`): {', '.join(record.served)}")
+        from llm_atc.model_tasks import ENDPOINT_TEXT
+
+        models = ", ".join(f"{name} ({ENDPOINT_TEXT[record.task_of(name)]})" for name in record.served)
+        ui.out(f"Models behind this endpoint (send one as `model`): {models}")
     if not record.details.get("open_ports", True) and not spec.is_local:
         ui.info(
             f"{spec.placement.cloud} opens no ports: {record.endpoint} is the node's own address. Where that "

@@ -9,7 +9,8 @@ admin API (``/workers``) on the same port and lists models in a format of its ow
 127.0.0.1 too, and this gateway is what clients reach: it checks the API key (``VLLM_API_KEY``, the
 engines' own) on every request, answers ``GET /v1/models`` with every engine's models (OpenAI's
 format), refuses an unknown ``model`` with a 404 naming the served ones, and passes the OpenAI API
-(``/v1/...``) to the router, streams included.
+(``/v1/...``) to the router, streams included; rerank, score, classification and tokenizer requests, which
+the router does not route by model, go straight to the engine of their ``model``.
 
 Engines that share a device (``--sequential``) start one after another: vLLM sizes its memory from
 what is free when it starts. When any engine or the router exits, the others are stopped and this
@@ -34,7 +35,14 @@ HEALTH_TIMEOUT = 3600  # seconds an engine may take to load (the client's own re
 ROUTER_TIMEOUT = 60
 STOP_GRACE = 20
 # Paths the gateway passes to the router; everything else of the router's (its admin API) stays private.
-POST_PATHS = ("/v1/", "/tokenize", "/detokenize")
+POST_PATHS = ("/v1/",)
+# Paths the router does not route by model (vllm-router 0.1.17 answers "No available workers"): the gateway
+# sends them to the engine of the request's model itself. Rerank, score and classification are the
+# pooling models' own; the tokenizer's paths belong to each model.
+DIRECT_PATHS = frozenset(
+    {"/v1/rerank", "/v1/score", "/rerank", "/v2/rerank", "/score", "/classify", "/pooling", "/v2/embed"}
+    | {"/tokenize", "/detokenize"}
+)
 HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade"})
 
 
@@ -164,7 +172,8 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
-        if request.method != "POST" or not request.path.startswith(POST_PATHS):
+        direct = request.path in DIRECT_PATHS
+        if request.method != "POST" or not (direct or request.path.startswith(POST_PATHS)):
             return error(404, f"{request.method} {request.path} is not served here", "NotFoundError")
         body = await request.read()
         try:
@@ -175,7 +184,8 @@ class Gateway:
             served = ", ".join(self.names)
             return error(404, f"The model `{model}` does not exist. This endpoint serves: {served}.", "NotFoundError")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        async with self.session.post(self.router + request.path_qs, data=body, headers=headers) as upstream:
+        target = self.engines[self.names.index(model)].url if direct else self.router
+        async with self.session.post(target + request.path_qs, data=body, headers=headers) as upstream:
             response = web.StreamResponse(
                 status=upstream.status,
                 headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS},

@@ -1,0 +1,150 @@
+"""How each model of a serve is served, read from what the model carries: what it is for (chat,
+embeddings, rerank, classification) and, for a generative model, vLLM's tool-call and reasoning parsers
+for its family. Runs after every cheap check and before anything launches; a parser the model's tokenizer
+cannot start with is refused here, not after a GPU is paid for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+from llm_atc import model_tasks, ui
+from llm_atc.errors import UserError
+from llm_atc.model_files import ModelFiles, vocabulary
+from llm_atc.model_tasks import AUTO, GENERATE, NONE, Serving
+from llm_atc.models import ModelRef
+from llm_atc.options import shorten
+from llm_atc.spec import ServeSpec
+from llm_atc.storage import store_env
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What could be read of one model: its config (None when it could not be), and why not."""
+
+    config: dict | None
+    sentence_transformers: bool = False
+    adapter: bool = False
+    why_not: str = ""
+
+
+def resolve(spec: ServeSpec) -> tuple[ServeSpec, list[str]]:
+    """``spec`` with how each model is served (``spec.servings``), and the lines that say so."""
+    servings, notes = [], []
+    with store_env(spec.envs, spec.secrets), _hub_token(spec.secrets):
+        for model in spec.models:
+            serving, lines = _serving(spec, model)
+            servings.append(serving)
+            notes += lines
+    resolved = replace(spec, servings=tuple(servings))
+    first = servings[0]
+    if not first.generates and resolved.max_loras:
+        if spec.runtime_lora_asked:
+            raise UserError(
+                f"--max_loras/--max_lora_rank: {spec.served_name} is served for {first.task} "
+                "(no LoRA adapters); drop them"
+            )
+        resolved = replace(resolved, max_loras=0, max_lora_rank=0)
+    return resolved, notes
+
+
+def _serving(spec: ServeSpec, model: ModelRef) -> tuple[Serving, list[str]]:
+    served = spec.served_name_of(model)
+    with ui.spinner(f"Reading what {shorten(model.location)} is"):
+        read = _read(model)
+    names = [model.name, model.hub_id or "", str((read.config or {}).get("_name_or_path") or "")]
+    notes = [f"{served}: could not read its config.json ({read.why_not}); going by its name"] if read.why_not else []
+    if spec.task != AUTO:
+        choice = model_tasks.TaskChoice(spec.task, "--task")
+    elif read.adapter:
+        choice = model_tasks.TaskChoice(GENERATE, "a LoRA adapter")
+    else:
+        choice = model_tasks.detect_task(read.config, sentence_transformers=read.sentence_transformers, names=names)
+    if spec.engine == "transformers":
+        if choice.task != GENERATE:
+            raise UserError(
+                f"{served} is served for {choice.task} ({choice.why}), which needs vLLM: "
+                "transformers serve only generates text; use --engine vllm"
+            )
+        return Serving(), notes
+    if choice.task != GENERATE:
+        for flag, value in (("--tool_parser", spec.tool_parser), ("--reasoning_parser", spec.reasoning_parser)):
+            if value not in (AUTO, NONE):
+                raise UserError(
+                    f"{flag} applies to generative models; {served} is served for {choice.task} ({choice.why})"
+                )
+        serving = Serving(choice.task, runner=tuple(model_tasks.runner_flags(choice.task, read.config)))
+        return serving, [*notes, f"{served}: {serving.summary()} ({choice.why})"]
+    family = model_tasks.family_of(read.config, names)
+    parsers = {}
+    for kind in ("tool", "reasoning"):
+        asked = getattr(spec, f"{kind}_parser")
+        parser = _pick(asked, getattr(family, f"{kind}_parser") if family else None)
+        missing = _missing_tokens(model, parser, kind) if parser else []
+        if missing and asked != AUTO:
+            raise UserError(
+                f"--{kind}_parser {parser} needs the token{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
+                f"which {served}'s tokenizer lacks, so vLLM would fail at start-up; pass another parser or none"
+            )
+        if missing:  # the family's parser, but this model's tokenizer cannot start it (a base model, say)
+            notes.append(f"{served}: no {kind} parser: its tokenizer lacks {', '.join(missing)}, which {parser} needs")
+            parser = None
+        parsers[kind] = parser
+    serving = Serving(GENERATE, parsers["tool"], parsers["reasoning"])
+    if family is None and spec.tool_parser == AUTO and spec.reasoning_parser == AUTO:
+        return serving, notes
+    why = f"the {family.family} family" if family else "as asked"
+    line = f"{served}: {serving.summary()} ({why}; --tool_parser/--reasoning_parser NAME|none change it)"
+    tool = parsers["tool"]
+    if family and family.chat_template and (tool and spec.tool_parser == AUTO) and spec.chat_template is None:
+        line += f"; vLLM's docs suggest --chat_template {family.chat_template} for tool calls"
+    return serving, [*notes, line]
+
+
+def _pick(asked: str, family: str | None) -> str | None:
+    if asked == NONE:
+        return None
+    return family if asked == AUTO else asked
+
+
+def _read(model: ModelRef) -> _Read:
+    """The model's config and sentence-transformers marker (a LoRA adapter: its base's config)."""
+    from llm_atc.planning import load_model_info
+
+    try:
+        info = load_model_info(model)
+    except UserError as exc:
+        adapter = model.path is not None and not (model.path / "config.json").is_file()
+        return _Read(None, adapter=adapter, why_not=str(exc).splitlines()[0][:200])
+    return _Read(info.config, info.sentence_transformers, adapter=info.adapter_of is not None)
+
+
+def _missing_tokens(model: ModelRef, parser: str, kind: str) -> list[str]:
+    """The tokens ``parser`` needs that the model's tokenizer lacks (vLLM refuses to start without them);
+    none where the tokenizer cannot be read from here (vLLM checks it on the node)."""
+    needed = model_tasks.needed_tokens(parser, kind)
+    if not needed:
+        return []
+    try:
+        found = vocabulary(ModelFiles.of(model), needed)
+    except UserError:
+        return []
+    return [] if found is None else [token for token in needed if token not in found]
+
+
+@contextmanager
+def _hub_token(secrets: dict[str, str]) -> Iterator[None]:
+    """HF_TOKEN given with --secret/--envs, for reading a gated model's config from the Hub."""
+    token, before = secrets.get("HF_TOKEN"), os.environ.get("HF_TOKEN")
+    if token:
+        os.environ["HF_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if token and before is None:
+            os.environ.pop("HF_TOKEN", None)
+        elif token:
+            os.environ["HF_TOKEN"] = before
