@@ -255,3 +255,38 @@ class Serving:
         if self.reasoning_parser:
             found["reasoning_parser"] = self.reasoning_parser
         return found
+
+
+def choose(
+    config: Mapping | None,
+    *,
+    names: Iterable[str] = (),
+    sentence_transformers: bool = False,
+    adapter: bool = False,
+    task: str = AUTO,
+    tool_parser: str = AUTO,
+    reasoning_parser: str = AUTO,
+) -> tuple[Serving, TaskChoice, Family | None]:
+    """How a model is served, from what it carries and what was asked (``auto`` / ``none`` / a name): the
+    serving, why its task, and the family its parsers come from. A parser asked for a model that does not
+    generate is a one-line error."""
+    names = list(names)
+    if task != AUTO:
+        choice = TaskChoice(task, "--task")
+    elif adapter:
+        choice = TaskChoice(GENERATE, "a LoRA adapter")
+    else:
+        choice = detect_task(config, sentence_transformers=sentence_transformers, names=names)
+    if choice.task != GENERATE:
+        for flag, value in (("--tool_parser", tool_parser), ("--reasoning_parser", reasoning_parser)):
+            if value not in (AUTO, NONE):
+                raise UserError(f"{flag} applies to generative models; the model serves {choice.task} ({choice.why})")
+        return Serving(choice.task, runner=tuple(runner_flags(choice.task, config))), choice, None
+    family = family_of(config, names)
+
+    def pick(asked: str, kind: str) -> str | None:
+        if asked == NONE:
+            return None
+        return (getattr(family, f"{kind}_parser") if family else None) if asked == AUTO else asked
+
+    return Serving(GENERATE, pick(tool_parser, "tool"), pick(reasoning_parser, "reasoning")), choice, family

@@ -216,8 +216,9 @@ class _translate_errors:
             "RetryError",
         ):
             raise UserError(f"cannot reach the object store for {where}: {_first_line(exc)}") from None
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code") if name == "ClientError" else None
-        if name in ("NotFound", "NoSuchKey") or code in ("404", "NoSuchKey", "NoSuchBucket"):
+        response = getattr(exc, "response", None)  # botocore's ClientError and its modelled subclasses
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        if name in ("NotFound", "NoSuchKey", "NoSuchBucket") or code in ("404", "NoSuchKey", "NoSuchBucket"):
             raise NotFoundError(f"{where}: not found ({_first_line(exc)})") from None
         if name in ("ClientError", "Forbidden", "Unauthorized"):
             raise UserError(f"{where}: {_first_line(exc)}") from None

@@ -132,7 +132,7 @@ def test_price_per_million_tokens_comes_from_the_catalog(catalog):
     offer = cheapest_offer([("L4", 1)], "gcp", None, use_spot=False)
     assert price == offer.price and price > 0 and "SkyPilot's catalog: L4:1 on GCP" in source
     level = Level(1, 10, 0, 0, 1.0, 2.0, 0.1, 0.2, output_tokens_per_second=500.0, duration_s=5.0)
-    assert _per_million(price, level) == pytest.approx(price / (500 * 3600) * 1e6)
+    assert _per_million(price, level.output_tokens_per_second) == pytest.approx(price / (500 * 3600) * 1e6)
     assert hourly_price(record, 2.5) == (2.5, "--price_per_hour")
     for cloud in ("local", "slurm"):
         mine = Record(name="m", kind="serve", model="m", cluster="c", status="RUNNING", cloud=cloud, accelerator="L4:1")

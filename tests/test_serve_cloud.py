@@ -18,6 +18,8 @@ import yaml
 from conftest import VLLM_KEY, FakeServe, assert_one_line_error
 from support.dryrun import command_of, dryrun, flag, sky_task
 
+from llm_atc.recipes_catalog import recipes_dir
+
 SECRET = "hf_SECRETVALUE123"
 
 
@@ -70,6 +72,9 @@ def test_dryrun_prints_only_a_task_skypilot_accepts(cli, llm_atc_home):
         "bfloat16",
         "--max-model-len",
         "4096",
+        # The API key on every path of the server (vLLM's own guards /v1 only).
+        "--middleware",
+        "llm_atc_vllm_auth.RequireKey",
         # Runtime LoRA, on by default: `llm-atc adapters add` loads adapters into the running server.
         "--enable-lora",
         "--max-lora-rank",
@@ -115,7 +120,8 @@ def test_recipe_runs_on_its_own_with_skypilot():
 def test_bucket_checkpoint_is_checked_and_streamed(cli, s3_checkpoint):
     config, _ = dryrun(cli, "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--accelerator", "L4")
     task = sky_task(config)
-    assert "file_mounts" not in config and not task.storage_mounts  # nothing copied onto the node first
+    assert set(config["file_mounts"]) == {"~/.llm-atc/llm_atc_vllm_auth.py"}  # the key's guard, no weights
+    assert not task.storage_mounts
     assert task.envs["MODEL_NAME"] == s3_checkpoint
     assert flag(command_of(config), "--model") == s3_checkpoint
     assert flag(command_of(config), "--load-format") == "runai_streamer"
@@ -127,7 +133,7 @@ def test_bucket_checkpoint_is_copied_with_weights_copy(cli, s3_checkpoint):
         cli, "--name", "llm-atc/tiny", "--source", s3_checkpoint, "--accelerator", "L4", "--weights", "copy"
     )
     task = sky_task(config)
-    assert config["file_mounts"] == {"/llm-atc/model": {"source": s3_checkpoint, "mode": "COPY"}}
+    assert config["file_mounts"]["/llm-atc/model"] == {"source": s3_checkpoint, "mode": "COPY"}
     assert "/llm-atc/model" in task.storage_mounts
     assert task.envs["MODEL_NAME"] == "/llm-atc/model" and "--load-format" not in command_of(config)
 
@@ -362,7 +368,10 @@ def test_bucket_is_fetched_by_the_recipe_where_skypilot_cannot_mount_it(s3_check
         helper = config["file_mounts"]["~/.llm-atc/buckets.py"]
         assert Path(helper).is_file() and set(config["file_mounts"]) == {"~/.llm-atc/buckets.py"}
     mounted = render(dict(name="llm-atc/tiny", source=s3_checkpoint, cloud="aws"))
-    assert mounted["file_mounts"] == {"/llm-atc/model": {"source": s3_checkpoint, "mode": "COPY"}}
+    assert mounted["file_mounts"] == {
+        "/llm-atc/model": {"source": s3_checkpoint, "mode": "COPY"},
+        "~/.llm-atc/llm_atc_vllm_auth.py": str(recipes_dir() / "serve" / "llm_atc_vllm_auth.py"),
+    }
     assert "MODEL_SOURCE" not in mounted["envs"] or not mounted["envs"]["MODEL_SOURCE"]
 
 
@@ -696,6 +705,7 @@ def test_lora_adapters_are_served_on_the_base_model(cli, s3, tmp_path, tiny_mode
         "3",
     ]
     assert config["file_mounts"] == {
+        "~/.llm-atc/llm_atc_vllm_auth.py": str(recipes_dir() / "serve" / "llm_atc_vllm_auth.py"),
         "/llm-atc/lora/0": {"source": "s3://loras/llm-atc/sql", "mode": "COPY"},
         "~/llm-atc/lora/1": str(folder),
     }

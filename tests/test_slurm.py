@@ -376,20 +376,21 @@ def free_port_run(count: int) -> int:
     raise RuntimeError(f"no run of {count} free ports")
 
 
-def test_two_models_behind_one_endpoint_on_slurm(cli, slurm, tiny_model, tmp_path, tls_files):
-    """Two folders, one vLLM each on the Slurm node, vLLM's router, and llm-atc's gateway on the endpoint port
-    serving HTTPS: both answer under their names with the key llm-atc made, an unknown name gets a 404, and
-    down leaves no engine behind."""
+def test_chat_and_embeddings_behind_one_endpoint_on_slurm(cli, slurm, tiny_model, tmp_path, tls_files):
+    """A chat model and an embedding model, one vLLM each on the Slurm node, vLLM's router, and llm-atc's gateway
+    on the endpoint port serving HTTPS: each answers what it serves with the key llm-atc made, an unknown name
+    gets a 404, and down leaves no engine behind."""
     from openai import OpenAI
 
-    other = tmp_path / "tiny-two"
-    shutil.copytree(tiny_model, other)
+    from llm_atc.demo import build_tiny_encoder
+
+    other = build_tiny_encoder(tmp_path / "tiny-embed")
     cluster, port = unique("e2e-two"), free_port_run(5)
     tls = ["--tls_cert", str(tls_files["cert"]), "--tls_key", str(tls_files["key"])]
     result = cli("serve", "--name", str(tiny_model), "--name", str(other), *tls, *slurm_options(slurm, cluster, port))
     assert result.exit_code == 0, result
     url = f"https://127.0.0.1:{port}/v1"
-    assert url in result.stdout
+    assert url in result.stdout and f"{other.name} (embeddings)" in result.stdout
     names = [tiny_model.name, other.name]  # folders by absolute path: served under their names on a node
     try:
         key = cli("endpoint", cluster, "--show_key").stdout.strip()
@@ -399,18 +400,21 @@ def test_two_models_behind_one_endpoint_on_slurm(cli, slurm, tiny_model, tmp_pat
         listed = web.get(f"{url}/models", headers=headers).json()["data"]
         assert sorted(m["id"] for m in listed) == sorted(names)
         client = OpenAI(base_url=url, api_key=key, http_client=web, max_retries=0)
-        for name in names:
-            reply = client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
-            )
-            assert reply.model == name and reply.choices[0].message.role == "assistant"
-        stream = client.completions.create(model=names[1], prompt="Hello", max_tokens=4, stream=True)
+        reply = client.chat.completions.create(
+            model=names[0], messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+        assert reply.model == names[0] and reply.choices[0].message.role == "assistant"
+        vectors = client.embeddings.create(model=names[1], input=["alpha beta", "gamma"])
+        assert [len(v.embedding) for v in vectors.data] == [128, 128]
+        assert web.post(f"{url}/embeddings", json={"model": names[1], "input": ["x"]}).status_code == 401
+        stream = client.completions.create(model=names[0], prompt="Hello", max_tokens=4, stream=True)
         assert sum(1 for _ in stream) >= 2
         unknown = web.post(f"{url}/chat/completions", headers=headers, json={"model": "nope", "messages": []})
         assert unknown.status_code == 404 and "This endpoint serves" in unknown.text
         logs = cli("logs", cluster).stdout
         assert "through vLLM's router" in logs and f"[{names[1]}] " in logs and "[router] " in logs
         assert "vllm-router==0.1.17" in logs or "is ready in" in logs  # the node installed the router
+        assert "--runner pooling" in logs
     finally:
         assert_gone(cli, cluster, port)
     for engine_port in range(port + 1, port + 3):

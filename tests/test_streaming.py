@@ -239,13 +239,12 @@ def test_a_replica_streams_a_complete_weights_cache(
     it from there. The recipe's own `run` (rendered by --dryrun) runs here in bash as the node, with
     the real vLLM; only the address it binds is narrowed to 127.0.0.1."""
     import os
+    import shutil
     import signal
     import subprocess
     import time
 
     from conftest import free_port, wait_http
-
-    from llm_atc.recipes_catalog import recipes_dir
 
     bucket, hub_id = unique("cache"), "llm-atc-test/tiny"
     s3.create_bucket(Bucket=bucket)
@@ -276,8 +275,10 @@ def test_a_replica_streams_a_complete_weights_cache(
     assert "later ones stream it from there" in rendered.stderr
     config = yaml.safe_load(rendered.stdout)
     node_home = tmp_path / "node"
-    (node_home / ".llm-atc").mkdir(parents=True)
-    (node_home / ".llm-atc" / "buckets.py").write_text((recipes_dir() / "train" / "buckets.py").read_text())
+    for target, source in config["file_mounts"].items():  # SkyPilot's sync of this machine's files
+        assert target.startswith("~/.llm-atc/"), target
+        (node_home / target[2:]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, node_home / target[2:])
     envs = {k: "" if v is None else str(v) for k, v in config["envs"].items()}
     envs["VLLM_COMMAND"] = envs["VLLM_COMMAND"].replace("--host 0.0.0.0", "--host 127.0.0.1")
     env = {**os.environ, **envs, "HOME": str(node_home), "LLM_ATC_VLLM_ENV": str(vllm_engine.path)}

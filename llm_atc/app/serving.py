@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from llm_atc import model_tasks, ui
 from llm_atc.errors import UserError
 from llm_atc.model_files import ModelFiles, vocabulary
-from llm_atc.model_tasks import AUTO, GENERATE, NONE, Serving
+from llm_atc.model_tasks import AUTO, Serving
 from llm_atc.models import ModelRef
 from llm_atc.options import shorten
 from llm_atc.spec import ServeSpec
@@ -57,32 +57,30 @@ def _serving(spec: ServeSpec, model: ModelRef) -> tuple[Serving, list[str]]:
         read = _read(model)
     names = [model.name, model.hub_id or "", str((read.config or {}).get("_name_or_path") or "")]
     notes = [f"{served}: could not read its config.json ({read.why_not}); going by its name"] if read.why_not else []
-    if spec.task != AUTO:
-        choice = model_tasks.TaskChoice(spec.task, "--task")
-    elif read.adapter:
-        choice = model_tasks.TaskChoice(GENERATE, "a LoRA adapter")
-    else:
-        choice = model_tasks.detect_task(read.config, sentence_transformers=read.sentence_transformers, names=names)
+    try:
+        serving, choice, family = model_tasks.choose(
+            read.config,
+            names=names,
+            sentence_transformers=read.sentence_transformers,
+            adapter=read.adapter,
+            task=spec.task,
+            tool_parser=spec.tool_parser,
+            reasoning_parser=spec.reasoning_parser,
+        )
+    except UserError as exc:
+        raise UserError(str(exc).replace("the model serves", f"{served} is served for", 1)) from None
     if spec.engine == "transformers":
-        if choice.task != GENERATE:
+        if not serving.generates:
             raise UserError(
-                f"{served} is served for {choice.task} ({choice.why}), which needs vLLM: "
+                f"{served} is served for {serving.task} ({choice.why}), which needs vLLM: "
                 "transformers serve only generates text; use --engine vllm"
             )
         return Serving(), notes
-    if choice.task != GENERATE:
-        for flag, value in (("--tool_parser", spec.tool_parser), ("--reasoning_parser", spec.reasoning_parser)):
-            if value not in (AUTO, NONE):
-                raise UserError(
-                    f"{flag} applies to generative models; {served} is served for {choice.task} ({choice.why})"
-                )
-        serving = Serving(choice.task, runner=tuple(model_tasks.runner_flags(choice.task, read.config)))
+    if not serving.generates:
         return serving, [*notes, f"{served}: {serving.summary()} ({choice.why})"]
-    family = model_tasks.family_of(read.config, names)
     parsers = {}
     for kind in ("tool", "reasoning"):
-        asked = getattr(spec, f"{kind}_parser")
-        parser = _pick(asked, getattr(family, f"{kind}_parser") if family else None)
+        asked, parser = getattr(spec, f"{kind}_parser"), getattr(serving, f"{kind}_parser")
         missing = _missing_tokens(model, parser, kind) if parser else []
         if missing and asked != AUTO:
             raise UserError(
@@ -93,21 +91,14 @@ def _serving(spec: ServeSpec, model: ModelRef) -> tuple[Serving, list[str]]:
             notes.append(f"{served}: no {kind} parser: its tokenizer lacks {', '.join(missing)}, which {parser} needs")
             parser = None
         parsers[kind] = parser
-    serving = Serving(GENERATE, parsers["tool"], parsers["reasoning"])
+    serving = replace(serving, tool_parser=parsers["tool"], reasoning_parser=parsers["reasoning"])
     if family is None and spec.tool_parser == AUTO and spec.reasoning_parser == AUTO:
         return serving, notes
     why = f"the {family.family} family" if family else "as asked"
     line = f"{served}: {serving.summary()} ({why}; --tool_parser/--reasoning_parser NAME|none change it)"
-    tool = parsers["tool"]
-    if family and family.chat_template and (tool and spec.tool_parser == AUTO) and spec.chat_template is None:
+    if family and family.chat_template and serving.tool_parser and spec.tool_parser == AUTO and not spec.chat_template:
         line += f"; vLLM's docs suggest --chat_template {family.chat_template} for tool calls"
     return serving, [*notes, line]
-
-
-def _pick(asked: str, family: str | None) -> str | None:
-    if asked == NONE:
-        return None
-    return family if asked == AUTO else asked
 
 
 def _read(model: ModelRef) -> _Read:

@@ -82,13 +82,36 @@ def plan(name, source, mode, max_model_len, task, dtype, quantization, cloud, re
         source=source,
     )
     path = _load_path(name, source) if mode == "serve" else None
+    serves = _serves(result.model, task) if mode == "serve" else None
     if as_json:
         weights = {"weights": {"stream": path.stream, "note": path.note}} if path else {}
-        ui.raw_out(json.dumps({**result.to_dict(), **weights}, indent=2) + "\n")
+        serving = {"serving": serves[0]} if serves else {}
+        ui.raw_out(json.dumps({**result.to_dict(), **weights, **serving}, indent=2) + "\n")
         return
     _render(result)
+    if serves:
+        ui.out(f"Serves: {ui.escape(serves[1])}")
     if path is not None:
         ui.out(ui.escape(path.note))
+
+
+def _serves(info, task: str) -> tuple[dict, str]:
+    """What `serve` would start vLLM for (the task and the parsers of the model's family): JSON and a line."""
+    from llm_atc import model_tasks
+
+    serving, choice, family = model_tasks.choose(
+        info.config,
+        names=[info.name, str(info.config.get("_name_or_path") or "")],
+        sentence_transformers=info.sentence_transformers,
+        adapter=info.adapter_of is not None,
+        task=task,
+    )
+    why = f"the {family.family} family" if family else choice.why
+    flags = " ".join(serving.flags())
+    return (
+        {**serving.details(), "family": family.family if family else None, "vllm_flags": serving.flags()},
+        f"{serving.summary()} ({why})" + (f"; vLLM gets {flags}" if flags else ""),
+    )
 
 
 def _plan_several(names, source, mode, as_json, **options) -> None:
@@ -114,10 +137,12 @@ def _plan_several(names, source, mode, as_json, **options) -> None:
         ui.raw_out(json.dumps(result.to_dict(), indent=2) + "\n")
         return
     for model, estimate in zip(result.names, result.estimates, strict=True):
-        ui.out(
-            f"[bold]{ui.escape(model)}[/bold]: {estimate.weight_bytes / GIB:.1f} GiB of weights + "
+        rest = (
             f"{estimate.kv_cache_bytes / GIB:.1f} GiB of KV cache for {estimate.max_model_len} tokens"
+            if estimate.generates
+            else f"{estimate.activation_bytes / GIB:.1f} GiB of activations ({estimate.task}: no KV cache)"
         )
+        ui.out(f"[bold]{ui.escape(model)}[/bold]: {estimate.weight_bytes / GIB:.1f} GiB of weights + {rest}")
     if not result.options:
         ui.out(f"\nNo single node in SkyPilot's catalog ({', '.join(result.clouds)}) fits them together.")
         return
