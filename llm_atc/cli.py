@@ -54,7 +54,9 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx):
         from llm_atc.errors import UserError
+        from llm_atc.logfile import keep_library_logs
 
+        keep_library_logs()
         try:
             return super().invoke(ctx)
         except UserError as exc:
@@ -66,8 +68,10 @@ class LazyGroup(click.Group):
         except Exception as exc:  # an unexpected failure: still one line unless debugging
             if os.environ.get("LLM_ATC_DEBUG"):
                 raise
+            from llm_atc.logfile import log_exception
+
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            _fail(f"{type(exc).__name__}: {message} (set LLM_ATC_DEBUG=1 for the traceback)", 1)
+            _fail(f"{type(exc).__name__}: {message} (the traceback is in {log_exception(exc)})", 1)
 
 
 MAX_ERROR_LINE = 800  # a safety net: user text is shortened where it is quoted
@@ -85,7 +89,17 @@ def _fail(message: str, code: int, hint: str | None = None) -> None:
     sys.exit(code)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+START_HERE = """\b
+Start here:
+  llm-atc serve --cloud local            a built-in demo model on this machine (no GPU, no network)
+  llm-atc serve --name Qwen/Qwen2.5-7B-Instruct --accelerator L4:1 --cloud gcp
+                                         a model on your cloud, behind an OpenAI-compatible endpoint
+\b
+--cloud local runs everything (serve, train, bench) on this machine; any other infra goes through SkyPilot.
+Each command's --help lists its options; docs/quickstart.md walks through the first hour."""
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=START_HERE)
 @click.version_option(__version__, prog_name="llm-atc")
 def cli():
     """Fine-tune and serve open LLMs on your own cloud account through SkyPilot."""

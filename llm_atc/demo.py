@@ -88,7 +88,9 @@ def build_tiny_model(path: pathlib.Path, *, layers: int = 2, hidden_size: int = 
     kernels need, and bigger models are saved in bfloat16."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # "Writing model shards" for a 1 MB model is noise
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer()
@@ -127,7 +129,9 @@ def build_tiny_encoder(path: pathlib.Path, *, labels: int | None = None) -> path
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -77,6 +77,14 @@ ENGINES = {
 }
 
 
+def vllm_cpu_head_sizes() -> list[int]:
+    """The attention head sizes vLLM's CPU build has kernels for (``data/vllm-cpu.json``, written by
+    ``scripts/vllm_cpu.py`` from the pinned release)."""
+    from importlib import resources
+
+    return json.loads(resources.files("llm_atc").joinpath("data/vllm-cpu.json").read_text())["attention_head_sizes"]
+
+
 def engines_home() -> Path:
     """``$LLM_ATC_ENGINES``, by default ``$LLM_ATC_HOME/engines``."""
     from llm_atc.paths import home

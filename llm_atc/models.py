@@ -77,6 +77,10 @@ def resolve_model(
         return ModelRef(name=name, bucket=bucket)
     if name.startswith(RUN_PREFIX + "/"):
         return _trained_run(name, registry or Registry(), option)
+    from llm_atc import demo
+
+    if name == demo.DEMO_NAME and not _is_dir(Path(name)):  # the built-in tiny model, by its name
+        return ModelRef(name=name, path=demo.demo_model())
     path = Path(name).expanduser()
     if looks_like_path(name) or _is_dir(path):
         if not _is_dir(path):

@@ -22,6 +22,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,6 +111,10 @@ QUANTIZATIONS = tuple(sorted(_INT_METHODS | _FP8_METHODS | _BNB_METHODS | _MXFP4
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64
 
 _FIX_HUB = "pass HF_TOKEN or a local folder"
+
+
+class HubUnreachable(UserError):
+    """The Hugging Face Hub could not be asked (offline, HF_HUB_OFFLINE=1) and its cache has no answer."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +256,9 @@ def hub_file(repo_id: str, filename: str, *, missing_ok: bool = False) -> str | 
     the repository has no such file (or, offline, the cache does not have it)."""
     from huggingface_hub import errors, hf_hub_download
 
+    from llm_atc.logfile import to_log_file
+
+    to_log_file("huggingface_hub")  # its retry lines ("Retrying in 1s [Retry 1/5]") are not for the terminal
     try:
         return hf_hub_download(repo_id, filename, token=os.environ.get("HF_TOKEN") or None)
     except errors.LocalEntryNotFoundError:
@@ -274,10 +282,28 @@ def hub_file(repo_id: str, filename: str, *, missing_ok: bool = False) -> str | 
         reason = f"the Hub answered {_first_line(exc)}"
     except (errors.HFValidationError, ValueError) as exc:
         reason = _first_line(exc)
-    except Exception as exc:
-        reason = f"the Hugging Face Hub cannot be reached ({type(exc).__name__}: {_first_line(exc)})"
+    except Exception as exc:  # a network or client error (the library's own wording, logged, is not for users)
+        from llm_atc.logfile import log_exception
+
+        reason = f"the Hugging Face Hub cannot be reached (details in {log_exception(exc)})"
     what = "config for" if filename == "config.json" else f"{filename} of"
-    raise UserError(f"cannot read {what} {repo_id}: {reason}; {_FIX_HUB}")
+    error = HubUnreachable if "cannot be reached" in reason else UserError
+    raise error(f"cannot read {what} {repo_id}: {reason}; {_FIX_HUB}")
+
+
+@contextmanager
+def hub_token(secrets: Mapping[str, str]) -> Iterator[None]:
+    """HF_TOKEN given with --secret/--envs (not in this process's environment), for reading a gated model."""
+    token, before = secrets.get("HF_TOKEN"), os.environ.get("HF_TOKEN")
+    if token:
+        os.environ["HF_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if token and before is None:
+            os.environ.pop("HF_TOKEN", None)
+        elif token:
+            os.environ["HF_TOKEN"] = before
 
 
 def _first_line(exc: BaseException) -> str:

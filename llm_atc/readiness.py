@@ -183,6 +183,24 @@ def try_model(
         raise LaunchError(f"{model} answered {path} with an unexpected body: {str(answer)[:200]}") from None
 
 
+def first_answers(base_url: str, record, *, api_key: str | None = None) -> None:
+    """Ready means answering: each model the deployment serves gets one real request of its kind (a 1-token
+    completion, an embedding, ...). An engine that lists its models but cannot run them (a kernel this
+    hardware lacks, say) raises :class:`EngineExited` here, at launch, not at its first user's request."""
+    for name in record.served:
+        try:
+            try_model(
+                base_url,
+                name,
+                record.task_of(name),
+                engine=record.engine or "vllm",
+                api_key=api_key,
+                cafile=record.details.get("tls_cert"),
+            )
+        except LaunchError as exc:
+            raise EngineExited(f"the engine is up but failed its first request: {exc}") from None
+
+
 API_KEY_ENV = "LLM_ATC_API_KEY"
 
 

@@ -238,14 +238,25 @@ class Registry:
         return list(self._select(query, args))
 
     def find(self, ref: str, *, kind: str | None = None) -> Record:
-        """The newest record whose cluster or name is ``ref``."""
-        for record in self.records(kind=kind):
+        """The newest record whose cluster or name is ``ref``; a NotFoundError naming the closest ones."""
+        records = self.records(kind=kind)
+        for record in records:
             if ref in (record.cluster, record.name):
                 return record
-        what = "training run" if kind == "train" else "deployment"
+        import difflib
+
         from llm_atc.options import shorten
 
-        raise NotFoundError(f"no {what} named {shorten(ref)}; see `llm-atc status`")
+        what = {"train": "training run", "serve": "deployment"}.get(kind or "", "deployment or training run")
+        known = sorted({name for record in records for name in (record.name, record.cluster)})
+        close = difflib.get_close_matches(ref, known, n=3, cutoff=0.6)
+        if close:
+            hint = f"; did you mean {', '.join(close)}?"
+        elif known:
+            hint = "; see `llm-atc status`"
+        else:
+            hint = f" (there is no {what} yet)"
+        raise NotFoundError(f"no {what} named {shorten(ref)}{hint}")
 
     def setting(self, key: str, default: str) -> tuple[str, bool]:
         """The setting ``key``, stored as ``default`` when it has none yet; (value, whether it was new).

@@ -381,6 +381,7 @@ def vllm_command(
         node_path(model),
         "--served-model-name",
         served,
+        *spec.aliases,
         "--host",
         host,
         "--port",

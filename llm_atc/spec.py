@@ -164,6 +164,7 @@ class ServeSpec(LaunchSpec):
     tool_parser: str = model_tasks.AUTO  # --tool_parser: auto (the model family's), none or a vLLM parser name
     reasoning_parser: str = model_tasks.AUTO  # --reasoning_parser: likewise
     runtime_lora_asked: bool = False  # --max_loras or --max_lora_rank was given (not just the default)
+    aliases: tuple[str, ...] = ()  # --alias: more names clients may send as `model` for the (one) model
     servings: tuple[Serving, ...] = ()  # how each of ``models`` is served, once read from the models (app.serving)
 
     def serving_of(self, model: ModelRef) -> Serving:
@@ -494,6 +495,7 @@ def build_serve_spec(
     task: str | None = None,
     tool_parser: str | None = None,
     reasoning_parser: str | None = None,
+    alias: tuple[str, ...] | list[str] = (),
     registry: Registry | None = None,
 ) -> ServeSpec:
     """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
@@ -557,6 +559,7 @@ def build_serve_spec(
                 "--replicas": replicas,
                 "--max_loras": max_loras,
                 "--max_lora_rank": max_lora_rank,
+                "--alias": alias,
                 "--task": task != model_tasks.AUTO,
                 "--tool_parser": tool_parser != model_tasks.AUTO,
                 "--reasoning_parser": reasoning_parser != model_tasks.AUTO,
@@ -663,6 +666,7 @@ def build_serve_spec(
             tool_parser=tool_parser,
             reasoning_parser=reasoning_parser,
             runtime_lora_asked=runtime_lora_asked,
+            aliases=_check_aliases(alias, engine),
             detach_setup=detach_setup,
             detach_run=detach_run,
             no_setup=no_setup,
@@ -723,7 +727,8 @@ def several_models(
 
 
 def _check_served_names(spec: ServeSpec) -> ServeSpec:
-    """Clients tell the models apart by name: two models may not be served under one."""
+    """Clients tell the models apart by name: two models may not be served under one, nor an alias be a
+    name already taken (by the model or a --lora adapter)."""
     names = spec.served_names
     for index, name in enumerate(names):
         if name in names[:index]:
@@ -731,12 +736,32 @@ def _check_served_names(spec: ServeSpec) -> ServeSpec:
                 f"--name: two models would both be served as {shorten(name)} (folders of the same name); "
                 "rename one of the folders"
             )
+    taken = {*names, *(adapter.name for adapter in spec.loras)}
+    for alias in spec.aliases:
+        if alias in taken:
+            raise UserError(f"--alias {shorten(alias)}: the deployment already answers to that name")
     return spec
+
+
+def _check_aliases(values, engine: str) -> tuple[str, ...]:
+    """``--alias NAME`` (repeatable): names of the model's own, valid as vLLM model names, each once."""
+    aliases: list[str] = []
+    for value in values:
+        name = value.strip()
+        if not LORA_NAME_RE.fullmatch(name):
+            raise UserError(f"--alias {shorten(value)}: not a valid model name (letters, digits, . _ / -)")
+        if name in aliases:
+            raise UserError(f"--alias {name} is given twice")
+        aliases.append(name)
+    if aliases and engine == "transformers":
+        raise UserError("--alias needs vLLM (transformers serve answers to one name); drop --engine transformers")
+    return tuple(aliases)
 
 
 MODEL_TYPES = {"vicuna": "full", "lora": "lora", "qlora": "qlora"}
 CHECKPOINT_STORES = ("S3", "GCS", "local")
-DEFAULT_BASE_MODEL = "meta-llama/Llama-2-7b-hf"
+DEFAULT_BASE_MODEL = "meta-llama/Llama-2-7b-hf"  # the original llm-atc's, on a cloud
+DEFAULT_LOCAL_BASE_MODEL = "llm-atc-demo"  # on this machine: the built-in tiny model (no network, seconds)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -801,6 +826,7 @@ def build_train_spec(
     check_number(num_nodes, "--num_nodes")
     if is_local and (num_nodes > 1 or use_spot):
         raise UserError("--num_nodes and --use_spot do not apply to --cloud local")
+    _check_train_settings(model_type, parse_env_pairs(envs, option="--envs"))
     run = check_run_name(name) if name else f"{model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
     registry = registry or Registry()
     store, checkpoint_bucket, default_bucket = _check_store(
@@ -812,9 +838,10 @@ def build_train_spec(
         output_uri = str(BucketURI.for_run(store, checkpoint_bucket, run))
     if "://" in finetune_data:
         BucketURI.parse(finetune_data, option="--finetune_data")
-    elif not Path(finetune_data).is_file():
-        raise NotFoundError(f"--finetune_data {shorten(finetune_data)}: no such file")
-    base, base_bucket = _check_base(_model_size_base(base_model, envs) or base_model or DEFAULT_BASE_MODEL, registry)
+    else:
+        _check_data_file(finetune_data)
+    default = DEFAULT_LOCAL_BASE_MODEL if is_local else DEFAULT_BASE_MODEL
+    base, base_bucket = _check_base(_model_size_base(base_model, envs) or base_model or default, registry)
     if not is_local and (accelerator or "").strip().lower() == AUTO:
         choice = _auto(
             base,
@@ -865,6 +892,29 @@ def build_train_spec(
         base_bucket=base_bucket,
         serve_on=serve_on,
     )
+
+
+def _check_data_file(value: str) -> None:
+    """``--finetune_data`` on this machine: a regular file."""
+    path = Path(value).expanduser()
+    shown = shorten(value)
+    if path.is_dir():
+        raise UserError(f"--finetune_data {shown} is a folder: give the data file (ShareGPT JSON or OpenAI JSONL)")
+    if path.exists() and not path.is_file():
+        raise UserError(f"--finetune_data {shown} is not a regular file (a pipe or a device): save the data to a file")
+    if not path.exists():
+        raise NotFoundError(f"--finetune_data {shown}: no such file")
+
+
+def _check_train_settings(model_type: str, envs: dict[str, str]) -> None:
+    """The training settings in ``--envs`` (EPOCHS, LR, ...), read as the training script on the node reads
+    them: a value it would refuse there is refused here, before anything is paid for."""
+    from llm_atc.recipes.train import finetune
+
+    try:
+        finetune.read_config({**envs, "MODEL_TYPE": model_type, "DATA": "checked-apart"})
+    except finetune.SettingError as exc:
+        raise UserError(f"--envs {exc}") from None
 
 
 def _check_serve_on(model_type: str, detach_run: bool, envs: dict[str, str]) -> None:
@@ -930,10 +980,12 @@ def _runtime_lora(max_loras: int | None, max_rank: int | None, *, engine: str, n
 def _check_base(base: str, registry: Registry) -> tuple[str, str | None]:
     """``--base_model``: a Hub id, a model folder (config.json) or ``llm-atc/<run>`` (a merged run);
     (what the node loads, or the bucket that holds it)."""
+    from llm_atc.demo import DEMO_NAME
     from llm_atc.models import HUB_ID_RE, resolve_model
 
     if (
-        not base.startswith("llm-atc/")
+        base != DEMO_NAME
+        and not base.startswith("llm-atc/")
         and not any(base.startswith(p) for p in ("/", "./", "../", "~"))
         and HUB_ID_RE.fullmatch(base)
         and not Path(base).is_dir()

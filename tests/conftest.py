@@ -415,6 +415,8 @@ def vllm_deployment(vllm_engine, session_home, session_dir, tiny_model, lora_run
             f"VLLM_API_KEY={VLLM_KEY}",
             "--timeout",
             "600",
+            # The names the cloud deployments of the tests serve (their "VM" is this server: see fake_sky).
+            *[arg for name in FAKE_CLOUD_NAMES for arg in ("--alias", name)],
         )
         assert result.exit_code == 0, result
         from llm_atc.registry import Registry
@@ -550,6 +552,11 @@ def sky_boundary(monkeypatch):
         return holder["sky"]
 
     return install
+
+
+# What the cloud deployments of the tests serve; the session's vLLM answers to each (--alias), so that a
+# deployment's first request (readiness) reaches the model it asked for.
+FAKE_CLOUD_NAMES = ("tiny-model", "llm-atc/tiny", "Qwen/Qwen2.5-7B")
 
 
 @pytest.fixture

@@ -431,7 +431,7 @@ def test_engine_that_dies_on_the_node(cli, slurm, tmp_path):
     result = cli("serve", "--name", str(broken), *slurm_options(slurm, cluster, port))
     assert_one_line_error(result, f"the engine's job on {cluster} ended")
     assert result.exit_code == 1
-    assert "Last lines of its log" in result.stderr, result.stderr
+    assert "The end of its log" in result.stderr, result.stderr
     assert "no-such-architecture" in result.stderr, result.stderr  # the engine's own words
     assert f"Tore down {cluster}" in result.stderr
     from llm_atc.registry import Registry

@@ -265,3 +265,11 @@ def test_a_reasoning_model_starts_with_its_parser(cli, vllm_engine, tmp_path):
         assert "--reasoning-parser deepseek_r1" in log
     finally:
         cli("stop", cluster)
+
+
+def test_a_pooling_model_here_needs_vllm(cli, tmp_path, monkeypatch):
+    """Locally, --engine auto falls back to transformers serve only for a model that generates."""
+    monkeypatch.setenv("LLM_ATC_ENGINES", str(tmp_path / "no-engines"))
+    bge = family_folder(tmp_path, "bge-base-en-v1.5")
+    result = cli("serve", "--name", str(bge), "--cloud", "local", "-c", unique("bge"))
+    assert_one_line_error(result, "serving a model for embed on this machine needs the vllm engine", "engines install")

@@ -223,7 +223,7 @@ def test_without_the_engine_one_line_says_how_to_get_it(cli, tiny_model, tmp_pat
     monkeypatch.setenv("LLM_ATC_ENGINES", str(tmp_path / "no-engines"))
     result = cli("serve", "--name", str(tiny_model), "--cloud", "local", "--engine", "vllm", "-c", unique("none"))
     assert_one_line_error(result, "llm-atc engines install vllm")
-    assert choose_engine(build_serve_spec(str(tiny_model), cloud="local")) == "transformers"
+    assert choose_engine(build_serve_spec(str(tiny_model), cloud="local")) == ("transformers", "")
     listed = cli("engines")
     assert listed.exit_code == 0 and "not installed" in listed.stdout
 

@@ -115,7 +115,7 @@ def check_adapter(record: Record, name: str, ref: str, registry: Registry, store
     option = f"adapters add {shorten(name)}="
     if not LORA_NAME_RE.fullmatch(name):
         raise UserError(f"{shorten(name)} is not a valid adapter name (letters, digits, . _ / -)")
-    if name == record.name or name in record.details.get("adapters", {}):
+    if name in _base_names(record) or name in record.details.get("adapters", {}):
         raise _served_already(record, name)
     model = (
         resolve_model(name, ref, registry, option=option)
@@ -234,8 +234,9 @@ def remove(record: Record, name: str, registry: Registry) -> Record:
         return _record(record, registry, removed=name)
     with reach(record, registry) as base_url:
         loaded = served(base_url, record, api_key)
-        if name not in loaded or name == record.name:
-            shown = ", ".join(n for n in loaded if n != record.name) or "none"
+        base_names = _base_names(record)
+        if name not in loaded or name in base_names:
+            shown = ", ".join(n for n in loaded if n not in base_names) or "none"
             raise NotFoundError(f"{record.cluster} serves no adapter {shorten(name)} (adapters: {shown})")
         status, text = _post(base_url + "/v1/unload_lora_adapter", {"lora_name": name}, api_key, record)
         if status != 200:
@@ -254,11 +255,17 @@ def listing(record: Record, registry: Registry) -> list[tuple[str, str]]:
     with reach(record, registry) as base_url:
         loaded = served(base_url, record, credentials.get(record.cluster))
     added = record.details.get("adapters", {})
+    base_names = _base_names(record)
     return [
         (name, added[name]["ref"] if name in added else "--lora at start")
         for name in loaded
-        if name != record.name and not name.endswith(f"/{RUN_BASE}")
+        if name not in base_names and not name.endswith(f"/{RUN_BASE}")
     ]
+
+
+def _base_names(record: Record) -> set[str]:
+    """The names the deployment's own model answers to (not adapters): its name and its aliases."""
+    return {record.name, *record.details.get("aliases", ())}
 
 
 @contextmanager

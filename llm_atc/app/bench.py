@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llm_atc import ui
 from llm_atc.engines import GUIDELLM_VERSION
-from llm_atc.errors import LaunchError, NotFoundError, UserError
+from llm_atc.errors import LaunchError, UserError
 from llm_atc.options import shorten
 from llm_atc.registry import Record, Registry, Status
 
@@ -153,10 +153,7 @@ def deployment(name: str, registry: Registry) -> Record:
     """The running deployment ``name`` (or on cluster ``name``); one-line errors otherwise."""
     from llm_atc.app.lifecycle import reconcile
 
-    try:
-        record = registry.find(name, kind="serve")
-    except NotFoundError:
-        raise NotFoundError(f"no deployment named {shorten(name)}; see `llm-atc status`") from None
+    record = registry.find(name, kind="serve")
     reconcile([record], registry)
     if record.status != Status.RUNNING:
         raise UserError(f"{record.cluster} is {record.status}, so there is nothing to measure; see `llm-atc status`")

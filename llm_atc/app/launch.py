@@ -8,6 +8,7 @@ up, and the CLI says how to check on it.
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ from llm_atc import ui
 from llm_atc.backends import backend_for
 from llm_atc.errors import LaunchError, UserError
 from llm_atc.paths import home, write_private
-from llm_atc.readiness import EngineExited, wait_ready
+from llm_atc.readiness import EngineExited, first_answers, wait_ready
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.render import task_yaml
 
@@ -100,8 +101,12 @@ def serve(prepared, *, registry: Registry, backend=None) -> Record:
         record = _start(workload, registry, backend, api_key=prepared.api_key)
         if spec.detach_run:
             return record
+        timeout = spec.timeout or prepared.ready_timeout
         try:
-            waited = _wait_serving(record, backend, prepared, spec.timeout or prepared.ready_timeout)
+            if record.details.get("private") and not record.is_local:
+                waited = _wait_private(record, backend, prepared, timeout)
+            else:
+                waited = _wait_serving(record, backend, prepared, timeout)
         except KeyboardInterrupt:
             if record.is_local:
                 backend.down(record)
@@ -150,6 +155,8 @@ def _wait_serving(record: Record, backend, prepared, timeout: float) -> float:
     )
     if not record.is_local:
         record.endpoint = known[0]
+    with ui.spinner(f"Sending {', '.join(record.served)} a first request"):
+        first_answers(record.endpoint, record, api_key=prepared.api_key)
     return waited
 
 
@@ -175,17 +182,38 @@ def _wait_private(record: Record, backend, prepared, timeout: float) -> float:
             if elapsed > timeout:
                 raise LaunchError(f"the engine was not ready after {timeout:.0f}s")
             try:
-                with forward(record, timeout=min(30.0, max(timeout - elapsed, 1.0))):
+                with forward(record, timeout=min(30.0, max(timeout - elapsed, 1.0))) as tunnel:
+                    first_answers(tunnel.endpoint, record, api_key=prepared.api_key)
                     return time.monotonic() - start
+            except EngineExited:
+                raise
             except (LaunchError, UserError) as exc:  # no SSH access yet, or the engine not answering yet
                 spinner.update(elapsed, str(exc)[:80])
                 time.sleep(5)
 
 
+# A line of a Python traceback, or the prefix vLLM puts on its processes' log lines.
+_FRAME = re.compile(r"^(\s|Traceback \(most recent call last\)|During handling of|The above exception)")
+_PROCESS_PREFIX = re.compile(r"^\(\w+ pid=\d+\) (?:[A-Z]+ [\d-]+ [\d:]+ \[[^\]]*\] ?)?")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def meaningful_tail(text: str, count: int = 8) -> str:
+    """The last ``count`` lines of a log that say something: no traceback frames, no repeated lines,
+    vLLM's process prefixes taken off."""
+    lines: list[str] = []
+    for raw in text.splitlines():
+        line = _PROCESS_PREFIX.sub("", _ANSI.sub("", raw)).rstrip()
+        if line and not _FRAME.match(line) and (not lines or lines[-1] != line):
+            lines.append(line)
+    return "\n".join(lines[-count:])
+
+
 def _failure_report(reason: str, record: Record, backend, *, keep: bool) -> str:
-    """What went wrong, the end of the engine's log, and what became of it."""
-    tail = backend.log_tail(record, LOG_TAIL_LINES)
-    lines = [f"{reason}.", f"Last lines of its log:\n{tail}" if tail else "Its log is empty."]
+    """What went wrong, what the end of the engine's log says, where the whole log is, and what became of it."""
+    tail = meaningful_tail(backend.log_tail(record, 10 * LOG_TAIL_LINES))
+    where = record.details.get("log") or f"llm-atc logs {record.cluster}"
+    lines = [f"{reason}.", f"The end of its log ({where}):\n{tail}" if tail else "Its log is empty."]
     if record.is_local:
         backend.down(record)
     elif keep:
@@ -236,12 +264,36 @@ def train(prepared, *, registry: Registry, backend=None) -> Record:
             backend.down(record)
     if code != 0:
         where = workload.log if record.is_local else f"`llm-atc logs {spec.run}`"
+        resume = (
+            " Once fixed, the same command with --resume continues from its last checkpoint."
+            if _has_checkpoints(record)
+            else ""
+        )
+        tail = meaningful_tail(backend.log_tail(record, 10 * LOG_TAIL_LINES), 4)
         raise LaunchError(
-            f"training run {spec.run} failed (exit code {code}); see {where}. Once fixed, "
-            "the same command with --resume continues from its last checkpoint"
+            f"training run {spec.run} failed (exit code {code}); the whole log: {where}.{resume}"
+            + (f"\nThe end of its log:\n{tail}" if tail else "")
         )
     ui.info(f"Finished in {time.monotonic() - start:.0f}s; the model is at {spec.output_uri}")
     return record
+
+
+def _has_checkpoints(record: Record) -> bool:
+    """Whether a failed run left checkpoints that --resume would continue from."""
+    from pathlib import Path
+
+    from llm_atc.storage import BucketURI, ObjectStore, store_env
+
+    uri = record.checkpoint_uri or ""
+    try:
+        if "://" in uri:
+            folder = BucketURI.parse(uri).child("checkpoints")
+            with store_env(record.details.get("store_env") or {}):
+                return any(True for _ in ObjectStore(folder.scheme).list_objects(folder))
+        work = Path(record.details.get("log", "")).parent / "work" / "checkpoints"
+        return work.is_dir() and any(work.iterdir())
+    except (UserError, OSError):
+        return False
 
 
 def _follow(record: Record, backend) -> int:
@@ -250,10 +302,19 @@ def _follow(record: Record, backend) -> int:
         return backend.logs(record, follow=True)
     import sys
 
-    class Echo:  # the training log, as it grows, on stderr (progress, not results)
+    class Echo:  # the training log, as it grows, on stderr (progress, not results); a traceback stays in the log
+        in_traceback = False
+
         def write(self, text: str) -> None:
-            if not ui.is_quiet():
-                sys.stderr.write(text)
+            if ui.is_quiet():
+                return
+            for line in text.splitlines(keepends=True):
+                if line.startswith("Traceback (most recent call last)"):
+                    self.in_traceback = True
+                elif self.in_traceback and not _FRAME.match(line):
+                    self.in_traceback = False  # the exception's own line ends the traceback
+                if not self.in_traceback:
+                    sys.stderr.write(line)
 
         def flush(self) -> None:
             sys.stderr.flush()

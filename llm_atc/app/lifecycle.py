@@ -22,14 +22,16 @@ _ACTIONS = {
 
 
 def lookup(ref: str, registry: Registry, *, port: int = 8000) -> Record:
-    """The newest record (deployment or training run) named ``ref`` or on cluster ``ref``;
-    a SkyPilot cluster we did not launch is looked up as such (a record that is not stored)."""
+    """The newest record (deployment or training run) named ``ref`` or on cluster ``ref``; a SkyPilot
+    cluster llm-atc did not launch, when SkyPilot knows it, as a record that is not stored. Anything else
+    is a NotFoundError naming the closest known names."""
     try:
         return registry.find(ref)
     except NotFoundError:
+        from llm_atc.backends import skypilot
         from llm_atc.options import is_cluster_name
 
-        if not is_cluster_name(ref):
+        if not is_cluster_name(ref) or not skypilot.cluster_exists(ref):
             raise
         return Record(name=ref, kind="serve", model="", cluster=ref, status="UNKNOWN", port=port)
 

@@ -49,10 +49,11 @@ def prepare(spec: ServeSpec, *, registry: Registry) -> PreparedServe:
     """Check everything the serve reads, render its task, and let the backend validate it."""
     spec, notes = serving.resolve(spec)
     if spec.is_local:
-        engine = choose_engine(spec)
+        engine, why = choose_engine(spec)
         if engine == "transformers" and spec.engine != engine:  # no parsers: serve as transformers would
             spec, notes = serving.resolve(replace(spec, engine=engine))
         spec = replace(spec, engine=engine)
+        notes += [why] if why else []
         prepared = _prepare_local(spec, registry)
     else:
         prepared = _prepare_cluster(spec, registry)
@@ -151,7 +152,9 @@ def _models_details(spec: ServeSpec, several: Colocated | None) -> dict:
     """What each model is served for, and a deployment of several models keeps each one's name and place
     (for status, endpoint, bench and the Python API)."""
     if several is None:
-        return spec.serving_of(spec.model).details() if spec.engine == "vllm" else {}
+        if spec.engine != "vllm":
+            return {}
+        return {**spec.serving_of(spec.model).details(), **({"aliases": list(spec.aliases)} if spec.aliases else {})}
     return {
         "models": [
             {
@@ -233,18 +236,44 @@ def write_chat_template(spec: ServeSpec, path: Path) -> Path | None:
 # --- this machine ----------------------------------------------------------------------------------
 
 
-def choose_engine(spec: ServeSpec) -> str:
-    """``auto``: vLLM when its engine environment is installed and runs here (its CPU build, or the
-    CUDA build with a GPU visible), else transformers, which only generates text."""
-    if spec.engine != "auto":
-        return spec.engine
+def choose_engine(spec: ServeSpec) -> tuple[str, str]:
+    """The engine that can run the models here, and a line saying why when it is not the obvious one.
+
+    ``auto``: vLLM when its engine environment is installed and runs here (its CPU build, or the CUDA build
+    with a GPU visible) and has kernels for the models, else transformers, which only generates text. An
+    engine asked for by name is used as asked; the line warns of what its first request will show."""
     found = engines.installed("vllm")
-    if found is not None and found.usable_here():
-        return "vllm"
+    usable = found is not None and found.usable_here()
+    lacking = _cpu_kernels_lacking(spec) if usable and found.build == "cpu" else None
+    if spec.engine == "vllm":
+        return "vllm", f"{lacking}: its first request will fail" if lacking else ""
+    if spec.engine != "auto":
+        return spec.engine, ""
     pooling = next((s for s in spec.servings if not s.generates), None)
-    if pooling is not None:
-        engines.require("vllm", why=f"serving a model for {pooling.task} on this machine")
-    return "transformers"
+    if usable and not lacking:
+        return "vllm", ""
+    if pooling is not None or spec.extra_models:
+        if lacking:
+            raise UserError(f"{lacking}, and transformers serve cannot serve this deployment; serve on a GPU node")
+        why = f"serving a model for {pooling.task}" if pooling else "several --name"
+        engines.require("vllm", why=f"{why} on this machine")
+    return "transformers", f"{lacking}: serving with transformers serve" if lacking else ""
+
+
+def _cpu_kernels_lacking(spec: ServeSpec) -> str:
+    """Why vLLM's CPU build cannot run one of the models (its attention head size), or ""."""
+    from llm_atc.planning import Architecture, load_model_info
+
+    sizes = engines.vllm_cpu_head_sizes()
+    for model in spec.models:
+        try:
+            head = Architecture.from_config(load_model_info(model).config).head_dim
+        except UserError:
+            continue  # the engine will say
+        if head not in sizes:
+            shown = ", ".join(map(str, sizes))
+            return f"vLLM's CPU build has no attention kernel for {model.name}'s head size {head} (it has {shown})"
+    return ""
 
 
 def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
@@ -263,10 +292,10 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
         raise UserError(
             "local serving needs transformers: pip install 'llm-atc[local]' (or vLLM: llm-atc engines install vllm)"
         )
-    if engine == "transformers" and (spec.auth or spec.tls):
+    if engine == "transformers" and (spec.auth or spec.tls or spec.aliases):
         raise UserError(
-            "transformers serve has no API keys or HTTPS; use --engine vllm (or drop --secret "
-            "VLLM_API_KEY, --tls_cert and --tls_key)"
+            "transformers serve has no API keys, HTTPS or aliases; use --engine vllm (or drop --secret "
+            "VLLM_API_KEY, --tls_cert, --tls_key and --alias)"
         )
     _check_name_free(spec.cluster, registry)
     spec = replace(spec, engine=engine, port=pick_port(spec.port))

@@ -6,9 +6,6 @@ cannot start with is refused here, not after a GPU is paid for.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from llm_atc import model_tasks, ui
@@ -17,6 +14,7 @@ from llm_atc.model_files import ModelFiles, vocabulary
 from llm_atc.model_tasks import AUTO, Serving
 from llm_atc.models import ModelRef
 from llm_atc.options import shorten
+from llm_atc.planning import hub_token
 from llm_atc.spec import ServeSpec
 from llm_atc.storage import store_env
 
@@ -34,7 +32,7 @@ class _Read:
 def resolve(spec: ServeSpec) -> tuple[ServeSpec, list[str]]:
     """``spec`` with how each model is served (``spec.servings``), and the lines that say so."""
     servings, notes = [], []
-    with store_env(spec.envs, spec.secrets), _hub_token(spec.secrets):
+    with store_env(spec.envs, spec.secrets), hub_token(spec.secrets):
         for model in spec.models:
             serving, lines = _serving(spec, model)
             servings.append(serving)
@@ -124,18 +122,3 @@ def _missing_tokens(model: ModelRef, parser: str, kind: str) -> list[str]:
     except UserError:
         return []
     return [] if found is None else [token for token in needed if token not in found]
-
-
-@contextmanager
-def _hub_token(secrets: dict[str, str]) -> Iterator[None]:
-    """HF_TOKEN given with --secret/--envs, for reading a gated model's config from the Hub."""
-    token, before = secrets.get("HF_TOKEN"), os.environ.get("HF_TOKEN")
-    if token:
-        os.environ["HF_TOKEN"] = token
-    try:
-        yield
-    finally:
-        if token and before is None:
-            os.environ.pop("HF_TOKEN", None)
-        elif token:
-            os.environ["HF_TOKEN"] = before

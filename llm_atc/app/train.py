@@ -84,6 +84,7 @@ def prepare(spec: TrainSpec, *, registry: Registry, keep_cluster: bool = False) 
     if spec.data_is_local and output is not None:
         data_uri = str(output.child("data", Path(spec.data).name))
     mode = "local" if spec.is_local else "managed" if spec.placement.use_spot else "cluster"
+    check_hub_base(spec)
     if mode == "local":
         preflight_local(spec)
         spec = _local_base(spec)
@@ -179,6 +180,30 @@ def _check_output(spec: TrainSpec, output: BucketURI) -> None:
             raise NotFoundError(f"--checkpoint_bucket {output.bucket} does not exist or is not visible to you")
         if any(key in ("config.json", "adapter_config.json") for key, *_ in store.list_objects(output)):
             raise UserError(f"{output} already holds a model; pick another --name")
+
+
+def check_hub_base(spec: TrainSpec) -> None:
+    """A base model from the Hugging Face Hub exists and this token may read it (its config answers). Here it
+    must also be reachable: a run on this machine downloads it; a node downloads it itself, so from a machine
+    offline a cloud run goes ahead, said in one line."""
+    from llm_atc.models import looks_like_path
+    from llm_atc.planning import HubUnreachable, hub_file, hub_token
+
+    base = spec.base_model
+    if spec.base_bucket is not None or looks_like_path(base) or Path(base).is_dir():
+        return
+    try:
+        with ui.spinner(f"Checking {base} on the Hugging Face Hub"), hub_token(spec.secrets):
+            hub_file(base, "config.json")
+    except HubUnreachable as exc:
+        if spec.is_local:
+            raise UserError(
+                f"--base_model {base}: {str(exc).split(': ', 1)[1].split(';')[0]}; train on a model folder, "
+                "llm-atc/<run>, or llm-atc-demo (a tiny built-in model, no network needed)"
+            ) from None
+        ui.info(f"Could not check {base} on the Hugging Face Hub from here (offline?); the node downloads it.")
+    except UserError as exc:
+        raise UserError(f"--base_model {base}: {str(exc).split(': ', 1)[1]}") from None
 
 
 # What a local run imports; `pip install 'llm-atc[train]'` brings them.

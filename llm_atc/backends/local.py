@@ -180,6 +180,7 @@ class LocalBackend:
             if self.alive(record):
                 states[record.id] = LiveState(record.status, cloud="local")
             elif record.is_active:
+                self.stop(record)  # what the leader left behind (vLLM's engine core, its workers) ends with it
                 states[record.id] = LiveState(self._after(record), "process gone", cloud="local", gone=True)
             else:
                 states[record.id] = LiveState(record.status, "", cloud="local")

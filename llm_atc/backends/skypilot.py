@@ -6,6 +6,7 @@ gets ``SKYPILOT_DISABLE_USAGE_COLLECTION=1`` unless the user set that variable.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from llm_atc import ui
 from llm_atc.backends._base import LiveState, Workload
 from llm_atc.errors import LaunchError, NotFoundError, UserError
 from llm_atc.registry import Record, Status
@@ -108,17 +110,17 @@ def catalog_clouds() -> list[str]:
 
 
 class _quiet_sky:
-    """Keep SkyPilot's log lines and payloads off stdout while reading the catalog (--json)."""
+    """Keep SkyPilot's own output off the terminal while llm-atc asks it something in the background (a
+    catalog read, a cluster lookup): its log lines ("Starting a local server", "API server stopped") and
+    the ``<sky-payload>`` progress messages it prints on stdout go nowhere; errors still raise."""
 
     def __enter__(self):
-        import contextlib
         import logging
-        import sys
 
         self._logger = logging.getLogger("sky")
         self._level = self._logger.level
         self._logger.setLevel(logging.CRITICAL)
-        self._redirect = contextlib.redirect_stdout(sys.stderr)
+        self._redirect = contextlib.redirect_stdout(io.StringIO())
         self._redirect.__enter__()
         return self
 
@@ -278,6 +280,23 @@ def sky_errors(cluster: str | None = None) -> Iterator[None]:
         if cluster and "not found" in str(exc).lower():
             raise NotFoundError(_no_cluster(cluster)) from None
         raise UserError(_one_line(exc)) from None
+
+
+def cluster_exists(name: str) -> bool:
+    """Whether SkyPilot knows a cluster ``name``. Asking needs its API server; one started for this
+    question is stopped again, so a typo leaves nothing running."""
+    sky = import_sky()
+    from sky.server import common
+
+    local = common.is_api_server_local()
+    running = local and common.get_api_server_status().status == common.ApiServerStatus.HEALTHY
+    try:
+        with ui.spinner(f"Asking SkyPilot about cluster {name}"), sky_errors(name), _quiet_sky():
+            return bool(sky.get(sky.status(cluster_names=[name])))
+    finally:
+        if local and not running:
+            with contextlib.suppress(Exception), _quiet_sky():
+                sky.api_stop()
 
 
 def _no_cluster(cluster: str | None) -> str:

@@ -7,6 +7,31 @@ import click
 from llm_atc.options import SECRET_RULE
 
 
+class SectionedCommand(click.Command):
+    """A command whose --help lists its options in named sections, in the order ``sections`` gives."""
+
+    sections: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def format_options(self, ctx, formatter):
+        records = {param.name: param.get_help_record(ctx) for param in self.get_params(ctx)}
+        placed: set[str] = set()
+        for title, names in self.sections:
+            rows = [records[name] for name in names if records.get(name)]
+            placed.update(names)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        rest = [record for name, record in records.items() if record and name not in placed]
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)
+
+
+def sectioned(*sections: tuple[str, tuple[str, ...]]) -> type[SectionedCommand]:
+    """A command class for ``@click.command(cls=...)`` with these help sections: (title, option names)."""
+    return type("Sectioned", (SectionedCommand,), {"sections": sections})
+
+
 def _apply(options):
     def decorator(func):
         for option in reversed(options):

@@ -59,7 +59,9 @@ def plan(name, source, mode, max_model_len, task, dtype, quantization, cloud, re
     import json
 
     from llm_atc import planning, ui
+    from llm_atc.options import check_number
 
+    check_number(max_model_len, "--max_model_len")
     if len(name) > 1 and task != "auto":
         raise click.UsageError("--task applies to one model; several --name are each planned for what they serve")
     if len(name) > 1:

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import click
 
-from llm_atc.commands._options import env_options, launch_options, placement_options
+from llm_atc.commands._options import env_options, launch_options, placement_options, sectioned
+from llm_atc.engine_rule import ENGINE_AUTO_RULE
+
+HELP_SECTIONS = (
+    ("What to serve", ("name", "source", "alias", "task", "lora", "chat_template", "eos_token", "tool_parser",
+                       "reasoning_parser")),
+    ("Where it runs", ("cloud", "region", "zone", "cluster", "accelerator", "cpus", "memory", "use_spot", "disk_size",
+                       "num_nodes")),
+    ("Engine", ("engine", "max_model_len", "dtype", "quantization", "vllm_args", "weights", "cache_weights",
+                "max_loras", "max_lora_rank", "port")),
+    ("Scaling (a SkyServe service)", ("replicas", "target_qps", "ondemand_fallback", "dynamic_ondemand_fallback")),
+    ("Security", ("no_auth", "open_port", "tls_cert", "tls_key", "envs", "secret")),
+    ("Launching", ("timeout", "keep_on_failure", "detach_setup", "detach_run", "no_setup", "yes", "dryrun", "help")),
+)  # fmt: skip
 
 
-@click.command()
+@click.command(cls=sectioned(*HELP_SECTIONS))
 @click.option(
     "-n",
     "--name",
@@ -16,6 +29,12 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
     "except with --cloud local, where it defaults to a built-in demo model.",
 )
 @click.option("--source", help="s3:// or gs:// URI of the checkpoint to serve under --name (wins over the registry).")
+@click.option(
+    "--alias",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer to NAME as `model` (vLLM; repeatable), e.g. the name your clients already send.",
+)
 @placement_options(
     accelerator_default=None,
     accelerator_help="GPUs: NAME[:COUNT] such as A100-80GB:2, a comma list meaning any of them, or "
@@ -72,8 +91,7 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
     type=click.Choice(["auto", "vllm", "transformers"]),
     default="auto",
     show_default=True,
-    help="Serving engine. auto: vLLM on clusters; locally vLLM with a CUDA GPU, else transformers. "
-    "transformers runs on CPUs (small models, CPU-only clusters).",
+    help=f"Serving engine. auto: {ENGINE_AUTO_RULE}. transformers runs on CPUs (small models, CPU-only clusters).",
 )
 @click.option(
     "--port",
@@ -192,6 +210,7 @@ def serve(**options):
         record = launch.serve(prepared, registry=registry)
     except launch.Interrupted as exc:
         if spec.is_local:
+            ui.info(f"Stopped {spec.cluster}: its engine ended with the interruption, nothing is left running.")
             raise
         ui.info(launch.still_up_message(spec.cluster))
         raise SystemExit(128 + exc.signum) from None

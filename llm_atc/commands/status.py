@@ -19,8 +19,14 @@ def status(name, show_all):
     from llm_atc.status import current_rows
 
     rows = current_rows(show_all=show_all, only=name)
+    if name and not rows:
+        from llm_atc.registry import Registry
+
+        record = Registry().find(name)  # a one-line error naming the closest, for a name nothing has
+        ui.out(f"{record.name} on {record.cluster} is {record.status} (llm-atc status -a shows ended ones)")
+        return
     if not rows:
-        ui.out("No deployments or training runs yet. Start one with `llm-atc serve --name MODEL`.")
+        ui.out("No deployments or training runs yet. Start one with `llm-atc serve --cloud local`.")
         return
     ui.out(_table(Table, ("NAME", "KIND", "CLUSTER", "INFRA", "ACCELERATOR", "STATUS", "ENDPOINT", "CREATED"), rows))
     if name:

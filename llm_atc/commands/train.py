@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import click
 
-from llm_atc.commands._options import env_options, launch_options, placement_options
+from llm_atc.commands._options import env_options, launch_options, placement_options, sectioned
+
+HELP_SECTIONS = (
+    ("What to train", ("model_type", "finetune_data", "base_model", "name", "description", "resume", "serve_on")),
+    ("Where the model goes", ("checkpoint_bucket", "checkpoint_store")),
+    ("Where it runs", ("cloud", "region", "zone", "cluster", "accelerator", "cpus", "memory", "use_spot", "disk_size",
+                       "num_nodes", "keep_cluster")),
+    ("Settings and secrets", ("envs", "secret")),
+    ("Launching", ("detach_setup", "detach_run", "no_setup", "yes", "dryrun", "help")),
+)  # fmt: skip
 
 
-@click.command()
+@click.command(cls=sectioned(*HELP_SECTIONS))
 @click.option(
     "--model_type",
     required=True,
@@ -27,7 +36,11 @@ from llm_atc.commands._options import env_options, launch_options, placement_opt
 @click.option("--checkpoint_store", help="S3 or GCS (or local, with --cloud local). Default: GCS on gcp, else S3.")
 @click.option("-n", "--name", help="Run name: serve it later as llm-atc/<name> (default: <model_type>-<time>).")
 @click.option("--description", help="A note kept in the registry.")
-@click.option("--base_model", help="Model to fine-tune: Hugging Face id or folder [default: meta-llama/Llama-2-7b-hf].")
+@click.option(
+    "--base_model",
+    help="Model to fine-tune: a Hugging Face id, a folder, llm-atc/<run>, or llm-atc-demo (a tiny built-in model). "
+    "Default: meta-llama/Llama-2-7b-hf on a cloud, llm-atc-demo with --cloud local.",
+)
 @placement_options(
     accelerator_default=None, accelerator_help="GPUs per node, NAME[:COUNT] such as A100-80GB:8 (required on a cloud)."
 )
@@ -53,7 +66,8 @@ def train(**options):
     Examples:
       llm-atc train --model_type lora --finetune_data ./chats.json --checkpoint_bucket my-bucket \\
           --checkpoint_store S3 --name my-run --accelerator A100:1 --envs HF_TOKEN
-      llm-atc train --model_type lora --finetune_data ./chats.json --base_model ./tiny --cloud local
+      llm-atc train --model_type lora --finetune_data ./chats.json --cloud local   # the built-in llm-atc-demo
+      llm-atc train --model_type lora --finetune_data ./chats.json --base_model ./my-model --cloud local
     """
     from llm_atc import ui
     from llm_atc.app import launch

@@ -352,8 +352,31 @@ def _expand_home(value: str) -> str:
     return os.path.expanduser(value) if value.startswith("~/") else value
 
 
+class SettingError(ValueError):
+    """A training setting (an environment variable of the recipe) that is not a valid value."""
+
+
+# Each numeric training setting: its type and the range it must be in ((low, high): inclusive, None: open).
+SETTINGS = {
+    "MAX_SEQ_LEN": (int, 1, 1_048_576),
+    "EPOCHS": (float, 1e-6, 10_000),
+    "LR": (float, 1e-12, 1.0),
+    "BATCH_SIZE": (int, 1, 65_536),
+    "GRAD_ACCUM": (int, 1, 65_536),
+    "MAX_STEPS": (int, -1, 10_000_000),
+    "SAVE_STEPS": (int, 1, 10_000_000),
+    "LORA_R": (int, 1, 4096),
+    "LORA_ALPHA": (int, 1, 65_536),
+    "LORA_DROPOUT": (float, 0.0, 0.99),
+    "SEED": (int, 0, 2**32 - 1),
+}
+
+
 def read_config(env=None) -> Config:
-    """The run's settings from environment variables; empty values mean the default."""
+    """The run's settings from environment variables (empty values mean the default); a SettingError
+    names the first that is not a number of its kind in its range."""
+    import math
+
     env = os.environ if env is None else env
 
     def get(name, default, kind=str):
@@ -361,15 +384,23 @@ def read_config(env=None) -> Config:
         if not raw:
             return default
         try:
-            return kind(raw)
+            value = kind(raw)
         except ValueError:
-            raise SystemExit(f"llm-atc: {name}={raw!r} is not a valid {kind.__name__}") from None
+            what = "a whole number" if kind is int else "a number"
+            raise SettingError(f"{name}={raw[:40]!r} is not {what}") from None
+        if name in SETTINGS:
+            _, low, high = SETTINGS[name]
+            if name == "MAX_STEPS" and value == 0:
+                raise SettingError("MAX_STEPS=0: give -1 (train for EPOCHS) or a number of steps from 1")
+            if not math.isfinite(value) or not low <= value <= high:
+                raise SettingError(f"{name}={raw[:40]} must be from {low:g} to {high:g}")
+        return value
 
     model_type = get("MODEL_TYPE", "lora").lower()
     if model_type == "vicuna":
         model_type = "full"
     if model_type not in MODEL_TYPES:
-        raise SystemExit(f"llm-atc: MODEL_TYPE={model_type!r} must be one of {', '.join(MODEL_TYPES)}")
+        raise SettingError(f"MODEL_TYPE={model_type!r} must be one of {', '.join(MODEL_TYPES)}")
     work_dir = get("WORK_DIR", "~/llm-atc-work")
     config = Config(
         model_type=model_type,
@@ -394,17 +425,9 @@ def read_config(env=None) -> Config:
         wandb_project=get("WANDB_PROJECT", ""),
     )
     if not config.data:
-        raise SystemExit("llm-atc: DATA is not set: give the training data as a local path, s3://... or gs://...")
+        raise SettingError("DATA is not set: give the training data as a local path, s3://... or gs://...")
     if not config.output_uri:
         config.output_uri = str(config.work / "output")
-    for name, value in (
-        ("MAX_SEQ_LEN", config.max_seq_len),
-        ("BATCH_SIZE", config.batch_size),
-        ("GRAD_ACCUM", config.grad_accum),
-        ("SAVE_STEPS", config.save_steps),
-    ):
-        if value < 1:
-            raise SystemExit(f"llm-atc: {name}={value} must be at least 1")
     return config
 
 
@@ -788,7 +811,10 @@ def mean_train_loss(trainer, result) -> float:
 
 
 def main() -> None:
-    config = read_config()
+    try:
+        config = read_config()
+    except SettingError as exc:
+        raise SystemExit(f"llm-atc: {exc}") from None
     check_qlora(config)
 
     import datasets

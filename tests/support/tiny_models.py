@@ -59,3 +59,31 @@ def build_family_model(path: Path, *, model_type: str = "qwen2", tokens: list[st
     tokenizer.save_pretrained(path)
     assert json.loads((path / "config.json").read_text())["model_type"] == model_type
     return path
+
+
+def build_head16_model(path: Path) -> Path:
+    """The tiny Llama of shared/NOTES.md: hidden size 64 in 4 heads of 16, which vLLM's CPU kernels lack
+    (transformers runs it)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_atc.demo import _build_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer()
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
