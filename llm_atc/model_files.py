@@ -101,11 +101,9 @@ def vocabulary(files: ModelFiles, wanted: tuple[str, ...]) -> frozenset[str] | N
     if found >= set(wanted):
         return frozenset(found)
     tokenizer = files.json("tokenizer.json")
-    if tokenizer is None:
-        if config is None:
-            base = files.base()
-            return vocabulary(base, wanted) if base is not None else None
-        return frozenset(found)
+    if tokenizer is None:  # no vocabulary to look in (a SentencePiece or tiktoken tokenizer, or an adapter)
+        base = files.base() if config is None else None
+        return vocabulary(base, wanted) if base is not None else None
     found.update(t["content"] for t in tokenizer.get("added_tokens") or [] if t.get("content") in wanted)
     vocab = (tokenizer.get("model") or {}).get("vocab") or {}
     if isinstance(vocab, dict):

@@ -26,13 +26,6 @@ GENERATE, EMBED, RERANK, CLASSIFY = "generate", "embed", "rerank", "classify"
 TASKS = (GENERATE, EMBED, RERANK, CLASSIFY)
 AUTO, NONE = "auto", "none"
 
-# What a client calls for each task (the first path is the one snippets and checks use).
-PATHS = {
-    GENERATE: ("/v1/chat/completions", "/v1/completions"),
-    EMBED: ("/v1/embeddings",),
-    RERANK: ("/v1/rerank", "/v1/score"),
-    CLASSIFY: ("/classify",),
-}
 ENDPOINT_TEXT = {
     GENERATE: "chat and completions",
     EMBED: "embeddings",
@@ -210,11 +203,6 @@ def needed_tokens(parser: str, kind: str) -> tuple[str, ...]:
     """The tokens a ``kind`` (tool or reasoning) parser looks up in the tokenizer's vocabulary when vLLM
     starts: vLLM refuses to start without them."""
     return tuple(parser_table()[f"{kind}_tokens"].get(parser, ()))
-
-
-def missing_tokens(parser: str, kind: str, vocabulary: set[str] | frozenset[str]) -> list[str]:
-    """The parser's tokens that ``vocabulary`` lacks."""
-    return [token for token in needed_tokens(parser, kind) if token not in vocabulary]
 
 
 @dataclass(frozen=True)

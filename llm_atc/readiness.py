@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -18,6 +19,14 @@ READY_PATHS = {"vllm": "/v1/models", "transformers": "/health"}
 
 class EngineExited(LaunchError):
     """The engine stopped before it became ready."""
+
+
+class FirstRequestFailed(LaunchError):
+    """A model did not answer a request of its kind as it should; ``status`` is the HTTP status (0: none)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 def trusting(cafile: str | None):
@@ -138,7 +147,7 @@ def post_json(
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read() or b""
-    except (urllib.error.URLError, OSError, TimeoutError):
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException):
         return 0, None
     try:
         return status, json.loads(raw)
@@ -170,7 +179,7 @@ def try_model(
         detail = answer.get("error", answer) if isinstance(answer, dict) else answer
         if isinstance(detail, dict):
             detail = detail.get("message", detail)
-        raise LaunchError(f"{model} answered {status or 'nothing'} on {path}: {str(detail)[:200]}")
+        raise FirstRequestFailed(f"{model} answered {status or 'nothing'} on {path}: {str(detail)[:200]}", status)
     try:
         if task == "embed":
             return f"embeddings of {len(answer['data'][0]['embedding'])} dimensions"
@@ -180,25 +189,35 @@ def try_model(
             return f"classifies ({answer['data'][0]['num_classes']} labels)"
         return "generates (1 token)" if answer["choices"] else "generates"
     except (KeyError, IndexError, TypeError):
-        raise LaunchError(f"{model} answered {path} with an unexpected body: {str(answer)[:200]}") from None
+        raise FirstRequestFailed(f"{model} answered {path} with an unexpected body: {str(answer)[:200]}", 200) from None
 
 
-def first_answers(base_url: str, record, *, api_key: str | None = None) -> None:
+# Answers to a first request that a busy or restarting path gives (a load balancer's 502-504, throttling):
+# asked again, up to FIRST_REQUEST_TRIES times, before the engine is called broken.
+TRANSIENT = {0, 408, 429, 502, 503, 504}
+FIRST_REQUEST_TRIES = 5
+
+
+def first_answers(base_url: str, record, *, api_key: str | None = None, pause: float = 3.0) -> None:
     """Ready means answering: each model the deployment serves gets one real request of its kind (a 1-token
     completion, an embedding, ...). An engine that lists its models but cannot run them (a kernel this
     hardware lacks, say) raises :class:`EngineExited` here, at launch, not at its first user's request."""
     for name in record.served:
-        try:
-            try_model(
-                base_url,
-                name,
-                record.task_of(name),
-                engine=record.engine or "vllm",
-                api_key=api_key,
-                cafile=record.details.get("tls_cert"),
-            )
-        except LaunchError as exc:
-            raise EngineExited(f"the engine is up but failed its first request: {exc}") from None
+        for attempt in range(FIRST_REQUEST_TRIES):
+            try:
+                try_model(
+                    base_url,
+                    name,
+                    record.task_of(name),
+                    engine=record.engine or "vllm",
+                    api_key=api_key,
+                    cafile=record.details.get("tls_cert"),
+                )
+                break
+            except FirstRequestFailed as exc:
+                if exc.status not in TRANSIENT or attempt == FIRST_REQUEST_TRIES - 1:
+                    raise EngineExited(f"the engine is up but failed its first request: {exc}") from None
+                time.sleep(pause)
 
 
 API_KEY_ENV = "LLM_ATC_API_KEY"

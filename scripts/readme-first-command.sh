@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README.md's first command, run as a new user runs it: in a fresh clone, with a fresh venv and an empty llm-atc home
-# (no engines installed, no network needed); the answer must be a chat completion. Stops what it started.
+# (no engines installed, nothing from the Hugging Face Hub; the package index gives the venv its packages); the answer
+# must be a chat completion. Stops what it started. The command serves on port 8000, as README says.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)

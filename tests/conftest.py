@@ -38,6 +38,8 @@ os.environ["HOME"] = str(_SESSION_HOME)
 (_SESSION_HOME / ".sky" / "config.yaml").write_text("jobs:\n  controller:\n    consolidation_mode: true\n")
 os.environ["SKYPILOT_DISABLE_USAGE_COLLECTION"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+for _var in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_var, None)  # the Hub cache is the session HOME's own (empty): nothing answers from elsewhere
 os.environ.pop("LLM_ATC_HOME", None)
 for _var in ("AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST", "AWS_PROFILE"):
     os.environ.pop(_var, None)

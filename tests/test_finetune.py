@@ -357,9 +357,9 @@ def test_config_defaults():
         16,
         32,
     )
-    with pytest.raises(SystemExit, match="DATA is not set"):
+    with pytest.raises(ft.SettingError, match="DATA is not set"):
         ft.read_config({})
-    with pytest.raises(SystemExit, match="MAX_STEPS='four'"):
+    with pytest.raises(ft.SettingError, match="MAX_STEPS='four' is not a whole number"):
         ft.read_config({"DATA": "d.json", "MAX_STEPS": "four"})
 
 

@@ -148,7 +148,9 @@ def test_find_by_cluster_or_name_newest_wins(tmp_path):
         registry.find("run1", kind="serve")
 
 
-@pytest.mark.parametrize("kind, what", [(None, "no deployment named"), ("train", "no training run named")])
+@pytest.mark.parametrize(
+    "kind, what", [(None, "no deployment or training run named"), ("train", "no training run named")]
+)
 def test_find_unknown(tmp_path, kind, what):
     """An unknown reference is a one-line NotFoundError naming it."""
     registry = Registry(tmp_path / "reg.db")
@@ -157,7 +159,11 @@ def test_find_unknown(tmp_path, kind, what):
         registry.find("nope", kind=kind)
     message = str(info.value)
     assert "\n" not in message
-    assert what in message and "'nope'" in message and "llm-atc status" in message
+    assert what in message and "'nope'" in message
+    assert ("llm-atc status" in message) if kind is None else ("there is no training run yet" in message)
+    registry.add(serve_record(name="nope2", cluster="nope2"))
+    with pytest.raises(NotFoundError, match="did you mean nope2"):
+        registry.find("nope", kind="serve")  # the closest known names
 
 
 def test_find_run_needs_a_checkpoint(tmp_path):

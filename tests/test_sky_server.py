@@ -6,14 +6,15 @@ from conftest import assert_one_line_error
 
 
 def test_endpoint_of_a_missing_cluster(cli, sky_api_server):
-    result = cli("endpoint", "no-such-cluster")
-    assert_one_line_error(result, "cluster 'no-such-cluster' does not exist")
+    result = cli("endpoint", "no-such-cluster")  # not llm-atc's, and SkyPilot knows no such cluster
+    assert_one_line_error(result, "no deployment or training run named 'no-such-cluster'")
     assert result.exit_code == 3
 
 
 def test_down_of_a_missing_cluster(cli, sky_api_server):
     result = cli("down", "-y", "no-such-cluster")
-    assert_one_line_error(result, "no-such-cluster", "does not exist")
+    assert_one_line_error(result, "no deployment or training run named 'no-such-cluster'")
+    assert result.exit_code == 3
 
 
 def test_status_reconciles_a_cluster_that_is_gone(cli, sky_api_server):

@@ -221,6 +221,8 @@ def test_the_api_key_guards_every_path_of_vllm(vllm_deployment):
         keyed = httpx.post(base + path, json=body, headers={"Authorization": f"Bearer {vllm_deployment.api_key}"})
         assert keyed.status_code == 200, (path, keyed.text)
     assert httpx.get(base + "/metrics", timeout=30).status_code == 401
+    assert httpx.options(base + "/metrics", timeout=30).status_code == 401  # not a CORS preflight: no way around
+    assert httpx.post(base + "/health", timeout=30).status_code == 401
     assert httpx.get(base + "/health", timeout=30).status_code == 200
 
 
@@ -256,7 +258,7 @@ def test_a_reasoning_model_starts_with_its_parser(cli, vllm_engine, tmp_path):
         messages = [{"role": "user", "content": "Think, then answer."}]
         reply = client.chat.completions.create(model=str(model), messages=messages, max_tokens=6, temperature=0)
         message = reply.choices[0].message
-        assert (message.reasoning or message.content) and reply.usage.completion_tokens == 6
+        assert (message.reasoning or message.content) and reply.usage.completion_tokens >= 1
         named = {"type": "function", "function": {"name": "get_weather"}}
         tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
         with pytest.raises(openai.BadRequestError, match="requires --tool-call-parser"):

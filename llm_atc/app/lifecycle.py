@@ -27,11 +27,17 @@ def lookup(ref: str, registry: Registry, *, port: int = 8000) -> Record:
     is a NotFoundError naming the closest known names."""
     try:
         return registry.find(ref)
-    except NotFoundError:
+    except NotFoundError as exc:
         from llm_atc.backends import skypilot
         from llm_atc.options import is_cluster_name
 
-        if not is_cluster_name(ref) or not skypilot.cluster_exists(ref):
+        if "did you mean" in str(exc) or not is_cluster_name(ref):  # a typo of a known name: no need to ask
+            raise
+        try:
+            known = skypilot.cluster_exists(ref)
+        except UserError:
+            known = False
+        if not known:
             raise
         return Record(name=ref, kind="serve", model="", cluster=ref, status="UNKNOWN", port=port)
 

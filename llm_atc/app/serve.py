@@ -47,11 +47,20 @@ class PreparedServe:
 
 def prepare(spec: ServeSpec, *, registry: Registry) -> PreparedServe:
     """Check everything the serve reads, render its task, and let the backend validate it."""
-    spec, notes = serving.resolve(spec)
+    reads: dict = {}
     if spec.is_local:
-        engine, why = choose_engine(spec)
+        _check_name_free(spec.cluster, registry)  # before anything is read
+    spec, notes = serving.resolve(spec, reads)
+    if spec.is_local:
+        engine, why = choose_engine(spec, reads)
         if engine == "transformers" and spec.engine != engine:  # no parsers: serve as transformers would
-            spec, notes = serving.resolve(replace(spec, engine=engine))
+            asked = [kind for kind in ("tool", "reasoning") if getattr(spec, f"{kind}_parser") not in ("auto", "none")]
+            if asked:
+                reason = (
+                    why.split(": serving")[0] if why else "vLLM is not installed here (llm-atc engines install vllm)"
+                )
+                raise UserError(f"--{asked[0]}_parser needs vLLM: {reason}")
+            spec, notes = serving.resolve(replace(spec, engine=engine), reads)
         spec = replace(spec, engine=engine)
         notes += [why] if why else []
         prepared = _prepare_local(spec, registry)
@@ -236,7 +245,7 @@ def write_chat_template(spec: ServeSpec, path: Path) -> Path | None:
 # --- this machine ----------------------------------------------------------------------------------
 
 
-def choose_engine(spec: ServeSpec) -> tuple[str, str]:
+def choose_engine(spec: ServeSpec, reads: dict | None = None) -> tuple[str, str]:
     """The engine that can run the models here, and a line saying why when it is not the obvious one.
 
     ``auto``: vLLM when its engine environment is installed and runs here (its CPU build, or the CUDA build
@@ -244,7 +253,7 @@ def choose_engine(spec: ServeSpec) -> tuple[str, str]:
     engine asked for by name is used as asked; the line warns of what its first request will show."""
     found = engines.installed("vllm")
     usable = found is not None and found.usable_here()
-    lacking = _cpu_kernels_lacking(spec) if usable and found.build == "cpu" else None
+    lacking = _cpu_kernels_lacking(spec, reads or {}) if usable and found.build == "cpu" else None
     if spec.engine == "vllm":
         return "vllm", f"{lacking}: its first request will fail" if lacking else ""
     if spec.engine != "auto":
@@ -260,16 +269,20 @@ def choose_engine(spec: ServeSpec) -> tuple[str, str]:
     return "transformers", f"{lacking}: serving with transformers serve" if lacking else ""
 
 
-def _cpu_kernels_lacking(spec: ServeSpec) -> str:
-    """Why vLLM's CPU build cannot run one of the models (its attention head size), or ""."""
-    from llm_atc.planning import Architecture, load_model_info
+def _cpu_kernels_lacking(spec: ServeSpec, reads: dict) -> str:
+    """Why vLLM's CPU build cannot run one of the models (its attention head size), or "". ``reads``: what
+    app.serving read of each model (its config)."""
+    from llm_atc.planning import Architecture
 
     sizes = engines.vllm_cpu_head_sizes()
     for model in spec.models:
+        config = getattr(reads.get(model), "config", None)
         try:
-            head = Architecture.from_config(load_model_info(model).config).head_dim
-        except UserError:
-            continue  # the engine will say
+            head = Architecture.from_config(config).head_dim if config else None
+        except (UserError, TypeError, ValueError, ZeroDivisionError):
+            head = None  # not a shape the planner reads: vLLM will say
+        if head is None:
+            continue
         if head not in sizes:
             shown = ", ".join(map(str, sizes))
             return f"vLLM's CPU build has no attention kernel for {model.name}'s head size {head} (it has {shown})"

@@ -29,12 +29,17 @@ class _Read:
     why_not: str = ""
 
 
-def resolve(spec: ServeSpec) -> tuple[ServeSpec, list[str]]:
-    """``spec`` with how each model is served (``spec.servings``), and the lines that say so."""
+def resolve(spec: ServeSpec, reads: dict | None = None) -> tuple[ServeSpec, list[str]]:
+    """``spec`` with how each model is served (``spec.servings``), and the lines that say so. ``reads``: what
+    an earlier call read of the models, kept (and added to) so that nothing is read twice."""
     servings, notes = [], []
+    reads = {} if reads is None else reads  # model -> _Read
     with store_env(spec.envs, spec.secrets), hub_token(spec.secrets):
         for model in spec.models:
-            serving, lines = _serving(spec, model)
+            if model not in reads:
+                with ui.spinner(f"Reading what {shorten(model.location)} is"):
+                    reads[model] = _read(model)
+            serving, lines = _serving(spec, model, reads[model])
             servings.append(serving)
             notes += lines
     resolved = replace(spec, servings=tuple(servings))
@@ -49,10 +54,8 @@ def resolve(spec: ServeSpec) -> tuple[ServeSpec, list[str]]:
     return resolved, notes
 
 
-def _serving(spec: ServeSpec, model: ModelRef) -> tuple[Serving, list[str]]:
+def _serving(spec: ServeSpec, model: ModelRef, read: _Read) -> tuple[Serving, list[str]]:
     served = spec.served_name_of(model)
-    with ui.spinner(f"Reading what {shorten(model.location)} is"):
-        read = _read(model)
     names = [model.name, model.hub_id or "", str((read.config or {}).get("_name_or_path") or "")]
     notes = [f"{served}: could not read its config.json ({read.why_not}); going by its name"] if read.why_not else []
     try:

@@ -180,7 +180,7 @@ class LocalBackend:
             if self.alive(record):
                 states[record.id] = LiveState(record.status, cloud="local")
             elif record.is_active:
-                self.stop(record)  # what the leader left behind (vLLM's engine core, its workers) ends with it
+                _end_orphans(record.pid)  # what the leader left behind (vLLM's engine core, its workers) ends too
                 states[record.id] = LiveState(self._after(record), "process gone", cloud="local", gone=True)
             else:
                 states[record.id] = LiveState(record.status, "", cloud="local")
@@ -254,6 +254,17 @@ class LocalBackend:
 
     def down(self, record: Record) -> None:
         self.stop(record)
+
+
+def _end_orphans(pgid: int | None) -> None:
+    """Kill what is left of a group whose leader died (a vLLM engine core holding its memory, its workers): with
+    the API server gone nothing can use them, so they get SIGKILL, not the graceful stop."""
+    if not pgid or start_time(pgid) is not None:  # no group, or its leader lives (or its pid was reused)
+        return
+    deadline = time.monotonic() + 5
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        _signal_group(pgid, signal.SIGKILL)
+        time.sleep(0.1)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -14,7 +14,13 @@ import click
     help="Requests in flight at each level, run one level after another (default 1,4,16; at most 8 levels).",
 )
 @click.option("--prompt_tokens", type=int, default=256, show_default=True, help="Tokens of each synthetic prompt.")
-@click.option("--output_tokens", type=int, default=128, show_default=True, help="Tokens each reply is asked for.")
+@click.option(
+    "--output_tokens",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Tokens each reply is asked for (an embedding model gets texts of --prompt_tokens, no reply).",
+)
 @click.option("--duration", type=int, default=20, show_default=True, help="Seconds at most per level (1-600).")
 @click.option("--max_requests", type=int, default=200, show_default=True, help="Requests at most per level (1-100000).")
 @click.option(

@@ -72,11 +72,12 @@ def _check(base: str, record, api_key: str | None) -> None:
 
     engine, cafile = record.engine or "vllm", record.details.get("tls_cert")
     listed = served_models(base, engine, record.name, api_key=api_key, cafile=cafile)
+    ours = record.served if record.id is not None else []  # a cluster llm-atc did not launch: just list
     for model in listed:
         answer = ""
-        if model in record.served:
+        if model in ours:
             answer = try_model(base, model, record.task_of(model), engine=engine, api_key=api_key, cafile=cafile)
         ui.out(f"  {model}  {answer}".rstrip())
-    missing = [name for name in record.served if name not in listed]
+    missing = [name for name in ours if name not in listed]
     if missing:
         raise LaunchError(f"the endpoint does not list {', '.join(missing)} among its models ({', '.join(listed)})")

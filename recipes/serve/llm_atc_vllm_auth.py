@@ -36,12 +36,20 @@ class RequireKey:
                 return scheme.lower() == "bearer" and hmac.compare_digest(given, self.digest)
         return False
 
+    @staticmethod
+    def _open(scope) -> bool:
+        """``GET``/``HEAD /health``, and a browser's CORS preflight (which carries no credentials by design)."""
+        method = scope.get("method")
+        if scope["path"] in OPEN_PATHS:
+            return method in ("GET", "HEAD")
+        names = {name for name, _ in scope.get("headers") or ()}
+        return method == "OPTIONS" and {b"origin", b"access-control-request-method"} <= names
+
     async def __call__(self, scope, receive, send):
         if (
             self.digest is None
             or scope["type"] not in ("http", "websocket")
-            or scope.get("method") == "OPTIONS"
-            or scope["path"] in OPEN_PATHS
+            or self._open(scope)
             or self._authorized(scope)
         ):
             return await self.app(scope, receive, send)
