@@ -23,6 +23,7 @@ COMMANDS = {
     "endpoint": ("endpoint", "Print a deployment's base URL."),
     "adapters": ("adapters", "Add, remove or list LoRA adapters of a running deployment (no restart)."),
     "bench": ("bench", "Load-test a deployment: TTFT, tokens/s and $ per million tokens."),
+    "top": ("top", "Watch running deployments live: load, latency, tokens/s and cost, from the engines' metrics."),
     "status": ("status", "Show deployments and training runs."),
     "logs": ("logs", "Show a deployment's engine logs."),
     "stop": ("stop", "Stop a deployment (keeps its disk)."),
@@ -46,6 +47,31 @@ class LazyGroup(click.Group):
         name = COMMANDS[cmd_name][0]
         module = importlib.import_module(f"llm_atc.commands.{name}")
         return getattr(module, name, None) or getattr(module, f"{name}_")  # list_ avoids the builtin
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The defaults of $LLM_ATC_HOME/config.yaml, for each command's options (flags win)."""
+        if "default_map" not in extra and not any(arg in ("-h", "--help", "--version") for arg in args[:1]):
+            from llm_atc.config_file import defaults
+            from llm_atc.errors import UserError
+
+            try:
+                extra["default_map"] = defaults()
+            except UserError as exc:
+                _fail(str(exc), exc.exit_code)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        mine = (ctx.default_map or {}).get(command.name) if command is not None else None
+        if mine:
+            from llm_atc.config_file import check
+            from llm_atc.errors import UserError
+
+            try:
+                check(command, mine)
+            except UserError as exc:
+                _fail(str(exc), exc.exit_code)
+        return name, command, rest
 
     def format_commands(self, ctx, formatter):
         rows = [(name, help_text) for name, (_, help_text) in COMMANDS.items()]
@@ -96,7 +122,8 @@ Start here:
                                          a model on your cloud, behind an OpenAI-compatible endpoint
 \b
 --cloud local runs everything (serve, train, bench) on this machine; any other infra goes through SkyPilot.
-Each command's --help lists its options; docs/quickstart.md walks through the first hour."""
+Each command's --help lists its options; docs/quickstart.md walks through the first hour. Defaults for the
+options you repeat (--cloud, --region, --idle_minutes, ...) go in $LLM_ATC_HOME/config.yaml (see docs/cli.md)."""
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=START_HERE)

@@ -31,6 +31,21 @@ class RecordHandle:
         reconcile([self.record], self._registry)
         return self.record.status
 
+    def cost(self) -> dict:
+        """How long it has been up, its hourly price and what it has cost so far (what `llm-atc status` shows):
+        ``{"up_seconds", "price_per_hour", "price_source", "cost_so_far"}``; a price is None where not known."""
+        from llm_atc.app.cost import up_and_cost
+
+        self.status()
+        seconds, spent = up_and_cost(self.record)
+        price = self.record.details.get("price") or {}
+        return {
+            "up_seconds": round(seconds),
+            "price_per_hour": price.get("per_hour"),
+            "price_source": price.get("source", ""),
+            "cost_so_far": spent,
+        }
+
     def stop(self) -> None:
         """Stop it, keeping what it needs to go on (idempotent)."""
         self._end("stop")

@@ -26,6 +26,10 @@ LIMITS = {
     "--cpus": (0.001, 1_024, "vCPUs"),
     "--memory": (0.001, 65_536, "GB"),
     "--max_loras": (0, 256, "adapters"),
+    # A deployment ends by itself: after this long without a request, or this long in all.
+    "--idle_minutes": (0.5, 10_080, "minutes"),
+    "--max_hours": (0.01, 8_760, "hours"),
+    "--price_per_hour": (0, 10_000, "dollars per hour"),
 }
 
 

@@ -32,6 +32,8 @@ NODE_BUCKETS_SCRIPT = "~/.llm-atc/buckets.py"
 # ~/.llm-atc on a node (the recipe's default), the recipes' own folder here (LLM_ATC_PYTHONPATH).
 NODE_AUTH_MODULE = "~/.llm-atc/llm_atc_vllm_auth.py"
 AUTH_MIDDLEWARE = ("--middleware", "llm_atc_vllm_auth.RequireKey")
+# --idle_minutes / --max_hours: the watcher beside the engine (recipes/serve/llm_atc_watch.py), same places.
+NODE_WATCH_MODULE = "~/.llm-atc/llm_atc_watch.py"
 # Env vars that point object-store clients elsewhere than AWS/GCS proper; SkyPilot's own
 # bucket mounting does not follow them, so with one of these the node fetches by itself.
 CUSTOM_STORE_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST")
@@ -61,6 +63,7 @@ SERVE_RESERVED_ENVS = frozenset(
         "ROUTER_COMMAND",
         "GATEWAY_COMMAND",
         "LLM_ATC_PYTHONPATH",
+        "WATCH_ARGS",
     }
 )
 # vLLM's OpenAI server; `python3` is the engine environment's (the recipe puts it first on PATH).
@@ -159,11 +162,16 @@ def render_serve_task(
         if local.vllm_env is not None:
             envs["LLM_ATC_VLLM_ENV"] = str(local.vllm_env)
     extra_mounts: dict = {}
+    modules = []  # what the node runs from llm-atc's serve recipes folder
     if spec.engine == "vllm" and spec.auth:  # the engines load the key middleware from their PYTHONPATH
-        if local is None:
-            extra_mounts[NODE_AUTH_MODULE] = str(recipes_dir() / "serve" / "llm_atc_vllm_auth.py")
-        else:
-            envs["LLM_ATC_PYTHONPATH"] = str(recipes_dir() / "serve")
+        modules.append(NODE_AUTH_MODULE)
+    if spec.replicas is None and (spec.limits.idle_minutes or spec.limits.max_hours):
+        envs["WATCH_ARGS"] = watch_args(spec, several, tls=spec.tls is not None)
+        modules.append(NODE_WATCH_MODULE)
+    if modules and local is None:
+        extra_mounts.update({m: str(recipes_dir() / "serve" / m.rsplit("/", 1)[1]) for m in modules})
+    elif modules:
+        envs["LLM_ATC_PYTHONPATH"] = str(recipes_dir() / "serve")
     tls = None
     if spec.engine == "vllm" and spec.tls is not None and spec.replicas is None:
         # vLLM's own HTTPS (a service's load balancer speaks TLS instead)
@@ -345,6 +353,22 @@ def _several_engines(
     return mounts
 
 
+def watch_args(spec: ServeSpec, several: Colocated | None, *, tls: bool) -> str:
+    """The watcher's flags: its limits and the /metrics of every engine on the node (vLLM's; transformers
+    serve has none, and only --max_hours applies to it)."""
+    args = []
+    if spec.limits.idle_minutes:
+        args += ["--idle-minutes", f"{spec.limits.idle_minutes:g}"]
+    if spec.limits.max_hours:
+        args += ["--max-hours", f"{spec.limits.max_hours:g}"]
+    if spec.engine == "vllm":
+        ports = several.engine_ports if several is not None else (spec.port,)
+        scheme = "https" if tls and several is None else "http"  # several: the gateway speaks TLS, not the engines
+        for port in ports:
+            args += ["--metrics", f"{scheme}://127.0.0.1:{port}/metrics"]
+    return " ".join(args)
+
+
 def node_path(path: str) -> str:
     """A node path as the engine command spells it: ``~/x`` -> ``$HOME/x`` (the recipe fills in $HOME)."""
     return "$HOME/" + path[2:] if path.startswith("~/") else path
@@ -431,6 +455,8 @@ def service_section(spec: ServeSpec) -> dict:
         replica_policy["base_ondemand_fallback_replicas"] = policy.base_ondemand_fallback
     if policy.dynamic_ondemand_fallback:
         replica_policy["dynamic_ondemand_fallback"] = True
+    if spec.limits.idle_minutes:  # scale to zero once no request has come for that long
+        replica_policy["downscale_delay_seconds"] = int(spec.limits.idle_minutes * 60)
     section = {
         "readiness_probe": {"path": "/health", "initial_delay_seconds": SERVICE_INITIAL_DELAY},
         "replica_policy": replica_policy,
@@ -602,7 +628,7 @@ def _adapter_config(path: Path) -> dict | None:
 
 
 NODE_BASE_DIR = "~/llm-atc/base"
-TRAIN_RESERVED_ENVS = frozenset({"MODEL_TYPE", "MODEL_BASE", "DATA", "OUTPUT_URI"})
+TRAIN_RESERVED_ENVS = frozenset({"MODEL_TYPE", "MODEL_BASE", "DATA", "OUTPUT_URI", "MAX_HOURS"})
 
 
 def render_train_task(spec: TrainSpec, *, data: str, features: NodeFeatures = NodeFeatures()) -> dict:
@@ -628,6 +654,8 @@ def render_train_task(spec: TrainSpec, *, data: str, features: NodeFeatures = No
         base = NODE_BASE_DIR
     envs = config.setdefault("envs", {})
     envs.update(MODEL_BASE=base, DATA=data, OUTPUT_URI=spec.output_uri)
+    if spec.limits.max_hours:
+        envs["MAX_HOURS"] = f"{spec.limits.max_hours:g}"
     envs.update(spec.envs)
     secrets = config.get("secrets") or {}
     secrets.update({key: None for key in spec.secrets})

@@ -68,6 +68,24 @@ class Placement:
         return ", ".join(asked) or "the recipe's default resources"
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How a launch ends by itself, besides `llm-atc down`: ``idle_minutes`` without a request (serving),
+    ``max_hours`` in all."""
+
+    idle_minutes: float | None = None
+    max_hours: float | None = None
+
+    def text(self, otherwise: str = "when you run `llm-atc down`") -> str:
+        """``after 30 idle minutes or 8 hours``, else ``otherwise``."""
+        parts = [f"{self.idle_minutes:g} idle minutes"] if self.idle_minutes else []
+        parts += [f"{self.max_hours:g} hours"] if self.max_hours else []
+        return f"after {' or '.join(parts)}" if parts else otherwise
+
+    def details(self) -> dict:
+        return {k: v for k, v in (("idle_minutes", self.idle_minutes), ("max_hours", self.max_hours)) if v}
+
+
 @dataclass(frozen=True, kw_only=True)
 class LaunchSpec:
     """What every launch has: a cluster, where it runs, envs/secrets and launch flags."""
@@ -79,6 +97,8 @@ class LaunchSpec:
     detach_setup: bool = False
     detach_run: bool = False
     no_setup: bool = False
+    limits: Limits = Limits()
+    price_per_hour: float | None = None  # --price_per_hour: what it costs, where the catalog does not say
 
     @property
     def is_local(self) -> bool:
@@ -496,6 +516,9 @@ def build_serve_spec(
     tool_parser: str | None = None,
     reasoning_parser: str | None = None,
     alias: tuple[str, ...] | list[str] = (),
+    idle_minutes: float | None = None,
+    max_hours: float | None = None,
+    price_per_hour: float | None = None,
     registry: Registry | None = None,
 ) -> ServeSpec:
     """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
@@ -515,6 +538,7 @@ def build_serve_spec(
     check_number(timeout, "--timeout")
     check_number(num_nodes, "--num_nodes")
     check_port(port)
+    limits = check_limits(idle_minutes, max_hours, price_per_hour)
     task = model_tasks.check_task(task)
     tool_parser = model_tasks.check_parser(tool_parser, "tool")
     reasoning_parser = model_tasks.check_parser(reasoning_parser, "reasoning")
@@ -610,6 +634,7 @@ def build_serve_spec(
     )
     if policy is not None and is_local:
         raise UserError("--replicas runs a SkyServe service on clusters; it does not apply to --cloud local")
+    _check_serve_limits(limits, policy=policy, engine=engine, keep_on_failure=keep_on_failure)
     if cache_weights is not None:
         from llm_atc.storage import BucketURI
 
@@ -667,6 +692,8 @@ def build_serve_spec(
             reasoning_parser=reasoning_parser,
             runtime_lora_asked=runtime_lora_asked,
             aliases=_check_aliases(alias, engine),
+            limits=limits,
+            price_per_hour=price_per_hour,
             detach_setup=detach_setup,
             detach_run=detach_run,
             no_setup=no_setup,
@@ -691,6 +718,30 @@ def _check_task_options(task: str, engine: str, given: dict[str, bool]) -> None:
             raise UserError(
                 f"{flag} applies to generative models; --task {task} serves {model_tasks.ENDPOINT_TEXT[task]}"
             )
+
+
+def check_limits(idle_minutes: float | None, max_hours: float | None, price: float | None) -> Limits:
+    """``--idle_minutes``, ``--max_hours`` and ``--price_per_hour``, each a finite number in its range."""
+    for value, option in ((idle_minutes, "--idle_minutes"), (max_hours, "--max_hours"), (price, "--price_per_hour")):
+        check_number(value, option)
+    return Limits(idle_minutes or None, max_hours or None)
+
+
+def _check_serve_limits(limits: Limits, *, policy: ReplicaPolicy | None, engine: str, keep_on_failure: bool) -> None:
+    """Where a deployment's limits can apply: idleness is counted from vLLM's metrics, a service scales to zero
+    instead of ending, and a cluster that ends by itself is not kept."""
+    if limits.idle_minutes and engine == "transformers":
+        raise UserError("--idle_minutes counts requests from vLLM's metrics; transformers serve has none")
+    if policy is not None:
+        if limits.max_hours:
+            raise UserError("--max_hours ends one cluster; a SkyServe service (--replicas) runs until `llm-atc down`")
+        if limits.idle_minutes and policy.min_replicas > 0:
+            raise UserError(
+                f"--idle_minutes on a service scales it to zero: give --replicas 0..{policy.max_replicas} "
+                "--target_qps Q (it keeps its endpoint; a request brings a replica back)"
+            )
+    if keep_on_failure and (limits.idle_minutes or limits.max_hours):
+        raise UserError("--keep_on_failure keeps a cluster whose engine ended; --idle_minutes and --max_hours end it")
 
 
 # Most models one deployment serves side by side (one vLLM each on the node, behind vLLM's router).
@@ -811,6 +862,8 @@ def build_train_spec(
     no_setup: bool = False,
     resume: bool = False,
     serve_on: str | None = None,
+    max_hours: float | None = None,
+    price_per_hour: float | None = None,
     registry: Registry | None = None,
 ) -> TrainSpec:
     """Turn raw ``train`` option values into a validated :class:`TrainSpec`; raises UserError."""
@@ -827,6 +880,7 @@ def build_train_spec(
     if is_local and (num_nodes > 1 or use_spot):
         raise UserError("--num_nodes and --use_spot do not apply to --cloud local")
     _check_train_settings(model_type, parse_env_pairs(envs, option="--envs"))
+    limits = check_limits(None, max_hours, price_per_hour)
     run = check_run_name(name) if name else f"{model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
     registry = registry or Registry()
     store, checkpoint_bucket, default_bucket = _check_store(
@@ -891,6 +945,8 @@ def build_train_spec(
         default_bucket=default_bucket,
         base_bucket=base_bucket,
         serve_on=serve_on,
+        limits=limits,
+        price_per_hour=price_per_hour,
     )
 
 

@@ -42,6 +42,10 @@ def stderr_console() -> Console:
     return _err
 
 
+def stdout_console() -> Console:
+    return _out
+
+
 def is_quiet() -> bool:
     return _quiet
 

@@ -17,7 +17,13 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 def preamble() -> str:
     """Exit codes, the ranges numbers are checked against, shell completion."""
+    from llm_atc import config_file
     from llm_atc.options import LIMITS, SECRET_RULE, plain_number
+
+    config_doc = config_file.__doc__.strip().replace("\n\n    ", "\n\n```yaml\n", 1).replace(
+        "\n\nEach key", "\n```\n\nEach key", 1
+    )
+    config_doc = "\n".join(line[4:] if line.startswith("    ") else line for line in config_doc.splitlines())
 
     limits = "\n".join(
         f"| `{option}` | {plain_number(low)} to {plain_number(high)} {unit} |"
@@ -46,6 +52,10 @@ Every number is checked before anything launches; `--accelerator` counts are at 
 ## Secrets
 
 `--secret KEY[=VALUE]` always travels as a SkyPilot secret; so do, given with `--envs`, {SECRET_RULE}.
+
+## Defaults: $LLM_ATC_HOME/config.yaml
+
+{config_doc}
 
 ## Shell completion
 

@@ -124,7 +124,7 @@ def test_price_per_million_tokens_comes_from_the_catalog(catalog):
     """A deployment on a cloud is priced at the cheapest on-demand catalog offer of its GPUs; own clusters and
     this machine have none, and say how to give one."""
     from llm_atc.app.bench import Level, _per_million, hourly_price
-    from llm_atc.app.serve import cheapest_offer
+    from llm_atc.app.cost import cheapest_offer
     from llm_atc.registry import Record
 
     record = Record(name="m", kind="serve", model="m", cluster="c", status="RUNNING", cloud="gcp", accelerator="L4:1")

@@ -149,8 +149,8 @@ def test_help_guides_and_says_what_the_code_does(cli):
     assert "llm-atc serve --cloud local" in top and "--cloud local runs everything" in top
     serve = cli("serve", "--help").stdout
     sections = [line for line in serve.splitlines() if re.fullmatch(r"[A-Z][\w ()]+:", line)]
-    assert sections == ["What to serve:", "Where it runs:", "Engine:", "Scaling (a SkyServe service):", "Security:",
-                        "Launching:"]  # fmt: skip
+    assert sections == ["What to serve:", "Where it runs:", "Engine:", "Scaling (a SkyServe service):",
+                        "Lifetime and cost:", "Security:", "Launching:"]  # fmt: skip
     flat = lambda text: " ".join(text.split())
     assert flat(ENGINE_AUTO_RULE) in flat(serve)
     assert flat(ENGINE_AUTO_RULE) in flat((ROOT / "docs" / "serving.md").read_text())

@@ -175,6 +175,9 @@ def test_chat_embeddings_and_rerank_behind_one_endpoint(cli, vllm_engine, rag_mo
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 404
 
+        _top_shows_each_engine(cli, base, headers, [str(a), str(b), str(c)])
+        (row,) = current_rows(only="rag")
+        assert row[-1] == "0 running, 0 waiting"  # status's load column, from the same metrics
         checked = cli("endpoint", "rag", "--check")
         assert checked.exit_code == 0, checked
         assert f"  {a}  generates" in checked.stdout and f"  {b}  embeddings of 128 dimensions" in checked.stdout
@@ -221,6 +224,33 @@ def test_chat_embeddings_and_rerank_behind_one_endpoint(cli, vllm_engine, rag_mo
     finally:
         cli("stop", "rag")
     assert _group_processes(record.pid) == []
+
+
+def _top_shows_each_engine(cli, base: str, headers: dict, names: list[str]) -> None:
+    """`top` reads each engine's metrics through the gateway (behind the key; the engines' ports stay private): one
+    row per model, each with its own figures (embeddings sent to the second model only)."""
+    import threading
+
+    import httpx
+
+    stop = threading.Event()
+
+    def embed():
+        while not stop.is_set():
+            httpx.post(base + "/v1/embeddings", headers=headers, json={"model": names[1], "input": ["a"]}, timeout=30)
+
+    sender = threading.Thread(target=embed)
+    sender.start()
+    try:
+        shown = cli("top", "rag", "--once", "--json", "--interval", "3")
+    finally:
+        stop.set()
+        sender.join(30)
+    assert shown.exit_code == 0, shown
+    rows = {row["model"]: row["window"] for row in json.loads(shown.stdout)["rows"]}
+    assert sorted(rows) == sorted(names)
+    assert rows[names[1]]["requests_per_second"] > 0 and rows[names[2]]["requests_per_second"] == 0
+    assert httpx.get(base + "/metrics", params={"model": names[1]}, timeout=30).status_code == 401
 
 
 WEATHER = {

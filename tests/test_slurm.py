@@ -491,3 +491,46 @@ def test_a_managed_job_through_the_real_jobs_controller(cli, slurm):
         time.sleep(5)
     assert backend._managed_statuses([record])[record.details["job_id"]] == "CANCELLED"
     assert slurm_jobs_of(name) == []
+
+
+def _wait_gone(cli, sky, cluster: str, port: int, bound: float) -> tuple[float, dict]:
+    """Poll `llm-atc status` (which reconciles) until SkyPilot and Slurm have no trace of ``cluster``; (seconds
+    it took, the status row seen last)."""
+    start, row = time.monotonic(), {}
+    while time.monotonic() - start < bound:
+        shown = json.loads(cli("status", cluster, "--json").stdout)["rows"]
+        row = shown[0] if shown else row
+        ended = row.get("status") in ("DOWN", "FAILED") and not slurm_jobs_of(cluster) and not engine_processes(port)
+        if ended and sky.get(sky.status(cluster_names=[cluster])) == []:
+            return time.monotonic() - start, row
+        time.sleep(5)
+    raise AssertionError(f"{cluster} was still there after {bound:.0f}s: {row}")
+
+
+def test_an_idle_deployment_goes_away_by_itself_on_slurm(cli, slurm, tiny_model, sky_api_server):
+    """--idle_minutes 1 on a private vLLM (CPU) deployment (--no_auth: no port opened; it is waited for, and read by
+    `top`, through an SSH tunnel): after its last request the engine ends (vLLM's own request counts; the readiness
+    and status probes are no traffic), SkyPilot's autodown removes the cluster and its Slurm job without any `down`,
+    within idle + 3 minutes, and `status` says why."""
+    cluster, port = unique("e2e-idle"), free_port()
+    options = [*slurm_options(slurm, cluster, port), "--no_auth"]
+    result = cli("serve", "--name", str(tiny_model), *options, "--idle_minutes", "1")
+    assert result.exit_code == 0, result
+    assert "Private endpoint" in result.stdout
+    assert chat(f"http://127.0.0.1:{port}/v1", tiny_model.name)  # this machine is the node: its port is here
+    shown = cli("top", cluster, "--once", "--json", "--interval", "2")  # through the tunnel
+    assert shown.exit_code == 0, shown
+    (row,) = json.loads(shown.stdout)["rows"]
+    assert row["window"] is not None and row["window"]["in_flight"] == 0, row
+    _, row = _wait_gone(cli, sky_api_server, cluster, port, 60 + 180)
+    assert row["status"] == "DOWN" and "idle 1 min" in row["detail"], row
+
+
+def test_a_time_limit_ends_a_deployment_on_slurm(cli, slurm, tiny_model, sky_api_server):
+    """--max_hours 0.02 (72 s) ends a transformers deployment whatever it does; the cluster goes the same way."""
+    cluster, port = unique("e2e-hours"), free_port()
+    options = slurm_options(slurm, cluster, port, engine="transformers")
+    result = cli("serve", "--name", str(tiny_model), *options, "--max_hours", "0.02", "--open_port")
+    assert result.exit_code == 0, result
+    _, row = _wait_gone(cli, sky_api_server, cluster, port, 72 + 180)
+    assert row["status"] == "DOWN" and "0.02 hours up" in row["detail"], row

@@ -190,8 +190,11 @@ def hourly_price(record: Record, price: float | None) -> tuple[float | None, str
     """(dollars per hour, where the figure comes from)."""
     if price is not None:
         return price, "--price_per_hour"
-    from llm_atc.app.serve import OWN_INFRA, cheapest_offer
+    from llm_atc.app.cost import OWN_INFRA, cheapest_offer
 
+    recorded = record.details.get("price") or {}
+    if recorded.get("per_hour") is not None:  # what it was launched at (the catalog then, or --price_per_hour)
+        return recorded["per_hour"], recorded["source"]
     if record.is_local or record.cloud in OWN_INFRA or not record.accelerator:
         return None, "no catalog price for this infra: pass --price_per_hour"
     wanted = []

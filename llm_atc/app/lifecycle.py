@@ -74,7 +74,15 @@ def reconcile(records: list[Record], registry: Registry) -> dict[int, LiveState]
             state = _gone_run(record, state)
             states[record.id] = state
         if state.status != record.status:
-            registry.update(record, status=state.status)
+            ended = record.kind == "serve" and state.status == Status.DOWN
+            if state.status in ENDED and state.detail:  # why it ended, kept for `status` after the fact
+                registry.update(record, status=state.status, details={**record.details, "ended": state.detail})
+            else:
+                registry.update(record, status=state.status)
+            if ended:  # it ended by itself (its limits, a torn-down cluster): its key goes, as with `down`
+                from llm_atc import credentials
+
+                credentials.forget(record.cluster)
     return states
 
 

@@ -125,10 +125,45 @@ def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
             **_store_details(spec),
             **_models_details(spec, several),
             **({"adapters_manifest": manifest} if manifest else {}),
+            **_lifetime_details(spec),
         },
     )
-    workload = Workload(record, config, secrets, stream=not spec.detach_setup, no_setup=spec.no_setup)
+    autodown, why_not = _autodown(spec)
+    workload = Workload(
+        record,
+        config,
+        secrets,
+        stream=not spec.detach_setup,
+        no_setup=spec.no_setup,
+        down_when_done=autodown,
+    )
+    notes += [why_not] if why_not else []
     return PreparedServe(spec, workload, checkpoint, api_key, notes=notes + _exposure_notes(spec, record))
+
+
+def _lifetime_details(spec: ServeSpec) -> dict:
+    """How it ends by itself, and what it costs per hour (for `status`, `bench` and the confirmation)."""
+    from llm_atc.app import cost
+
+    replicas = spec.replicas.min_replicas if spec.replicas is not None else 1
+    price = cost.price_of(spec, nodes=spec.num_nodes, replicas=replicas)
+    return {"price": price.details(), **({"limits": spec.limits.details()} if spec.limits.details() else {})}
+
+
+def _autodown(spec: ServeSpec) -> tuple[bool, str]:
+    """Whether SkyPilot tears the cluster down once its engine ends (a crash, --idle_minutes, --max_hours), so
+    that nothing bills until someone looks; and, where the infra cannot, the line that says so."""
+    if spec.replicas is not None or spec.keep_on_failure:
+        return False, ""
+    from llm_atc.backends import skypilot
+
+    why = skypilot.unsupported_feature(spec.placement.cloud, spec.placement.region, "autodown")
+    if why is None:
+        return True, ""
+    return False, (
+        f"{spec.placement.cloud} cannot tear a cluster down by itself ({why}): when the engine ends, the cluster "
+        f"stays up (and bills) until `llm-atc down {spec.cluster}`"
+    )
 
 
 def _colocated(
@@ -353,6 +388,7 @@ def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
             **(adapters_app.lora_details(spec, config, checkpoint, registry) if engine == "vllm" else {}),
             **_store_details(spec),
             **_models_details(spec, several),
+            **_lifetime_details(spec),
         },
     )
     api_key = spec.secrets.get(API_KEY_SECRET) if spec.auth else None
@@ -396,40 +432,3 @@ def _check_name_free(cluster: str, registry: Registry) -> None:
                 f"{cluster} is already running ({record.endpoint}); stop it with `llm-atc stop {cluster}` "
                 "or pass -c NAME"
             )
-
-
-# --- what it costs -----------------------------------------------------------------------------------
-
-OWN_INFRA = frozenset({"kubernetes", "k8s", "slurm", "ssh"})
-
-
-def hourly_price(spec: ServeSpec) -> str:
-    """`` (about $X.XX/hour: ...)`` for the confirmation: the cheapest catalog offer of what is asked
-    for, times nodes and replicas; empty where SkyPilot's catalog cannot tell (own clusters, CPUs)."""
-    if spec.placement.cloud in OWN_INFRA or not spec.placement.accelerators:
-        return ""
-    use_spot = spec.placement.use_spot
-    wanted = [(a.name, a.count) for a in spec.placement.accelerators]
-    best = cheapest_offer(wanted, spec.placement.cloud, spec.placement.region, use_spot)
-    if best is None:
-        return " (price unknown: SkyPilot's catalog here lists no such offer)"
-    hourly = best.hourly(use_spot) * spec.num_nodes
-    each = " per replica" if spec.replicas else (f" for {spec.num_nodes} nodes" if spec.num_nodes > 1 else "")
-    where = " ".join(str(p) for p in (best.cloud, best.instance_type, best.region(use_spot)) if p)
-    spot = " on spot" if use_spot else ""
-    return f", about ${hourly:.2f}/hour{each}{spot} ({best.accelerator}:{best.count} on {where})"
-
-
-def cheapest_offer(wanted: list[tuple[str, int]], cloud: str | None, region: str | None, use_spot: bool):
-    """The cheapest offer (``planning.Offer``) in SkyPilot's catalog of any of ``wanted`` (GPU name, count);
-    None where the catalog here lists none."""
-    from llm_atc.backends import skypilot
-
-    try:
-        clouds = [cloud] if cloud else skypilot.catalog_clouds()
-        offers = skypilot.list_offers(clouds, region) if clouds else []
-    except UserError:
-        return None
-    wanted_keys = {(name.lower(), count) for name, count in wanted}
-    priced = [o for o in offers if (o.accelerator.lower(), o.count) in wanted_keys and o.hourly(use_spot) is not None]
-    return min(priced, key=lambda o: o.hourly(use_spot)) if priced else None

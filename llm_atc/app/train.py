@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llm_atc import ui
+from llm_atc.app import cost
 from llm_atc.backends import backend_for
 from llm_atc.backends._base import Workload
 from llm_atc.errors import NotFoundError, UserError
@@ -114,6 +115,8 @@ def prepare(spec: TrainSpec, *, registry: Registry, keep_cluster: bool = False) 
             "store_env": store_settings(spec.envs),
             **({"managed": True} if mode == "managed" else {}),
             **({"log": str(workdir / "train.log")} if mode == "local" else {}),
+            "price": cost.price_of(spec, nodes=spec.num_nodes).details(),
+            **({"limits": spec.limits.details()} if spec.limits.details() else {}),
         },
     )
     workload = Workload(

@@ -40,7 +40,7 @@ class Workload:
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     stream: bool = True  # stream SkyPilot's provisioning and setup logs
     no_setup: bool = False
-    down_when_done: bool = False  # a training cluster goes away once its job has ended
+    down_when_done: bool = False  # the cluster goes away once its job has ended (SkyPilot's autodown)
     workdir: Path | None = None  # a process here runs in this folder, logging to log
 
     @property

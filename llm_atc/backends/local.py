@@ -84,6 +84,15 @@ def start_time(pid: int) -> float | None:
         return None
 
 
+def _log_end(path: Path, size: int = 256 * 1024) -> str:
+    """The last ``size`` bytes of a log (the lines an engine writes while it shuts down come after the reason)."""
+    if not path.is_file():
+        return ""
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - size))
+        return handle.read().decode(errors="replace")
+
+
 def tail_lines(path: Path, count: int) -> str:
     if not path.is_file():
         return "(no log)"
@@ -181,19 +190,23 @@ class LocalBackend:
                 states[record.id] = LiveState(record.status, cloud="local")
             elif record.is_active:
                 _end_orphans(record.pid)  # what the leader left behind (vLLM's engine core, its workers) ends too
-                states[record.id] = LiveState(self._after(record), "process gone", cloud="local", gone=True)
+                status, detail = self._after(record)
+                states[record.id] = LiveState(status, detail, cloud="local", gone=True)
             else:
                 states[record.id] = LiveState(record.status, "", cloud="local")
         return states
 
     @staticmethod
-    def _after(record: Record) -> str:
-        """What a process that ended on its own leaves: a training run that printed its last line
-        succeeded; anything else failed."""
-        log = Path(record.details.get("log", ""))
-        if record.kind == "train" and log.is_file() and FINISHED_MARKER in log.read_text(errors="replace"):
-            return Status.SUCCEEDED
-        return Status.FAILED
+    def _after(record: Record) -> tuple[str, str]:
+        """What a process that ended on its own leaves, and why: a training run that printed its last line
+        succeeded; a deployment its watcher ended (--idle_minutes, --max_hours) is down; anything else failed."""
+        from llm_atc.recipes.serve.llm_atc_watch import ended_by_limit
+
+        text = _log_end(Path(record.details.get("log", "")))
+        if record.kind == "train" and FINISHED_MARKER in text:
+            return Status.SUCCEEDED, "finished"
+        reason = ended_by_limit(text) if record.kind == "serve" else None
+        return (Status.DOWN, reason) if reason else (Status.FAILED, "process gone")
 
     def logs(self, record: Record, *, follow: bool, output: TextIO | None = None) -> int:
         path = Path(record.details.get("log", ""))

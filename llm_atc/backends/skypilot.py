@@ -552,6 +552,11 @@ class SkyPilotBackend:
                 job = self._job_status(record) if record.is_active else None
                 if job is not None:
                     status, detail = _job_state(job, record), f"UP, job {job}"
+                    if status == Status.FAILED and record.kind == "serve" and record.details.get("limits"):
+                        reason = _limit_reason(self.log_tail(record, 400))
+                        status, detail = (
+                            (Status.DOWN, f"{reason}; SkyPilot tears the cluster down") if reason else (status, detail)
+                        )
             resources = getattr(cluster.handle, "launched_resources", None)
             states[record.id] = LiveState(
                 status,
@@ -720,6 +725,12 @@ def _job_state(job: str, record: Record) -> str:
     if job in ("CANCELLED", "CANCELLING"):
         return Status.STOPPED
     return Status.FAILED
+
+
+def _limit_reason(log_text: str) -> str | None:
+    from llm_atc.recipes.serve.llm_atc_watch import ended_by_limit
+
+    return ended_by_limit(log_text)
 
 
 def _gone(record: Record, detail: str) -> LiveState:

@@ -66,6 +66,35 @@ def placement_options(*, accelerator_default: str | None, accelerator_help: str)
     )
 
 
+def lifetime_options(*, serving: bool):
+    """--idle_minutes (serving) --max_hours --price_per_hour: how it ends by itself, and what it costs."""
+    options = [
+        click.option(
+            "--max_hours",
+            type=float,
+            help="End it after this many hours, whatever it is doing (0.01 to 8760; SkyPilot's autodown removes the "
+            "cluster)" + ("." if serving else "; the run keeps its last checkpoint, --resume goes on."),
+        ),
+        click.option(
+            "--price_per_hour",
+            type=float,
+            help="What it costs per hour, in dollars, for `status`'s cost columns (default: SkyPilot's catalog "
+            "price of its GPUs; none for local, Slurm and Kubernetes).",
+        ),
+    ]
+    if serving:
+        options.insert(
+            0,
+            click.option(
+                "--idle_minutes",
+                type=float,
+                help="End the deployment after this many minutes without a request (0.5 to 10080; vLLM's own "
+                "request counts, not health checks). A service (--replicas 0..N) scales to zero instead.",
+            ),
+        )
+    return _apply(options)
+
+
 def env_options():
     """-e/--envs and --secret."""
     return _apply(

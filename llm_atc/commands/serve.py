@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from llm_atc.commands._options import env_options, launch_options, placement_options, sectioned
+from llm_atc.commands._options import env_options, launch_options, lifetime_options, placement_options, sectioned
 from llm_atc.engine_rule import ENGINE_AUTO_RULE
 
 HELP_SECTIONS = (
@@ -15,6 +15,7 @@ HELP_SECTIONS = (
     ("Engine", ("engine", "max_model_len", "dtype", "quantization", "vllm_args", "weights", "cache_weights",
                 "max_loras", "max_lora_rank", "port")),
     ("Scaling (a SkyServe service)", ("replicas", "target_qps", "ondemand_fallback", "dynamic_ondemand_fallback")),
+    ("Lifetime and cost", ("idle_minutes", "max_hours", "price_per_hour")),
     ("Security", ("no_auth", "open_port", "tls_cert", "tls_key", "envs", "secret")),
     ("Launching", ("timeout", "keep_on_failure", "detach_setup", "detach_run", "no_setup", "yes", "dryrun", "help")),
 )  # fmt: skip
@@ -164,6 +165,7 @@ HELP_SECTIONS = (
 @click.option(
     "--timeout", type=float, help="Seconds to wait for readiness, 1 to 86400 (default 1800 on a cloud, 600 locally)."
 )
+@lifetime_options(serving=True)
 @launch_options()
 def serve(**options):
     """Serve a model behind vLLM's OpenAI-compatible server and print the endpoint.
@@ -179,7 +181,8 @@ def serve(**options):
     """
     from llm_atc import ui
     from llm_atc.app import launch
-    from llm_atc.app.serve import hourly_price, prepare
+    from llm_atc.app.cost import Price, confirmation
+    from llm_atc.app.serve import prepare
     from llm_atc.readiness import snippets
     from llm_atc.registry import Registry
     from llm_atc.spec import build_serve_spec
@@ -204,7 +207,8 @@ def serve(**options):
                 f"Start service {spec.cluster} for {spec.served_text} ({spec.replicas.text}, "
                 f"{spec.placement.resources_text} each, {where})"
             )
-        if not ui.confirm(f"{question}{hourly_price(spec)}?", yes=yes):
+        price = prepared.workload.record.details["price"]
+        if not ui.confirm(f"{question}{confirmation(Price(**price), spec.limits)}?", yes=yes):
             raise SystemExit(ui.NOT_CONFIRMED)
     try:
         record = launch.serve(prepared, registry=registry)

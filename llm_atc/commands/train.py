@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from llm_atc.commands._options import env_options, launch_options, placement_options, sectioned
+from llm_atc.commands._options import env_options, launch_options, lifetime_options, placement_options, sectioned
 
 HELP_SECTIONS = (
     ("What to train", ("model_type", "finetune_data", "base_model", "name", "description", "resume", "serve_on")),
@@ -12,6 +12,7 @@ HELP_SECTIONS = (
     ("Where it runs", ("cloud", "region", "zone", "cluster", "accelerator", "cpus", "memory", "use_spot", "disk_size",
                        "num_nodes", "keep_cluster")),
     ("Settings and secrets", ("envs", "secret")),
+    ("Lifetime and cost", ("max_hours", "price_per_hour")),
     ("Launching", ("detach_setup", "detach_run", "no_setup", "yes", "dryrun", "help")),
 )  # fmt: skip
 
@@ -58,6 +59,7 @@ HELP_SECTIONS = (
     help="When the run succeeds, load its LoRA adapter into this running vLLM deployment, where it answers as "
     "llm-atc/<run> next to the base model (no restart; implies MERGE=0).",
 )
+@lifetime_options(serving=False)
 @launch_options()
 def train(**options):
     """Fine-tune a model (TRL + peft) on your data and record the run.
@@ -86,8 +88,12 @@ def train(**options):
     spec = prepared.spec
     if not spec.is_local:
         where = spec.placement.infra or "the cheapest infra SkyPilot finds"
-        question = f"Train {spec.run} ({spec.model_type}, {spec.placement.resources_text} x{spec.num_nodes}, {where})?"
-        if not ui.confirm(question, yes=yes):
+        from llm_atc.app.cost import Price, confirmation
+
+        price = Price(**prepared.workload.record.details["price"])
+        money = confirmation(price, spec.limits, otherwise="when the run ends")
+        question = f"Train {spec.run} ({spec.model_type}, {spec.placement.resources_text} x{spec.num_nodes}, {where})"
+        if not ui.confirm(f"{question}{money}?", yes=yes):
             raise SystemExit(ui.NOT_CONFIRMED)
     try:
         launch.train(prepared, registry=registry)

@@ -10,7 +10,8 @@ admin API (``/workers``) on the same port and lists models in a format of its ow
 engines' own) on every request, answers ``GET /v1/models`` with every engine's models (OpenAI's
 format), refuses an unknown ``model`` with a 404 naming the served ones, and passes the OpenAI API
 (``/v1/...``) to the router, streams included; rerank, score, classification and tokenizer requests, which
-the router does not route by model, go straight to the engine of their ``model``.
+the router does not route by model, go straight to the engine of their ``model``; ``GET /metrics?model=NAME`` gives
+that engine's Prometheus metrics.
 
 Engines that share a device (``--sequential``) start one after another: vLLM sizes its memory from
 what is free when it starts. When any engine or the router exits, the others are stopped and this
@@ -132,6 +133,7 @@ class Gateway:
         app = web.Application(middlewares=[self.authorize], client_max_size=512 * 1024**2)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_route("*", "/{tail:.*}", self.forward)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
@@ -170,6 +172,22 @@ class Gateway:
             except (OSError, ValueError, KeyError) as exc:
                 return error(503, f"{engine.name} did not list its models ({type(exc).__name__})", "ServiceUnavailable")
         return web.json_response({"object": "list", "data": data})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """``GET /metrics?model=NAME``: that engine's Prometheus metrics (``llm-atc top``, Prometheus), behind the key
+        like everything here; the engines' own ports stay on 127.0.0.1."""
+        model = request.query.get("model")
+        if model not in self.names:
+            served = ", ".join(self.names)
+            return error(404, f"give ?model= one of the models this endpoint serves: {served}", "NotFoundError")
+        engine = self.engines[self.names.index(model)]
+        headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
+        try:
+            async with self.session.get(engine.url + "/metrics", headers=headers) as response:
+                text = await response.text()
+                return web.Response(status=response.status, text=text, content_type="text/plain")
+        except OSError as exc:
+            return error(503, f"{model} did not give its metrics ({type(exc).__name__})", "ServiceUnavailable")
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         direct = request.path in DIRECT_PATHS

@@ -28,6 +28,17 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{([^}]*)\})?\s+([-+\d.eEinfa]+)")
 _ASKS_NOTHING = ('handler="/v1/models"',)
 
 
+def ended_by_limit(log_text: str) -> str | None:
+    """Why the watcher ended the engine, from the engine's log (what llm-atc records): ``idle 30 min`` or
+    ``8 hours up``; None when it did not."""
+    for line in reversed(log_text.splitlines()):
+        if IDLE_MARKER in line:
+            return f"idle {line.split(IDLE_MARKER, 1)[1].split(' minutes', 1)[0].strip()} min"
+        if TIME_MARKER in line:
+            return f"{line.split(TIME_MARKER, 1)[1].split(' hours', 1)[0].strip()} hours up"
+    return None
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
@@ -78,7 +89,7 @@ def watch(args) -> int:
         time.sleep(args.interval)
         now = time.monotonic()
         readings = [read_metrics(url, key) for url in args.metrics]
-        if all(text is not None for text in readings):
+        if readings and all(text is not None for text in readings):
             served, busy = (sum(values) for values in zip(*(activity(text) for text in readings), strict=True))
             if last_seen is None or served != last_seen or busy > 0:
                 last_traffic = now
@@ -103,7 +114,7 @@ def watch(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pid", type=int, required=True, help="the engine's (or the gateway's) process")
-    parser.add_argument("--metrics", action="append", required=True, help="an engine's /metrics URL")
+    parser.add_argument("--metrics", action="append", default=[], help="an engine's /metrics URL (none: time only)")
     parser.add_argument("--idle-minutes", type=float, default=0.0)
     parser.add_argument("--max-hours", type=float, default=0.0)
     parser.add_argument("--interval", type=float, default=float(os.environ.get("LLM_ATC_WATCH_INTERVAL", "10")))

@@ -311,6 +311,7 @@ class Config:
     grad_accum = 1
     max_steps = -1
     save_steps = 200
+    max_hours = 0.0  # 0: no time limit
     lora_r = 16
     lora_alpha = 32
     lora_dropout = 0.05
@@ -369,7 +370,9 @@ SETTINGS = {
     "LORA_ALPHA": (int, 1, 65_536),
     "LORA_DROPOUT": (float, 0.0, 0.99),
     "SEED": (int, 0, 2**32 - 1),
+    "MAX_HOURS": (float, 0.01, 8760),  # set by llm-atc from train --max_hours
 }
+TIME_LIMIT_MARKER = "llm-atc: stopped: time limit of"  # + " H hours reached at step N ..."
 
 
 def read_config(env=None) -> Config:
@@ -421,6 +424,7 @@ def read_config(env=None) -> Config:
         lora_dropout=get("LORA_DROPOUT", 0.05, float),
         merge=get("MERGE", "1").lower() not in ("0", "false", "no", "off"),
         seed=get("SEED", 42, int),
+        max_hours=get("MAX_HOURS", 0.0, float),
         wandb=bool(get("WANDB_API_KEY", "")),
         wandb_project=get("WANDB_PROJECT", ""),
     )
@@ -805,6 +809,34 @@ def mean_train_loss(trainer, result) -> float:
     return float(sum(losses) / len(losses)) if losses else float(result.training_loss)
 
 
+def make_time_limit_callback(max_hours: float):
+    """A TrainerCallback that saves a checkpoint and stops training once ``max_hours`` have passed (every rank
+    stops at the same step: the ranks agree on it, so none waits for the others forever)."""
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        started = time.monotonic()
+        reached = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            over = time.monotonic() - self.started >= max_hours * 3600
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                import torch
+
+                flag = torch.tensor([1.0 if over else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                over = bool(flag.item())
+            if over:
+                self.reached = True
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return TimeLimit()
+
+
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
@@ -856,6 +888,8 @@ def main() -> None:
     resume = resume_checkpoint(config, args)
     model, peft_config = load_model(config, cuda=cuda, world_size=world_size, local_rank=local_rank)
     callbacks = [make_upload_callback(config)] if is_bucket_uri(config.output_uri) else []
+    time_limit = make_time_limit_callback(config.max_hours) if config.max_hours else None
+    callbacks += [time_limit] if time_limit else []
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -875,6 +909,11 @@ def main() -> None:
     if rate is not None:
         log(f"trained to step {steps} ({rate:.2f} steps/s over {result.metrics.get('train_runtime', 0):.1f}s)")
 
+    if time_limit is not None and time_limit.reached:
+        raise SystemExit(
+            f"{TIME_LIMIT_MARKER} {config.max_hours:g} hours reached at step {steps}; its last checkpoint is kept: "
+            "the same command with --resume goes on from there"
+        )
     save_trained(config, trainer)
     del trainer, model
     gc.collect()
