@@ -20,8 +20,10 @@ def preamble() -> str:
     from llm_atc import config_file
     from llm_atc.options import LIMITS, SECRET_RULE, plain_number
 
-    config_doc = config_file.__doc__.strip().replace("\n\n    ", "\n\n```yaml\n", 1).replace(
-        "\n\nEach key", "\n```\n\nEach key", 1
+    config_doc = (
+        config_file.__doc__.strip()
+        .replace("\n\n    ", "\n\n```yaml\n", 1)
+        .replace("\n\nEach key", "\n```\n\nEach key", 1)
     )
     config_doc = "\n".join(line[4:] if line.startswith("    ") else line for line in config_doc.splitlines())
 
