@@ -11,17 +11,14 @@ is torn down by hand unless the deployment outlives the bound (then it is, and t
 from __future__ import annotations
 
 import argparse
-import os
-import pwd
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from local_ready import first_token, free_port
-from slurm_overhead import NODE_ENVS, run
+from slurm_overhead import NODE_ENVS, run, slurm_setup
 
 from llm_atc.demo import build_tiny_model
 
@@ -59,21 +56,7 @@ def main() -> None:
     parser.add_argument("--idle_minutes", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=1)
     options = parser.parse_args()
-    real_config = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".slurm" / "config"
-    if not real_config.is_file():
-        sys.exit("no ~/.slurm/config: run `sudo bash scripts/slurm-up.sh` first")
-    region = next(line.split()[1] for line in real_config.read_text().splitlines() if line.startswith("Host "))
-    work = Path(tempfile.mkdtemp(prefix="llm-atc-bench-idle-"))
-    home = work / "home"
-    (home / ".slurm").mkdir(parents=True)
-    shutil.copy(real_config, home / ".slurm" / "config")
-    env = dict(
-        os.environ,
-        HOME=str(home),
-        LLM_ATC_HOME=str(work / "llm_atc"),
-        SKYPILOT_DISABLE_USAGE_COLLECTION="1",
-        SKYPILOT_API_SERVER_LOCAL_PORT=str(free_port()),
-    )
+    work, region, env = slurm_setup("llm-atc-bench-idle-")
     model = build_tiny_model(work / "tiny-model")
     try:
         for n in range(options.rounds):

@@ -104,17 +104,14 @@ def bare_round(env: dict, task_yaml: Path, model_name: str, cluster: str, port: 
     return time.monotonic() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
-    options = parser.parse_args()
-
+def slurm_setup(prefix: str) -> tuple[Path, str, dict]:
+    """A work folder, the local Slurm cluster's name, and an environment with a HOME of its own that SkyPilot
+    finds the cluster in (and its own API server port)."""
     real_config = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".slurm" / "config"
     if not real_config.is_file():
         sys.exit("no ~/.slurm/config: run `sudo bash scripts/slurm-up.sh` first")
     region = next(line.split()[1] for line in real_config.read_text().splitlines() if line.startswith("Host "))
-    work = Path(tempfile.mkdtemp(prefix="llm-atc-bench-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     home = work / "home"
     (home / ".slurm").mkdir(parents=True)
     shutil.copy(real_config, home / ".slurm" / "config")
@@ -125,6 +122,16 @@ def main() -> None:
         SKYPILOT_DISABLE_USAGE_COLLECTION="1",
         SKYPILOT_API_SERVER_LOCAL_PORT=str(free_port()),
     )
+    return work, region, env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
+    options = parser.parse_args()
+
+    work, region, env = slurm_setup("llm-atc-bench-")
     model = build_tiny_model(work / "tiny-model")
     clusters: list[str] = []
     try:

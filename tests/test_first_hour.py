@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 from conftest import BIN, ROOT, assert_one_line_error, free_port, sharegpt, unique
+from support.processes import group_of
 from support.tiny_models import build_head16_model
 
 from llm_atc.registry import Registry, Status
@@ -29,17 +30,6 @@ def chats(tmp_path) -> Path:
     path = tmp_path / "chats.json"
     path.write_text(json.dumps(sharegpt()))
     return path
-
-
-def group_of(pgid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
-                found.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return found
 
 
 def test_train_here_offline_without_a_base_then_serve_and_chat(cli, vllm_engine, chats, llm_atc_home):

@@ -9,30 +9,18 @@ local Slurm cluster is in test_slurm.py; a public cloud's launch is asserted on 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 
 import httpx
-import psutil
 import pytest
 from conftest import VLLM_KEY, assert_one_line_error, unique
 from support.dryrun import dryrun, sky_task
+from support.processes import group_of
 
 from llm_atc.registry import Registry, Status
 
 GPU = ("--cloud", "gcp", "--accelerator", "L4:1")
-
-
-def group_of(pgid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
-                found.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return found
 
 
 @pytest.mark.parametrize(

@@ -9,15 +9,14 @@ vLLM's CPU build and vLLM's router, queried with the official openai client.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 import urllib.request
 
-import psutil
 import pytest
 from conftest import assert_one_line_error
 from support.dryrun import dryrun, engines_of, flag, sky_task
+from support.processes import group_of
 from test_plan import model_folder
 
 from llm_atc.registry import Registry
@@ -110,17 +109,6 @@ def rag_models(session_dir):
     return chat, build_tiny_encoder(session_dir / "embed-b"), build_tiny_encoder(session_dir / "rerank-c", labels=1)
 
 
-def _group_processes(pgid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
-                found.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return found
-
-
 def test_chat_embeddings_and_rerank_behind_one_endpoint(cli, vllm_engine, rag_models, llm_atc_home):
     """The real thing on this machine: a chat model, an embedding model and a reranker, one CPU vLLM each,
     vLLM's router and the gateway, through one port and one key; each answers what it serves."""
@@ -207,7 +195,7 @@ def test_chat_embeddings_and_rerank_behind_one_endpoint(cli, vllm_engine, rag_mo
 
         # One engine dies: the gateway stops the rest, and the deployment is over.
         engine_port = record.details["models"][1]["engine_port"]
-        group = _group_processes(record.pid)
+        group = group_of(record.pid)
         engine = next(
             p
             for p in group
@@ -215,15 +203,15 @@ def test_chat_embeddings_and_rerank_behind_one_endpoint(cli, vllm_engine, rag_mo
         )
         engine.kill()
         deadline = time.monotonic() + 120
-        while _group_processes(record.pid) and time.monotonic() < deadline:
+        while group_of(record.pid) and time.monotonic() < deadline:
             time.sleep(1)
-        assert _group_processes(record.pid) == []
+        assert group_of(record.pid) == []
         assert "FAILED" in current_rows(only="rag")[0][5]
         log = (llm_atc_home / "local" / "rag" / "server.log").read_text()
         assert f"llm-atc: {b} exited with code" in log and "stopping the others" in log
     finally:
         cli("stop", "rag")
-    assert _group_processes(record.pid) == []
+    assert group_of(record.pid) == []
 
 
 def _top_shows_each_engine(cli, base: str, headers: dict, names: list[str]) -> None:
