@@ -119,7 +119,8 @@ def rows(*, show_all: bool = False, only: str | None = None, registry: Registry 
 def _load(record: Record) -> str:
     """``2 running, 1 waiting`` from one read of the engines' metrics, for a vLLM deployment on this machine (a
     cluster's would cost a round trip each: `llm-atc top` reads those)."""
-    if not record.is_local or record.status != Status.RUNNING or (record.engine or "vllm") != "vllm":
+    serving = record.kind == "serve" and record.status == Status.RUNNING and bool(record.endpoint)
+    if not (serving and record.is_local and (record.engine or "vllm") == "vllm"):
         return ""
     from urllib.parse import quote
 

@@ -212,7 +212,9 @@ def test_a_killed_llm_atc_leaves_a_run_whose_state_stays_true(cli, tiny_model, l
     proc.wait(10)
     record = registry().find(name, kind="train")
     assert group_members(record.pid)
-    line = next(line for line in cli("status").stdout.splitlines() if name in line)
+    shown = cli("status")
+    assert shown.exit_code == 0, shown
+    line = next(line for line in shown.stdout.splitlines() if name in line)
     assert "RUNNING" in line, line
 
     stopped = cli("stop", name, "-y")

@@ -36,8 +36,12 @@ def test_status_reconciles_a_cluster_that_is_gone(cli, sky_api_server):
     assert sky_api_server.get(sky_api_server.status()) == []
     result = cli("status")
     assert result.exit_code == 0, result
-    assert "gone-cluster" not in result.stdout  # torn down outside llm-atc: hidden by default
+    row = next(line for line in result.stdout.splitlines() if "gone-cluster" in line)
+    assert "DOWN (no cluster)" in row  # torn down outside llm-atc: shown for a day with why it ended
     assert registry.find("gone-cluster").status == "DOWN"
+    with registry._connect() as conn:  # a day later it is left out, but for --all
+        conn.execute("UPDATE deployments SET updated_at = updated_at - 86401 WHERE cluster = 'gone-cluster'")
+    assert "gone-cluster" not in cli("status").stdout
     shown = cli("status", "--all")
     assert "gone-cluster" in shown.stdout and "DOWN" in shown.stdout
 
