@@ -15,6 +15,7 @@ import yaml
 
 from llm_atc.colocate import EngineShare, Layout
 from llm_atc.errors import UserError
+from llm_atc.gpu_node import NodeGpus, driver_envs, gpu_envs
 from llm_atc.model_tasks import Serving
 from llm_atc.recipes_catalog import get_recipe, recipes_dir
 from llm_atc.spec import VLLM_LORA_RANKS, Placement, ServeSpec, TrainSpec
@@ -131,6 +132,7 @@ def render_serve_task(
     stream: bool = False,
     several: Colocated | None = None,
     adapters_manifest: str | None = None,
+    gpus: NodeGpus | None = None,
 ) -> dict:
     """The SkyPilot task config for ``spec`` (``checkpoint``: what its bucket holds).
 
@@ -144,6 +146,7 @@ def render_serve_task(
     ``stream``: vLLM streams the bucket's weights (llm_atc.weights decided it) instead of a copy.
     ``several``: with several models (``spec.extra_models``), where each engine goes.
     ``adapters_manifest``: a SkyServe service's list of runtime adapters, which each replica follows.
+    ``gpus``: the GPUs per node the plan was made for, which a vLLM node checks before installing.
     """
     check_user_envs(spec.envs, spec.secrets, SERVE_RESERVED_ENVS)
     _check_engine_options(spec)
@@ -157,6 +160,8 @@ def render_serve_task(
 
     envs = config.setdefault("envs", {})
     envs["PORT"] = spec.port
+    if spec.engine == "vllm" and local is None:  # what a GPU node is checked for before anything installs
+        envs.update(driver_envs(spec.envs.get("VLLM_CUDA_VARIANT")), **gpu_envs(gpus))
     if local is not None:
         envs.update(HOST="127.0.0.1", LLM_ATC_DIR=str(local.workdir))
         if local.vllm_env is not None:

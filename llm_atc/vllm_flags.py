@@ -54,10 +54,14 @@ OWNED_WHEN_SEVERAL = {
 
 
 @lru_cache(maxsize=1)
+def _data() -> dict:
+    return json.loads(resources.files("llm_atc").joinpath("data/vllm-flags.json").read_text())
+
+
 def pinned_flags() -> tuple[str, dict[str, dict]]:
-    """(vLLM version, {flag: {"dest": ..., "value": none|one|many|optional}})."""
-    data = json.loads(resources.files("llm_atc").joinpath("data/vllm-flags.json").read_text())
-    return data["vllm"], data["flags"]
+    """(vLLM version, {flag: {"dest": ..., "value": none|one|many|optional}}): the flags that both vLLM's CUDA
+    and CPU builds accept, with the same meaning (``--vllm_args`` goes to whichever build a node installs)."""
+    return _data()["vllm"], _data()["flags"]
 
 
 def _normalise(token: str) -> str:
@@ -75,6 +79,12 @@ def _resolve(name: str, flags: dict[str, dict], option: str) -> str:
     """``name`` as one of ``flags`` (argparse accepts unambiguous prefixes of long flags)."""
     if name in flags:
         return name
+    for build in ("cpu", "cuda"):
+        if name in _data()[f"{build}_only"]:
+            raise UserError(
+                f"{option} {name} exists only in vLLM {_data()['vllm']}'s {build.upper()} build; llm-atc passes "
+                "the flags both builds accept (a node installs either)"
+            )
     prefixed = sorted(f for f in flags if name.startswith("--") and f.startswith(name))
     if len(prefixed) == 1:
         return prefixed[0]

@@ -235,32 +235,6 @@ def test_engines_lists_the_installed_build(cli, vllm_engine):
     assert_one_line_error(cli("engines", "install", "vlm"), "did you mean vllm")
 
 
-def test_the_shipped_flag_list_is_the_pinned_vllm_parser(vllm_engine):
-    """data/vllm-flags.json, which --vllm_args is checked against, is what the pinned vLLM's parser says."""
-    import subprocess
-
-    from conftest import ROOT
-
-    from llm_atc.vllm_flags import pinned_flags
-
-    fresh = subprocess.run(
-        [str(vllm_engine.python), str(ROOT / "scripts" / "vllm_flags.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
-    version, flags = pinned_flags()
-    assert json.loads(fresh.stdout) == {"vllm": version, "flags": flags}
-    from llm_atc.engines import VLLM_VERSION
-    from llm_atc.recipes_catalog import get_recipe
-
-    assert (
-        version == VLLM_VERSION == vllm_engine.version == str(get_recipe("serve/vllm").load()["envs"]["VLLM_VERSION"])
-    )
-
-
 def test_https_with_the_certificate_given(cli, vllm_engine, tiny_model, tls_files):
     """--tls_cert/--tls_key: vLLM serves HTTPS itself; readiness, `endpoint --check` and the openai client
     (trusting the certificate) go over https, and plain HTTP gets nowhere."""

@@ -12,6 +12,7 @@ from llm_atc.app import serving
 from llm_atc.backends import backend_for
 from llm_atc.backends._base import Workload
 from llm_atc.errors import UserError
+from llm_atc.gpu_node import NodeGpus
 from llm_atc.paths import home, write_private
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.render import Colocated, LocalRun, render_serve_task, task_yaml
@@ -95,6 +96,7 @@ def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
         stream=stream,
         several=several,
         adapters_manifest=manifest,
+        gpus=_planned_gpus(spec),
     )
     api_key = None
     if spec.auth:
@@ -139,6 +141,15 @@ def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
     )
     notes += [why_not] if why_not else []
     return PreparedServe(spec, workload, checkpoint, api_key, notes=notes + _exposure_notes(spec, record))
+
+
+def _planned_gpus(spec: ServeSpec) -> NodeGpus | None:
+    """The GPUs per node vLLM is started for: the fewest any accepted accelerator has, and the memory of the
+    smallest (from the catalogs on disk), which the node compares with what it has before installing."""
+    accelerators = spec.placement.accelerators
+    if spec.engine != "vllm" or not accelerators:
+        return None
+    return NodeGpus(min(a.count for a in accelerators), colocate.gpu_memory([a.name for a in accelerators]))
 
 
 def _lifetime_details(spec: ServeSpec) -> dict:
