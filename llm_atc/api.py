@@ -64,7 +64,7 @@ def train(
     :class:`llm_atc.UserError` (a failed run raises its subclass ``LaunchError``).
     """
     from llm_atc.app import launch
-    from llm_atc.app.train import prepare
+    from llm_atc.app.train import prepare, serve_when_done
     from llm_atc.spec import build_train_spec
 
     registry = Registry()
@@ -78,7 +78,9 @@ def train(
             checkpoint_store=checkpoint_store,
             **options,
         )
-        record = launch.train(prepare(spec, registry=registry, keep_cluster=keep_cluster), registry=registry)
+        prepared = prepare(spec, registry=registry, keep_cluster=keep_cluster)
+        record = launch.train(prepared, registry=registry)
+        serve_when_done(prepared.spec, registry)  # serve_on=DEPLOYMENT: the adapter answers there on return
     return TrainingRun(record, registry)
 
 

@@ -59,20 +59,37 @@ def test_an_adapter_is_added_and_removed_without_a_restart(cli, vllm_deployment,
     assert engine_pid(live) == pid  # the same engine process all along
 
 
+TINY_RUN = "MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2"
+
+
 def test_train_serve_on_ends_with_the_adapter_live(cli, vllm_deployment, tiny_model, tmp_path):
     live = vllm_deployment
     data = tmp_path / "chats.json"
     data.write_text(json.dumps(sharegpt()))
     run = unique("served-on")
     with using_home(live.home):
-        trained = cli(
-            *train_args(
-                data, tiny_model, run, "--serve_on", DEPLOYMENT, "--envs", "MAX_STEPS=2 MAX_SEQ_LEN=64 BATCH_SIZE=2"
-            )
-        )
+        trained = cli(*train_args(data, tiny_model, run, "--serve_on", DEPLOYMENT, "--envs", TINY_RUN))
         try:
             assert trained.exit_code == 0, trained
             assert f"llm-atc/{run} answers on {DEPLOYMENT}" in trained.stdout
+            assert f"llm-atc/{run}" in models(live) and answers(live, f"llm-atc/{run}") is not None
+        finally:
+            cli("adapters", "remove", DEPLOYMENT, f"llm-atc/{run}")
+
+
+def test_the_python_api_trains_and_serves_on_alike(cli, vllm_deployment, tiny_model, tmp_path):
+    """llm_atc.train(serve_on=...) ends as the CLI does: the adapter answers on the deployment when it returns."""
+    import llm_atc
+
+    live = vllm_deployment
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps(sharegpt()))
+    run = unique("api-served-on")
+    with using_home(live.home):
+        trained = llm_atc.train("lora", str(data), cloud="local", base_model=str(tiny_model), name=run,
+                                serve_on=DEPLOYMENT, envs=[TINY_RUN])  # fmt: skip
+        try:
+            assert trained.status() == "SUCCEEDED"
             assert f"llm-atc/{run}" in models(live) and answers(live, f"llm-atc/{run}") is not None
         finally:
             cli("adapters", "remove", DEPLOYMENT, f"llm-atc/{run}")

@@ -62,6 +62,16 @@ class PreparedTrain:
         return task_yaml(self.workload.config)
 
 
+def serve_when_done(spec: TrainSpec, registry: Registry) -> Record | None:
+    """``--serve_on``: the finished run's adapter loaded into that running deployment; the deployment's record
+    (None without ``--serve_on``). The CLI and ``llm_atc.train`` both end with it."""
+    if not spec.serve_on:
+        return None
+    from llm_atc.app.adapters import serve_run_on
+
+    return serve_run_on(spec.run, spec.serve_on, registry, store={**spec.envs, **spec.secrets})
+
+
 def prepare(spec: TrainSpec, *, registry: Registry, keep_cluster: bool = False) -> PreparedTrain:
     """Check the name (or the run to resume), the bucket and the data; render the task; let the
     backend validate it."""

@@ -73,7 +73,7 @@ def train(**options):
     """
     from llm_atc import ui
     from llm_atc.app import launch
-    from llm_atc.app.train import prepare
+    from llm_atc.app.train import prepare, serve_when_done
     from llm_atc.registry import Registry
     from llm_atc.spec import build_train_spec
 
@@ -103,10 +103,8 @@ def train(**options):
             raise
         ui.info(f"The run goes on on {spec.cluster}: llm-atc logs {spec.run} -f; llm-atc stop {spec.run}")
         raise SystemExit(128 + exc.signum) from None
-    if spec.serve_on:
-        from llm_atc.app.adapters import serve_run_on
-
-        target = serve_run_on(spec.run, spec.serve_on, registry, store={**spec.envs, **spec.secrets})
+    target = serve_when_done(spec, registry)
+    if target is not None:
         ui.out(f"Run {spec.run}: {spec.output_uri}\nllm-atc/{spec.run} answers on {target.cluster} ({target.endpoint})")
         return
     local = " --cloud local" if spec.is_local else ""
