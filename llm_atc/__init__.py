@@ -30,7 +30,7 @@ def __getattr__(name):
 
         return Deployment
     if name == "TrainingRun":
-        from llm_atc.training_run import TrainingRun
+        from llm_atc.api import TrainingRun
 
         return TrainingRun
     if name == "UserError":

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from llm_atc.catalog import catalog_clouds, list_offers
 from llm_atc.errors import UserError
 from llm_atc.planning import GIB, GPU_MEMORY_UTILIZATION, MemoryEstimate
 
@@ -207,7 +208,6 @@ def make_plan(
     registry=None,
 ) -> JointPlan:
     """Size every model and find, in SkyPilot's catalog, the single nodes that fit them all together."""
-    from llm_atc.backends.skypilot import list_offers
     from llm_atc.planning import _resolve_clouds
 
     names = [getattr(m, "name", str(m)) for m in models]
@@ -281,8 +281,6 @@ def layout_for(spec, *, registry=None, available_bytes: int | None = None) -> La
 
 def gpu_memory(gpus: Sequence[str]) -> float | None:
     """GiB per GPU of the smallest of ``gpus``, from SkyPilot's catalogs on disk; None when unknown."""
-    from llm_atc.backends.skypilot import catalog_clouds, list_offers
-
     wanted = {name.lower() for name in gpus}
     try:
         clouds = catalog_clouds()

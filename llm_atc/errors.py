@@ -24,3 +24,9 @@ class LaunchError(UserError):
     """SkyPilot or the engine failed after we handed it a valid request."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -53,7 +53,7 @@ class ModelFiles:
                 return self._store.read_text(self.bucket.child(name))
             except NotFoundError:
                 return None
-        from llm_atc.planning import hub_file
+        from llm_atc.hub import hub_file
 
         path = hub_file(self.hub_id or "", name, missing_ok=True)
         return Path(path).read_text(errors="replace") if path else None

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llm_atc.catalog import Offer, catalog_clouds, catalog_dir, list_offers
 from llm_atc.errors import NotFoundError, UserError
+from llm_atc.hub import hub_file
 from llm_atc.model_files import ModelFiles, has_sentence_transformers
 from llm_atc.storage import RUN_BASE
 
@@ -109,12 +109,6 @@ _MXFP4_METHODS = frozenset({"mxfp4"})
 QUANTIZATIONS = tuple(sorted(_INT_METHODS | _FP8_METHODS | _BNB_METHODS | _MXFP4_METHODS | {"compressed-tensors"}))
 # bitsandbytes NF4 with double quantization: 4 bits plus an 8-bit absmax per 64 weights.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64
-
-_FIX_HUB = "pass HF_TOKEN or a local folder"
-
-
-class HubUnreachable(UserError):
-    """The Hugging Face Hub could not be asked (offline, HF_HUB_OFFLINE=1) and its cache has no answer."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,66 +243,6 @@ def _from_hub(repo_id: str) -> ModelInfo:
         pass  # single-file checkpoints have no index; the config alone is enough
     st = has_sentence_transformers(ModelFiles(hub_id=repo_id))
     return ModelInfo(repo_id, config, "Hugging Face Hub", _index_size(index), sentence_transformers=st)
-
-
-def hub_file(repo_id: str, filename: str, *, missing_ok: bool = False) -> str | None:
-    """``hf_hub_download`` with one-line errors (the cache answers offline). ``missing_ok``: None where
-    the repository has no such file (or, offline, the cache does not have it)."""
-    from huggingface_hub import errors, hf_hub_download
-
-    from llm_atc.logfile import to_log_file
-
-    to_log_file("huggingface_hub")  # its retry lines ("Retrying in 1s [Retry 1/5]") are not for the terminal
-    try:
-        return hf_hub_download(repo_id, filename, token=os.environ.get("HF_TOKEN") or None)
-    except errors.LocalEntryNotFoundError:
-        if missing_ok:
-            return None
-        reason = (
-            f"{filename} is not in the local Hugging Face cache and the Hub cannot be reached "
-            "(offline, or HF_HUB_OFFLINE=1)"
-        )
-    except errors.GatedRepoError:
-        reason = "the repository is gated and this token has no access (accept its license on huggingface.co)"
-    except errors.RepositoryNotFoundError:
-        reason = "no such repository on the Hugging Face Hub, or it is private"
-    except errors.RevisionNotFoundError:
-        reason = "the revision does not exist"
-    except errors.EntryNotFoundError:
-        if missing_ok:
-            return None
-        reason = f"the repository has no {filename}"
-    except errors.HfHubHTTPError as exc:
-        reason = f"the Hub answered {_first_line(exc)}"
-    except (errors.HFValidationError, ValueError) as exc:
-        reason = _first_line(exc)
-    except Exception as exc:  # a network or client error (the library's own wording, logged, is not for users)
-        from llm_atc.logfile import log_exception
-
-        reason = f"the Hugging Face Hub cannot be reached (details in {log_exception(exc)})"
-    what = "config for" if filename == "config.json" else f"{filename} of"
-    error = HubUnreachable if "cannot be reached" in reason else UserError
-    raise error(f"cannot read {what} {repo_id}: {reason}; {_FIX_HUB}")
-
-
-@contextmanager
-def hub_token(secrets: Mapping[str, str]) -> Iterator[None]:
-    """HF_TOKEN given with --secret/--envs (not in this process's environment), for reading a gated model."""
-    token, before = secrets.get("HF_TOKEN"), os.environ.get("HF_TOKEN")
-    if token:
-        os.environ["HF_TOKEN"] = token
-    try:
-        yield
-    finally:
-        if token and before is None:
-            os.environ.pop("HF_TOKEN", None)
-        elif token:
-            os.environ["HF_TOKEN"] = before
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -999,40 +933,6 @@ def _fmt_bytes(n: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Offers and prices from SkyPilot's catalog
-
-
-@dataclass(frozen=True)
-class Offer:
-    """One instance type with GPUs, at its cheapest region (on-demand and spot apart)."""
-
-    cloud: str
-    instance_type: str | None
-    accelerator: str
-    count: int
-    gpu_memory_gib: float | None
-    memory_source: str | None
-    price: float | None
-    price_region: str | None
-    spot_price: float | None
-    spot_region: str | None
-
-    def hourly(self, use_spot: bool) -> float | None:
-        return self.spot_price if use_spot else self.price
-
-    def region(self, use_spot: bool) -> str | None:
-        return self.spot_region if use_spot else self.price_region
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(number) else number
-
-
-# --------------------------------------------------------------------------------------------
 # 4. Plans
 
 
@@ -1162,8 +1062,6 @@ def _resolve_clouds(cloud: str | None, region: str | None) -> list[str]:
         if name in ("local",):
             raise UserError("--cloud local has no catalog; pass a cloud such as aws or gcp")
         return [name]
-    from llm_atc.backends.skypilot import catalog_clouds, catalog_dir
-
     clouds = catalog_clouds()
     if not clouds:
         raise UserError(
@@ -1257,8 +1155,6 @@ def make_plan(
         task=task,
     )
     clouds = _resolve_clouds(cloud, region)
-    from llm_atc.backends.skypilot import list_offers
-
     offers = list_offers(clouds, region)
     if region and not offers:
         raise UserError(f"SkyPilot's catalog lists no GPUs in region {region!r} of {', '.join(clouds)}")

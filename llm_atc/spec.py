@@ -565,6 +565,21 @@ def build_serve_spec(
             "--name is required: a Hugging Face id, llm-atc/<run> or a model folder (only --cloud "
             "local has a built-in demo model)"
         )
+    # What costs nothing to check first: a typo here is reported before any run is looked up, the demo model
+    # built or SkyPilot's catalog read (--accelerator auto).
+    engine_args = check_vllm_args(parse_extra_args(vllm_args, option="--vllm_args"), several=bool(more_names))
+    policy = parse_replicas(
+        replicas,
+        target_qps=target_qps,
+        ondemand_fallback=ondemand_fallback,
+        dynamic_ondemand_fallback=dynamic_ondemand_fallback,
+        use_spot=use_spot,
+    )
+    if policy is not None and is_local:
+        raise UserError("--replicas runs a SkyServe service on clusters; it does not apply to --cloud local")
+    if keep_on_failure and is_local:
+        raise UserError("--keep_on_failure applies to clusters; locally a failed engine has already exited")
+    template = read_chat_template(chat_template)
     model = _demo() if name is None else resolve_model(name, source, registry)
     extra_models = ()
     if more_names:
@@ -623,17 +638,6 @@ def build_serve_spec(
         secrets=secrets,
         needs_accelerator=None,
     )
-    if keep_on_failure and is_local:
-        raise UserError("--keep_on_failure applies to clusters; locally a failed engine has already exited")
-    policy = parse_replicas(
-        replicas,
-        target_qps=target_qps,
-        ondemand_fallback=ondemand_fallback,
-        dynamic_ondemand_fallback=dynamic_ondemand_fallback,
-        use_spot=use_spot,
-    )
-    if policy is not None and is_local:
-        raise UserError("--replicas runs a SkyServe service on clusters; it does not apply to --cloud local")
     _check_serve_limits(limits, policy=policy, engine=engine, keep_on_failure=keep_on_failure)
     if cache_weights is not None:
         from llm_atc.storage import BucketURI
@@ -670,12 +674,12 @@ def build_serve_spec(
             max_model_len=max_model_len,
             dtype=dtype,
             quantization=quantization,
-            engine_args=check_vllm_args(parse_extra_args(vllm_args, option="--vllm_args"), several=bool(extra_models)),
+            engine_args=engine_args,
             keep_on_failure=keep_on_failure,
             # `transformers serve` has no API keys. Locally the engine binds 127.0.0.1 and uses a key when given one.
             auth=not no_auth and (API_KEY_SECRET in secret_values if is_local else engine == "vllm"),
             replicas=policy,
-            chat_template=read_chat_template(chat_template),
+            chat_template=template,
             eos_token=_check_eos_token(eos_token),
             loras=parse_loras(lora, registry),
             num_nodes=num_nodes,

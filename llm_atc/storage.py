@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_atc.errors import NotFoundError, UserError
+from llm_atc.errors import NotFoundError, UserError, first_line
 
 RUN_PREFIX = "llm-atc"
 RUN_BASE = "base"  # an adapter run's own copy of a base that was a local folder (recipes/train/finetune.py)
@@ -192,6 +192,10 @@ def store_env(*settings: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+class StoreUnreachable(UserError):
+    """The object store could not be asked: no credentials here, or no connection to it."""
+
+
 class _translate_errors:
     """Turn SDK credential/connection errors into one-line UserErrors."""
 
@@ -207,7 +211,7 @@ class _translate_errors:
         where = f"{self.scheme}://{self.bucket}"
         name = type(exc).__name__
         if name in ("NoCredentialsError", "DefaultCredentialsError"):
-            raise UserError(f"no credentials for {where}: {_first_line(exc)}") from None
+            raise StoreUnreachable(f"no credentials for {where}: {first_line(exc)}") from None
         if name in (
             "EndpointConnectionError",
             "ConnectionError",
@@ -215,19 +219,14 @@ class _translate_errors:
             "TransportError",
             "RetryError",
         ):
-            raise UserError(f"cannot reach the object store for {where}: {_first_line(exc)}") from None
+            raise StoreUnreachable(f"cannot reach the object store for {where}: {first_line(exc)}") from None
         response = getattr(exc, "response", None)  # botocore's ClientError and its modelled subclasses
         code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
         if name in ("NotFound", "NoSuchKey", "NoSuchBucket") or code in ("404", "NoSuchKey", "NoSuchBucket"):
-            raise NotFoundError(f"{where}: not found ({_first_line(exc)})") from None
+            raise NotFoundError(f"{where}: not found ({first_line(exc)})") from None
         if name in ("ClientError", "Forbidden", "Unauthorized"):
-            raise UserError(f"{where}: {_first_line(exc)}") from None
+            raise UserError(f"{where}: {first_line(exc)}") from None
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 @contextmanager

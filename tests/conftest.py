@@ -6,6 +6,7 @@ bounded loop, and is stopped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -245,7 +246,7 @@ def assert_one_line_error(result: CLIResult, *fragments: str) -> None:
 @pytest.fixture(scope="session")
 def sky_api_server():
     """SkyPilot's real local API server, in this session's HOME on its own port."""
-    from llm_atc.backends.skypilot import import_sky
+    from llm_atc.sky_sdk import import_sky
 
     sky = import_sky()
     sky.get(sky.status())  # the first call starts the server
@@ -254,7 +255,26 @@ def sky_api_server():
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """Every test stops what it starts: SkyPilot's API server of this session is stopped here (the fixture
+    that started it may not have run); anything else still running with the session's HOME fails the run
+    (and is stopped, so that no machine collects them)."""
+    from support.processes import command_line, end_leftovers, started_with_home
+
+    if any("sky.server" in command_line(p) for p in started_with_home(str(_SESSION_HOME))):
+        from llm_atc.sky_sdk import import_sky
+
+        with contextlib.suppress(Exception):
+            import_sky().api_stop()
+    leftovers = end_leftovers(str(_SESSION_HOME))
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+    if leftovers:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(f"{len(leftovers)} process(es) outlived the tests that started them:", red=True)
+            for line in leftovers:
+                reporter.write_line(f"  {line}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # --- the real vLLM server (CPU build) ------------------------------------------------------------
@@ -618,9 +638,9 @@ CATALOG = ROOT / "tests" / "fixtures" / "catalog" / "v8"
 def catalog():
     """The fixture catalog where SkyPilot reads its catalog (fixed when sky was imported: this
     session's HOME, or SKY_RUNTIME_DIR); whatever was there is put back afterwards."""
-    from llm_atc.backends import skypilot
+    from llm_atc import catalog as sky_catalog
 
-    target = skypilot.catalog_dir()
+    target = sky_catalog.catalog_dir()
     backup = target.with_name(target.name + ".llm-atc-test-backup")
     if target.exists():
         target.rename(backup)

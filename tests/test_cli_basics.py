@@ -11,6 +11,23 @@ import pytest
 from conftest import ROOT
 
 
+def test_a_vllm_args_typo_is_reported_before_skypilot_is_imported():
+    """--accelerator auto reads SkyPilot's catalog; a typo in --vllm_args is refused before that (and before
+    any other I/O), in one line."""
+    code = (
+        "import sys; from click.testing import CliRunner; from llm_atc.cli import cli\n"
+        "result = CliRunner().invoke(cli, ['serve', '--name', 'Qwen/Qwen2.5-7B-Instruct', '--cloud', 'aws',"
+        " '--accelerator', 'auto', '--vllm_args', '--enable-prefx-caching', '--dryrun'])\n"
+        "print(result.exit_code, 'sky' in sys.modules, result.output.strip().splitlines())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "2 False ['Error: --vllm_args --enable-prefx-caching: vLLM 0.32.0 has no such flag; "
+        "did you mean --enable-prefix-caching?']"
+    )
+
+
 def test_help_imports_no_heavy_module():
     code = (
         "import sys; from llm_atc.cli import main; sys.argv = ['llm-atc', '--help']\n"

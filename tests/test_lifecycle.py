@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import BIN, ROOT, assert_one_line_error, free_port, sharegpt, train_args, unique
+from support.processes import group_of
 
 
 def registry():
@@ -45,17 +46,6 @@ def run_llm_atc(*args: str, env: dict | None = None, timeout: float = 300) -> su
     )
 
 
-def group_members(pgid: int) -> list[psutil.Process]:
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return members
-
-
 def wait_for(check, timeout: float = 30, what: str = "the condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -77,7 +67,7 @@ def test_stop_ends_the_whole_process_group_not_only_its_leader(tmp_path):
     script = "trap '' TERM INT; sleep 300 & wait"
     proc = subprocess.Popen(["bash", "-c", f'bash -c "{script}" & sleep 300'], start_new_session=True)
     try:
-        wait_for(lambda: len(group_members(proc.pid)) >= 3, what="the group's processes to start")
+        wait_for(lambda: len(group_of(proc.pid)) >= 3, what="the group's processes to start")
         record = Record(
             name="g",
             kind="serve",
@@ -89,9 +79,9 @@ def test_stop_ends_the_whole_process_group_not_only_its_leader(tmp_path):
             details={"started": start_time(proc.pid)},
         )
         LocalBackend().stop(record)
-        assert group_members(proc.pid) == []
+        assert group_of(proc.pid) == []
     finally:
-        if group_members(proc.pid):
+        if group_of(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
 
@@ -151,7 +141,7 @@ def test_a_signal_while_waiting_stops_the_engine_it_started(tiny_model, sig, cod
         engine = registry().find(cluster).pid
         proc.send_signal(sig)
         assert proc.wait(60) == code
-        assert group_members(engine) == []
+        assert group_of(engine) == []
         assert registry().find(cluster).status == "STOPPED"
     finally:
         if proc.poll() is None:
@@ -211,7 +201,7 @@ def test_a_killed_llm_atc_leaves_a_run_whose_state_stays_true(cli, tiny_model, l
     proc.kill()  # llm-atc itself dies; the run's process group goes on
     proc.wait(10)
     record = registry().find(name, kind="train")
-    assert group_members(record.pid)
+    assert group_of(record.pid)
     shown = cli("status")
     assert shown.exit_code == 0, shown
     line = next(line for line in shown.stdout.splitlines() if name in line)
@@ -219,7 +209,7 @@ def test_a_killed_llm_atc_leaves_a_run_whose_state_stays_true(cli, tiny_model, l
 
     stopped = cli("stop", name, "-y")
     assert stopped.exit_code == 0 and "Stopped" in stopped.stderr, stopped
-    assert group_members(record.pid) == []
+    assert group_of(record.pid) == []
     assert registry().find(name, kind="train").status == "STOPPED"
 
     again = cli(*train_args(long_data, tiny_model, name, "--envs", LONG_RUN))
@@ -268,7 +258,7 @@ def test_a_run_left_behind_is_reconciled_by_its_log(cli, tiny_model, long_data, 
         record = registry().find(name, kind="train")
         if kill:
             os.killpg(record.pid, signal.SIGKILL)
-        wait_for(lambda pid=record.pid: not group_members(pid), timeout=120, what="the run's end")
+        wait_for(lambda pid=record.pid: not group_of(pid), timeout=120, what="the run's end")
         line = next(line for line in cli("status").stdout.splitlines() if name in line)
         assert outcome in line, line
 
@@ -493,8 +483,8 @@ def test_a_typo_on_a_cloud_serve_is_reported_without_importing_skypilot():
 
 
 def test_the_shipped_infra_names_are_skypilots():
-    from llm_atc.backends.skypilot import import_sky
     from llm_atc.options import skypilot_infra
+    from llm_atc.sky_sdk import import_sky
 
     sky = import_sky()
     from sky.utils import registry as sky_registry
@@ -604,4 +594,4 @@ def test_a_wrong_readiness_path_fails_in_seconds_not_at_the_timeout(cli, tiny_mo
     assert_one_line_error(result, "answers 404 on /no-such-path")
     assert time.monotonic() - start < 120
     record = registry().find(cluster)
-    assert record.status == "FAILED" and group_members(record.pid) == []
+    assert record.status == "FAILED" and group_of(record.pid) == []

@@ -21,6 +21,7 @@ import psutil
 import pytest
 from conftest import assert_one_line_error, free_port, unique
 from openai import OpenAI
+from support.processes import group_of
 
 URL_RE = re.compile(r"http://127\.0\.0\.1:(\d+)/v1")
 
@@ -28,25 +29,13 @@ URL_RE = re.compile(r"http://127\.0\.0\.1:(\d+)/v1")
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def group_members(pgid: int) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose process group is ``pgid``."""
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return members
-
-
 def wait_group_gone(pgid: int, timeout: float = 5.0) -> list[psutil.Process]:
     """Wait (bounded) for the group to empty; returns what is left (empty when gone)."""
     deadline = time.monotonic() + timeout
-    left = group_members(pgid)
+    left = group_of(pgid)
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
-        left = group_members(pgid)
+        left = group_of(pgid)
     return left
 
 
@@ -105,7 +94,7 @@ def serve_cli(cli, name: str, cluster: str, *extra: str):
 
 
 def kill_group(pgid: int) -> None:
-    if group_members(pgid):
+    if group_of(pgid):
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -139,7 +128,7 @@ def test_cli_serves_a_folder_end_to_end(cli, tiny_model):
     assert record.pid and record.status == "RUNNING" and record.cloud == "local", record
     assert record.engine == "transformers"
     pgid = record.pid
-    assert group_members(pgid), "the engine's process group should be alive while RUNNING"
+    assert group_of(pgid), "the engine's process group should be alive while RUNNING"
 
     # stdout: the base URL and a snippet the user can paste
     match = URL_RE.search(result.stdout)
@@ -360,7 +349,7 @@ def test_python_api_context_manager(tiny_model):
         assert dep.status() == "RUNNING"
         logs = dep.logs()
         assert "--- llm-atc: starting at" in logs and "/v1/chat/completions" in logs
-        assert group_members(pgid)
+        assert group_of(pgid)
     assert dep.status() == "STOPPED"
     assert wait_group_gone(pgid) == []
     assert port_free(port)

@@ -190,10 +190,10 @@ def test_training_terms():
 
 
 def test_offers_come_from_skypilots_catalog(catalog):
-    from llm_atc.backends import skypilot
+    from llm_atc import catalog as sky_catalog
 
-    assert skypilot.catalog_clouds() == ["aws", "gcp", "lambda"]
-    offers = {(o.cloud, o.instance_type): o for o in skypilot.list_offers(["aws", "gcp", "lambda"])}
+    assert sky_catalog.catalog_clouds() == ["aws", "gcp", "lambda"]
+    offers = {(o.cloud, o.instance_type): o for o in sky_catalog.list_offers(["aws", "gcp", "lambda"])}
     g6 = offers[("AWS", "g6.xlarge")]
     assert (g6.accelerator, g6.count, g6.price, g6.price_region) == ("L4", 1, 0.8048, "us-east-1")
     assert g6.gpu_memory_gib == pytest.approx(22888 / 1024) and g6.memory_source == "catalog GpuInfo"
@@ -214,9 +214,9 @@ def test_store_credentials_do_not_outlive_a_catalog_read(catalog, s3, monkeypatc
     from sky import exceptions
     from sky.clouds import AWS
 
-    from llm_atc.backends import skypilot
+    from llm_atc import catalog as sky_catalog
 
-    assert skypilot.list_offers(["aws"])  # as moto's account
+    assert sky_catalog.list_offers(["aws"])  # as moto's account
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
@@ -225,9 +225,9 @@ def test_store_credentials_do_not_outlive_a_catalog_read(catalog, s3, monkeypatc
 
 
 def test_memory_falls_back_to_metadata_then_gpu_names(catalog):
-    from llm_atc.backends import skypilot
+    from llm_atc import catalog as sky_catalog
 
-    gcp = {o.accelerator: o for o in skypilot.list_offers(["gcp"])}  # GCP rows carry no GpuInfo
+    gcp = {o.accelerator: o for o in sky_catalog.list_offers(["gcp"])}  # GCP rows carry no GpuInfo
     assert (gcp["L4"].gpu_memory_gib, gcp["L4"].memory_source) == (
         pytest.approx(22888 / 1024),
         "catalog GpuInfo (another cloud)",
@@ -239,10 +239,10 @@ def test_memory_falls_back_to_metadata_then_gpu_names(catalog):
     aws.rename(catalog / "aws.off")
     lam.rename(catalog / "lambda.off")
     try:
-        gcp = {o.accelerator: o for o in skypilot.list_offers(["gcp"])}
+        gcp = {o.accelerator: o for o in sky_catalog.list_offers(["gcp"])}
         assert (gcp["T4"].gpu_memory_gib, gcp["T4"].memory_source) == (16, "catalog metadata.csv")
         metadata.write_text("GPU,MemoryGB,Manufacturer\n")
-        gcp = {o.accelerator: o for o in skypilot.list_offers(["gcp"])}
+        gcp = {o.accelerator: o for o in sky_catalog.list_offers(["gcp"])}
     finally:
         metadata.write_text(saved)
         (catalog / "aws.off").rename(aws)
@@ -290,7 +290,7 @@ def _brute_force(estimate, listing: dict, use_spot: bool) -> float:
 def test_plan_matches_brute_force(catalog, use_spot):
     from sky import catalog as sky_catalog
 
-    from llm_atc.backends.skypilot import list_offers
+    from llm_atc.catalog import list_offers
     from llm_atc.planning import estimate_memory, plan_offers
 
     clouds = ["aws", "gcp", "lambda"]
@@ -490,7 +490,7 @@ def test_serve_accelerator_auto_renders_only_what_fits(cli, catalog, tmp_path):
 
     import yaml
 
-    from llm_atc.backends.skypilot import import_sky
+    from llm_atc.sky_sdk import import_sky
 
     folder = model_folder(tmp_path, "Llama-2-70b-hf")
     result = cli("serve", "--name", str(folder), "--accelerator", "auto", "--cloud", "gcp", "--dryrun")

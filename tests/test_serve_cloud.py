@@ -859,8 +859,8 @@ def test_eos_token_goes_to_the_node_which_writes_the_generation_config(cli):
 def test_training_run_status_follows_the_job_then_the_published_model(fake_sky, s3_checkpoint, monkeypatch):
     """A detached cloud run: SUCCEEDED/FAILED once SkyPilot says its job ended; once the cluster is gone
     (autodown), a model published at its checkpoint URI means SUCCEEDED, nothing there leaves it RUNNING."""
+    from llm_atc.api import TrainingRun
     from llm_atc.registry import Record, Registry
-    from llm_atc.training_run import TrainingRun
 
     registry = Registry()
 

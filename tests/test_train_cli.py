@@ -33,6 +33,48 @@ def data_file(tmp_path) -> Path:
     return path
 
 
+ORIGINAL_TRAIN = [  # the original llm-atc's documented train commands (its README), a key filled in
+    ["--model_type", "vicuna", "--name", "myvicuna", "--description", "This is a finetuned model that just says its "
+     "name is vicuna", "-c", "mycluster", "--cloud", "gcp", "--envs", "MODEL_SIZE=7 WANDB_API_KEY=my-wandb-key",
+     "--accelerator", "A100-80GB:4"],
+    ["--model_type", "vicuna", "--checkpoint_bucket", "my-trainy-bucket", "--checkpoint_store", "S3", "--name",
+     "myvicuna", "--cloud", "aws", "--envs", "MODEL_SIZE=7", "--accelerator", "A100-80GB:4"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args", ORIGINAL_TRAIN, ids=["gcp-default-bucket", "aws-s3-bucket"])
+def test_the_original_train_commands_dry_run_without_credentials(cli, data_file, monkeypatch, args):
+    """No cloud credentials at all (nor a way to find some): the task is shown, and what could not be checked
+    is one line, not an error."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL",
+                 "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no metadata servers asked for credentials either
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(data_file.parent / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(data_file.parent / "none"))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(data_file.parent / "no-gcloud"))
+    result = cli("train", "--finetune_data", str(data_file), *args, "--dryrun")
+    assert result.exit_code == 0, result
+    task = sky_task(yaml.safe_load(result.stdout))
+    assert task.name == "mycluster" if "-c" in args else task.name == "llm-atc-train-myvicuna"
+    (resources,) = task.resources
+    assert resources.accelerators == {"A100-80GB": 4}
+    skipped = [line for line in result.stderr.splitlines() if "not checked in this dry run" in line]
+    assert len(skipped) == 1 and "no credentials for" in skipped[0], result.stderr
+    assert "my-wandb-key" not in result.stdout  # a key in --envs travels as a secret
+
+
+def test_without_dryrun_missing_credentials_stop_the_launch(cli, data_file, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(data_file.parent / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(data_file.parent / "none"))
+    result = cli("train", "--finetune_data", str(data_file), *ORIGINAL_TRAIN[1], "-y")
+    assert_one_line_error(result, "no credentials for s3://my-trainy-bucket")
+
+
 @pytest.mark.parametrize("model_type, env_type", [("vicuna", "full"), ("lora", "lora"), ("qlora", "qlora")])
 def test_dryrun_task_per_model_type(cli, s3, data_file, model_type, env_type):
     s3.create_bucket(Bucket="ckpts")
@@ -105,7 +147,7 @@ def test_training_recipes_parse_with_their_envs():
     train = [r for r in all_recipes() if r.kind == "train"]
     assert {r.name for r in train} == {"vicuna", "lora", "qlora"}
     for recipe in train:
-        from llm_atc.backends.skypilot import import_sky
+        from llm_atc.sky_sdk import import_sky
 
         task = import_sky().Task.from_yaml_config(
             recipe.load(), env_overrides=[("DATA", "s3://b/d.json"), ("OUTPUT_URI", "s3://b/llm-atc/r")]

@@ -52,13 +52,13 @@ def price_of(spec, *, nodes: int = 1, replicas: int = 1) -> Price:
 
 
 def cheapest_offer(wanted: list[tuple[str, int]], cloud: str | None, region: str | None, use_spot: bool):
-    """The cheapest offer (``planning.Offer``) in SkyPilot's catalog of any of ``wanted`` (GPU name, count);
+    """The cheapest offer (``catalog.Offer``) in SkyPilot's catalog of any of ``wanted`` (GPU name, count);
     None where the catalog here lists none."""
-    from llm_atc.backends import skypilot
+    from llm_atc import catalog
 
     try:
-        clouds = [cloud] if cloud else skypilot.catalog_clouds()
-        offers = skypilot.list_offers(clouds, region) if clouds else []
+        clouds = [cloud] if cloud else catalog.catalog_clouds()
+        offers = catalog.list_offers(clouds, region) if clouds else []
     except UserError:
         return None
     wanted_keys = {(name.lower(), count) for name, count in wanted}

@@ -10,11 +10,11 @@ from dataclasses import dataclass, replace
 
 from llm_atc import model_tasks, ui
 from llm_atc.errors import UserError
+from llm_atc.hub import hub_token
 from llm_atc.model_files import ModelFiles, vocabulary
 from llm_atc.model_tasks import AUTO, Serving
 from llm_atc.models import ModelRef
 from llm_atc.options import shorten
-from llm_atc.planning import hub_token
 from llm_atc.spec import ServeSpec
 from llm_atc.storage import store_env
 

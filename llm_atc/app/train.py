@@ -19,7 +19,7 @@ from llm_atc.paths import home
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.render import NodeFeatures, render_train_task, task_yaml
 from llm_atc.spec import TrainSpec
-from llm_atc.storage import BucketURI, ObjectStore, store_env, store_settings, upload_path
+from llm_atc.storage import BucketURI, ObjectStore, StoreUnreachable, store_env, store_settings, upload_path
 
 
 def validate_data(data: str) -> dict:
@@ -72,9 +72,10 @@ def serve_when_done(spec: TrainSpec, registry: Registry) -> Record | None:
     return serve_run_on(spec.run, spec.serve_on, registry, store={**spec.envs, **spec.secrets})
 
 
-def prepare(spec: TrainSpec, *, registry: Registry, keep_cluster: bool = False) -> PreparedTrain:
+def prepare(spec: TrainSpec, *, registry: Registry, keep_cluster: bool = False, dryrun: bool = False) -> PreparedTrain:
     """Check the name (or the run to resume), the bucket and the data; render the task; let the
-    backend validate it."""
+    backend validate it. ``dryrun``: a bucket that cannot be asked from here (no credentials, no connection)
+    is one line saying so, not an error: the task is shown all the same."""
     if spec.serve_on:
         from llm_atc.app import adapters
 
@@ -82,15 +83,17 @@ def prepare(spec: TrainSpec, *, registry: Registry, keep_cluster: bool = False) 
     with store_env(spec.envs, spec.secrets):
         spec = _check_name(spec, registry)
         output = None if "://" not in spec.output_uri else BucketURI.parse(spec.output_uri)
+        summary: dict = {}
         if output is not None:
-            _check_output(spec, output)
+            _unless_unreachable(dryrun, _check_output, spec, output)
         elif any((Path(spec.output_uri) / marker).is_file() for marker in ("config.json", "adapter_config.json")):
             raise UserError(f"{spec.output_uri} already holds a model; pick another --name")
-        summary = validate_data(spec.data)
-    ui.info(
-        f"Data OK: {summary['conversations']} conversations, {summary['turns']} turns "
-        f"({summary['assistant_turns']} assistant turns)"
-    )
+        summary = _unless_unreachable(dryrun, validate_data, spec.data) or {}
+    if summary:
+        ui.info(
+            f"Data OK: {summary['conversations']} conversations, {summary['turns']} turns "
+            f"({summary['assistant_turns']} assistant turns)"
+        )
     data_uri = spec.data
     if spec.data_is_local and output is not None:
         data_uri = str(output.child("data", Path(spec.data).name))
@@ -140,6 +143,17 @@ def prepare(spec: TrainSpec, *, registry: Registry, keep_cluster: bool = False) 
     )
     backend_for(record).validate(workload)
     return PreparedTrain(spec, workload, data_uri, summary)
+
+
+def _unless_unreachable(dryrun: bool, check, *args):
+    """``check(*args)``; in a dry run, a store that cannot be asked from here is a line instead of an error."""
+    try:
+        return check(*args)
+    except StoreUnreachable as exc:
+        if not dryrun:
+            raise
+        ui.warn(f"not checked in this dry run: {exc}")
+        return None
 
 
 def _check_name(spec: TrainSpec, registry: Registry) -> TrainSpec:
@@ -199,8 +213,8 @@ def check_hub_base(spec: TrainSpec) -> None:
     """A base model from the Hugging Face Hub exists and this token may read it (its config answers). Here it
     must also be reachable: a run on this machine downloads it; a node downloads it itself, so from a machine
     offline a cloud run goes ahead, said in one line."""
+    from llm_atc.hub import HubUnreachable, hub_file, hub_token
     from llm_atc.models import looks_like_path
-    from llm_atc.planning import HubUnreachable, hub_file, hub_token
 
     base = spec.base_model
     if spec.base_bucket is not None or looks_like_path(base) or Path(base).is_dir():

@@ -10,10 +10,8 @@ import contextlib
 import copy
 import functools
 import io
-import math
-import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -22,16 +20,7 @@ from llm_atc import ui
 from llm_atc.backends._base import LiveState, Workload
 from llm_atc.errors import LaunchError, NotFoundError, UserError
 from llm_atc.registry import Record, Status
-
-USAGE_ENV = "SKYPILOT_DISABLE_USAGE_COLLECTION"
-
-
-def import_sky():
-    """``import sky`` with usage collection off (unless the user chose otherwise)."""
-    os.environ.setdefault(USAGE_ENV, "1")
-    import sky
-
-    return sky
+from llm_atc.sky_sdk import import_sky, one_line, quiet_sky, uncoloured
 
 
 @functools.cache
@@ -56,7 +45,7 @@ def unsupported_feature(cloud: str | None, region: str | None, feature: str) -> 
         resources = sky.Resources(infra="/".join(p for p in (cloud, region) if p))
         cloud_obj.check_features_are_supported(resources, {wanted}, region)
     except sky.exceptions.NotSupportedError as exc:
-        return _one_line(exc)
+        return one_line(exc)
     except Exception:
         # What the cloud never supports, whatever the cluster: SkyPilot's static table.
         return getattr(type(cloud_obj), "_CLOUD_UNSUPPORTED_FEATURES", {}).get(wanted)
@@ -86,172 +75,7 @@ def build_task(config: dict, secrets: dict[str, str]):
             secrets_overrides=list(secrets.items()) or None,
         )
     except (ValueError, sky.exceptions.InvalidSkyPilotConfigError) as exc:
-        raise UserError(f"SkyPilot rejected the task: {_one_line(exc)}") from None
-
-
-# --- SkyPilot's GPU catalog (for `llm-atc plan` and --accelerator auto) -----------------------------
-
-
-def catalog_dir() -> Path:
-    """Where SkyPilot reads its catalog: ``${SKY_RUNTIME_DIR:-~}/.sky/catalogs/v8`` (fixed when
-    SkyPilot is imported)."""
-    import_sky()
-    from sky.catalog import common
-
-    return Path(common.get_catalog_path("x")).parent
-
-
-def catalog_clouds() -> list[str]:
-    """Clouds whose GPU catalog is already on disk (listing others would try to download them)."""
-    from sky.skylet import constants
-
-    root = catalog_dir()
-    return [cloud for cloud in constants.ALL_CLOUDS if (root / cloud / "vms.csv").is_file()]
-
-
-class _quiet_sky:
-    """Keep SkyPilot's own output off the terminal while llm-atc asks it something in the background (a
-    catalog read, a cluster lookup): its log lines ("Starting a local server", "API server stopped") and
-    the ``<sky-payload>`` progress messages it prints on stdout go nowhere; errors still raise."""
-
-    def __enter__(self):
-        import logging
-
-        self._logger = logging.getLogger("sky")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.CRITICAL)
-        self._redirect = contextlib.redirect_stdout(io.StringIO())
-        self._redirect.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._redirect.__exit__(*exc)
-        self._logger.setLevel(self._level)
-        return False
-
-
-def list_offers(clouds: list[str], region: str | None = None) -> list:
-    """GPU offers (``planning.Offer``) of ``clouds`` from SkyPilot's catalog, one per (cloud, instance
-    type, GPU, count), each at its cheapest region on-demand and its cheapest region on spot."""
-    import re
-
-    from llm_atc import planning
-
-    _number = planning._number
-
-    import_sky()
-    from sky.utils import accelerator_registry
-
-    try:
-        listing = _list_accelerators(
-            clouds, all_regions=True, region_filter=f"^{re.escape(region)}$" if region else None
-        )
-    except Exception as exc:
-        raise UserError(
-            f"cannot read SkyPilot's GPU catalog for {', '.join(clouds)}: {_one_line(exc)} "
-            f"(SkyPilot downloads it to {catalog_dir()} on first use; run `sky gpus list` once online)"
-        ) from None
-    grouped: dict[tuple, list] = {}
-    for name, infos in listing.items():
-        if accelerator_registry.is_schedulable_non_gpu_accelerator(name) or name.lower().startswith("tpu"):
-            continue
-        for info in infos:
-            count = _number(info.accelerator_count)
-            if not count or count != int(count):
-                continue  # fractional GPUs
-            key = (info.cloud, info.instance_type, name, int(count))
-            grouped.setdefault(key, []).append(info)
-    memory = _device_memory(listing, _other_catalogs(listing, clouds))
-    offers = []
-    for (cloud, instance_type, name, count), infos in grouped.items():
-        priced = [(p, i.region) for i in infos if (p := _number(i.price)) is not None]
-        spot = [(p, i.region) for i in infos if (p := _number(i.spot_price)) is not None]
-        price, price_region = min(priced) if priced else (None, None)
-        spot_price, spot_region = min(spot) if spot else (None, None)
-        own = [m for i in infos if (m := _number(i.device_memory))]
-        gib, source = (min(own), "catalog GpuInfo") if own else memory.get(name, (None, None))
-        offers.append(
-            planning.Offer(
-                str(cloud), instance_type, name, count, gib, source, price, price_region, spot_price, spot_region
-            )
-        )
-    return sorted(offers, key=lambda o: (o.accelerator, o.count, o.cloud, o.price or math.inf))
-
-
-def _other_catalogs(listing: Mapping[str, list], clouds: list[str]) -> Mapping[str, list]:
-    """GPUs whose rows carry no memory (GCP's GpuInfo is just the name), as listed by the catalogs
-    of the other clouds already on disk (never downloaded); empty when there are none."""
-    import re
-
-    from llm_atc.planning import _number
-
-    missing = [name for name, infos in listing.items() if not any(_number(i.device_memory) for i in infos)]
-    others = [c for c in catalog_clouds() if c not in {x.lower() for x in clouds}]
-    if not missing or not others:
-        return {}
-    try:
-        return _list_accelerators(others, name_filter="^(?:" + "|".join(map(re.escape, missing)) + ")$")
-    except Exception:
-        return {}
-
-
-def _list_accelerators(clouds: list[str], **filters) -> dict[str, list]:
-    """SkyPilot's GPU catalog rows of ``clouds`` by GPU name, one cloud at a time: with several,
-    SkyPilot reads the catalogs on a thread pool, which was seen to hang for good in a test process.
-
-    Each read is one request, as in SkyPilot's API server: the cloud identity it looked up (AWS's
-    catalog maps zones per account) is forgotten afterwards, so credentials that were in the
-    environment then (``--envs`` store settings) are never used by a later read."""
-    from sky import catalog
-    from sky.utils import annotations
-
-    listing: dict[str, list] = {}
-    try:
-        with _quiet_sky():
-            for cloud in clouds:
-                found = catalog.list_accelerators(gpus_only=True, clouds=[cloud], case_sensitive=False, **filters)
-                for name, infos in found.items():
-                    listing.setdefault(name, []).extend(infos)
-    finally:
-        annotations.clear_request_level_cache()
-    return listing
-
-
-def _device_memory(
-    listing: Mapping[str, list], elsewhere: Mapping[str, list] | None = None
-) -> dict[str, tuple[float, str]]:
-    """GPU memory (GiB) per accelerator name, for offers whose own row has none (GCP's GpuInfo is
-    just the name): the catalog's GpuInfo of that GPU on another cloud (listed, or on disk), else
-    the catalog's ``common/metadata.csv``, else ``sky.utils.gpu_names`` (which SkyPilot uses for
-    memory variants)."""
-    import csv
-
-    from sky.utils import gpu_names
-
-    from llm_atc.planning import _number
-
-    found: dict[str, tuple[float, str]] = {}
-    elsewhere = elsewhere or {}
-    for name in listing:
-        sizes = [m for i in [*listing[name], *elsewhere.get(name, [])] if (m := _number(i.device_memory))]
-        if sizes:
-            found[name] = (min(sizes), "catalog GpuInfo (another cloud)")
-    metadata = catalog_dir() / "common" / "metadata.csv"
-    table: dict[str, float] = {}
-    if metadata.is_file():
-        with metadata.open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                size = _number(row.get("MemoryGB"))
-                if row.get("GPU") and size:
-                    table[row["GPU"].lower()] = size
-    for name in listing:
-        if name in found:
-            continue
-        if name.lower() in table:
-            found[name] = (table[name.lower()], "catalog metadata.csv")
-        elif (size := gpu_names.get_gpu_device_memory_gib(name)) is not None:
-            found[name] = (float(size), "sky.utils.gpu_names")
-    return found
+        raise UserError(f"SkyPilot rejected the task: {one_line(exc)}") from None
 
 
 @contextmanager
@@ -265,21 +89,21 @@ def sky_errors(cluster: str | None = None) -> Iterator[None]:
     except sky.exceptions.ClusterNotUpError as exc:
         if "not found" in str(exc).lower():
             raise NotFoundError(_no_cluster(cluster)) from None
-        raise LaunchError(_one_line(exc)) from None
+        raise LaunchError(one_line(exc)) from None
     except sky.exceptions.NotSupportedError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc)) from None
     except sky.exceptions.ApiServerConnectionError as exc:
-        raise LaunchError(f"cannot reach the SkyPilot API server: {_one_line(exc)}") from None
+        raise LaunchError(f"cannot reach the SkyPilot API server: {one_line(exc)}") from None
     except (
         sky.exceptions.ResourcesUnavailableError,
         sky.exceptions.NoCloudAccessError,
         sky.exceptions.CloudError,
     ) as exc:
-        raise LaunchError(_one_line(exc)) from None
+        raise LaunchError(one_line(exc)) from None
     except ValueError as exc:
         if cluster and "not found" in str(exc).lower():
             raise NotFoundError(_no_cluster(cluster)) from None
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc)) from None
 
 
 def cluster_exists(name: str) -> bool:
@@ -291,11 +115,11 @@ def cluster_exists(name: str) -> bool:
     local = common.is_api_server_local()
     running = local and common.get_api_server_status().status == common.ApiServerStatus.HEALTHY
     try:
-        with ui.spinner(f"Asking SkyPilot about cluster {name}"), sky_errors(name), _quiet_sky():
+        with ui.spinner(f"Asking SkyPilot about cluster {name}"), sky_errors(name), quiet_sky():
             return bool(sky.get(sky.status(cluster_names=[name])))
     finally:
         if local and not running:
-            with contextlib.suppress(Exception), _quiet_sky():
+            with contextlib.suppress(Exception), quiet_sky():
                 sky.api_stop()
 
 
@@ -606,7 +430,7 @@ class SkyPilotBackend:
                     )
         except (UserError, LaunchError):
             return ""
-        return "\n".join(_uncoloured(buffer.getvalue()).rstrip().splitlines()[-lines:])
+        return "\n".join(uncoloured(buffer.getvalue()).rstrip().splitlines()[-lines:])
 
     def check_stoppable(self, record: Record) -> None:
         """A one-line error, before anything changes, when SkyPilot cannot stop it there."""
@@ -749,19 +573,6 @@ def _http(url: str, record: Record) -> str:
     return url if "://" in url else f"{scheme}://{url}"
 
 
-def _uncoloured(text: str) -> str:
-    """``text`` without terminal colour codes (SkyPilot colours messages and logs)."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
 def _last_line(text: str) -> str:
-    lines = [line.strip() for line in _uncoloured(text).splitlines() if line.strip()]
+    lines = [line.strip() for line in uncoloured(text).splitlines() if line.strip()]
     return lines[-1][:400] if lines else "(no output)"
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in _uncoloured(str(exc)).splitlines() if line.strip()]
-    text = " ".join(lines[:3])
-    if len(text) > 400:
-        text = f"{text[:200]}...{text[-200:]}"
-    return text or type(exc).__name__

@@ -81,7 +81,7 @@ def train(**options):
     options["secrets"] = options.pop("secret")
     registry = Registry()
     spec = build_train_spec(**options, registry=registry)
-    prepared = prepare(spec, registry=registry, keep_cluster=keep_cluster)
+    prepared = prepare(spec, registry=registry, keep_cluster=keep_cluster, dryrun=dryrun)
     if dryrun:
         ui.raw_out(prepared.yaml)
         return

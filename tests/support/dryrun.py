@@ -11,7 +11,7 @@ import yaml
 
 def sky_task(config: dict):
     """SkyPilot's own parser and validator (it consumes the dict, so it gets a copy)."""
-    from llm_atc.backends.skypilot import import_sky
+    from llm_atc.sky_sdk import import_sky
 
     return import_sky().Task.from_yaml_config(copy.deepcopy(config))
 
