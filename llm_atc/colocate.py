@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llm_atc.catalog import catalog_clouds, list_offers
+from llm_atc.catalog import Offer, catalog_clouds, list_offers
 from llm_atc.errors import UserError
 from llm_atc.planning import GIB, GPU_MEMORY_UTILIZATION, MemoryEstimate
 
@@ -156,7 +156,7 @@ class JointPlan:
     estimates: list[MemoryEstimate]
     clouds: list[str]
     use_spot: bool
-    options: list[tuple[float, object, Layout]]  # (hourly price, planning.Offer, layout), cheapest first
+    options: list[tuple[float, Offer, Layout]]  # (hourly price, offer, layout), cheapest first
 
     @property
     def auto(self) -> list[str]:

@@ -23,7 +23,7 @@ class Deployment(RecordHandle):
     def endpoint(self) -> str:
         """``http://HOST:PORT`` of the engine."""
         if not self.record.endpoint:
-            lifecycle.endpoint(self.record, registry=self._registry)
+            return lifecycle.endpoint(self.record, registry=self._registry)[1]
         return self.record.endpoint
 
     @property

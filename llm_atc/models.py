@@ -38,6 +38,20 @@ class ModelRef:
     def location(self) -> str:
         return str(self.bucket or self.path or self.hub_id)
 
+    @property
+    def folder(self) -> Path:
+        """The folder of a folder reference (a ValueError for the others, which callers tell apart first)."""
+        if self.path is None:
+            raise ValueError(f"{self.name} is not a folder but {self.location}")
+        return self.path
+
+    @property
+    def repo(self) -> str:
+        """The Hub id of a Hub reference (a ValueError for the others, which callers tell apart first)."""
+        if self.hub_id is None:
+            raise ValueError(f"{self.name} is not on the Hugging Face Hub but at {self.location}")
+        return self.hub_id
+
 
 def check_run_name(run: str, *, option: str = "--name") -> str:
     if not RUN_NAME_RE.fullmatch(run):

@@ -88,6 +88,13 @@ class Record:
     id: int | None = None
 
     @property
+    def key(self) -> int:
+        """Its row in the registry (a record gets one when it is added)."""
+        if self.id is None:
+            raise ValueError(f"{self.name} on {self.cluster} is not in the registry yet")
+        return self.id
+
+    @property
     def is_local(self) -> bool:
         return self.cloud == "local"
 

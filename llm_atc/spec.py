@@ -471,7 +471,7 @@ def _placement_and_envs(
 
 
 def build_serve_spec(
-    name: str | tuple | None,
+    name: str | tuple | list | None,
     *,
     source: str | None = None,
     accelerator: str | None = None,

@@ -89,7 +89,7 @@ def rows(*, show_all: bool = False, only: str | None = None, registry: Registry 
     for record in records:
         if record.status == Status.DOWN and not show_all and not _ended_lately(record, now):
             continue
-        state = states.get(record.id)
+        state = states.get(record.key) if record.id is not None else None
         infra = "/".join(p for p in (record.cloud, record.region) if p) or (state.cloud if state else "") or "-"
         detail = state.detail if state and state.detail else record.details.get("ended", "")
         up, spent = cost.up_and_cost(record, now)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 # Off a terminal rich would wrap tables at 80 columns; scripts and logs get full rows.
@@ -63,7 +63,7 @@ def error(message: str) -> None:
     _err.print(f"[red]Error:[/red] {message}", markup=True)
 
 
-def out(text: str = "", **kwargs) -> None:
+def out(text: RenderableType = "", **kwargs) -> None:
     """Print a result to stdout."""
     _out.print(text, **kwargs)
 

@@ -141,6 +141,15 @@ def test_code_style():
         assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_types():
+    """mypy (settings in pyproject.toml) passes: callers keep to the backend protocol, Optional values are
+    checked before use."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "mypy")], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_one_rule_for_secret_names_everywhere(cli):
     """README, the serving guide and --help state the same rule as the code that applies it."""
     from llm_atc.options import SECRET_RULE, is_secret_name

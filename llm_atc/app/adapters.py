@@ -296,13 +296,14 @@ def _place(record: Record, adapter: Adapter) -> str:
     ref = adapter.ref
     if ref.hub_id:
         return ref.hub_id  # vLLM fetches a Hub adapter itself
-    folder = ref.path
     if ref.bucket is not None:
         from llm_atc.paths import home
         from llm_atc.storage import download_checkpoint
 
         uri = ref.bucket
         folder = download_checkpoint(uri, home() / "cache" / uri.scheme / uri.bucket / uri.prefix, skip=f"{RUN_BASE}/*")
+    else:
+        folder = ref.folder
     safe = adapter.name.replace("/", "--")
     with ui.spinner(f"Copying {adapter.name} to {record.cluster}"):
         return backend_for(record).put_folder(record, folder, f"{NODE_ADAPTERS}/{safe}")
@@ -377,7 +378,7 @@ def _publish(record: Record, adapter: Adapter) -> str:
         entry = {"uri": str(ref.bucket)}
     else:
         uri = _service_folder(record)[0].child("adapters", adapter.name.replace("/", "--"))
-        upload_path(ref.path, uri)
+        upload_path(ref.folder, uri)
         entry = {"uri": str(uri)}
     _write_manifest(record, {**listed, adapter.name: entry})
     _wait_replicas(record, adapter.name, present=True)
@@ -450,7 +451,7 @@ def _read_adapter_config(model: ModelRef, option: str) -> dict:
     try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(model.hub_id, "adapter_config.json")).read_text())
+        return json.loads(Path(hf_hub_download(model.repo, "adapter_config.json")).read_text())
     except Exception as exc:
         raise UserError(
             f"{option}{model.hub_id}: cannot read its adapter_config.json from the Hub ({type(exc).__name__})"

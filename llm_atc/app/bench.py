@@ -77,7 +77,7 @@ def parse_load(
     max_requests: int = DEFAULT_MAX_REQUESTS,
 ) -> Load:
     """Check the load options (one-line errors naming the option)."""
-    levels = DEFAULT_CONCURRENCY
+    levels: tuple[int, ...] = DEFAULT_CONCURRENCY
     if concurrency is not None:
         parts = [part.strip() for part in str(concurrency).split(",")]
         if not all(re.fullmatch(r"\d{1,5}", part) for part in parts):
@@ -330,7 +330,7 @@ def _follow(args: list[str], env: dict, load: Load, log: Path) -> None:
             args, stdout=handle, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, env=env
         )
         try:
-            for line in process.stderr:
+            for line in process.stderr or ():
                 handle.write(line)
                 match = PROGRESS.search(line)
                 if match:
@@ -368,7 +368,8 @@ def _rate(metrics: dict, name: str) -> float:
 
 def parse_results(data: dict) -> tuple[list[Level], list[str]]:
     """Each concurrency level of guidellm's JSON, in its order, and up to three error messages."""
-    levels, errors = [], []
+    levels: list[Level] = []
+    errors: list[str] = []
     for bench in data.get("benchmarks", []):
         metrics = bench["metrics"]
         totals = metrics["request_totals"]

@@ -62,8 +62,12 @@ def cheapest_offer(wanted: list[tuple[str, int]], cloud: str | None, region: str
     except UserError:
         return None
     wanted_keys = {(name.lower(), count) for name, count in wanted}
-    priced = [o for o in offers if (o.accelerator.lower(), o.count) in wanted_keys and o.hourly(use_spot) is not None]
-    return min(priced, key=lambda o: o.hourly(use_spot)) if priced else None
+    priced = [
+        (hourly, o)
+        for o in offers
+        if (o.accelerator.lower(), o.count) in wanted_keys and (hourly := o.hourly(use_spot)) is not None
+    ]
+    return min(priced, key=lambda pair: pair[0])[1] if priced else None
 
 
 def confirmation(price: Price, limits, *, otherwise: str = "when you run `llm-atc down`") -> str:

@@ -12,11 +12,14 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from llm_atc import ui
-from llm_atc.backends import backend_for
+from llm_atc.app.serve import PreparedServe
+from llm_atc.app.train import PreparedTrain
+from llm_atc.backends import Backend, Workload, backend_for
+from llm_atc.backends.local import LocalBackend
 from llm_atc.errors import LaunchError, UserError
 from llm_atc.paths import home, write_private
 from llm_atc.readiness import EngineExited, first_answers, wait_ready
@@ -60,11 +63,11 @@ def save_task(config: dict, cluster: str) -> str:
     return str(write_private(path, task_yaml(config)))
 
 
-def _start(workload, registry: Registry, backend, *, api_key: str | None = None) -> Record:
+def _start(workload: Workload, registry: Registry, backend: Backend, *, api_key: str | None = None) -> Record:
     """Record the workload (LAUNCHING) and start it on its backend."""
     record = workload.record
     record.task_yaml = save_task(workload.config, record.cluster)
-    holds_port = backend.holds_port if record.mode == "local" and record.kind == "serve" else None
+    holds_port = backend.holds_port if isinstance(backend, LocalBackend) and record.kind == "serve" else None
     registry.add(record, holds_port=holds_port)
     if api_key:
         from llm_atc import credentials
@@ -84,7 +87,7 @@ def _start(workload, registry: Registry, backend, *, api_key: str | None = None)
     return record
 
 
-def serve(prepared, *, registry: Registry, backend=None) -> Record:
+def serve(prepared: PreparedServe, *, registry: Registry, backend: Backend | None = None) -> Record:
     """Launch a prepared serve and wait until its engine answers; the RUNNING record (LAUNCHING with
     ``--detach_run``). Raises LaunchError when the engine fails first (its log tail said)."""
     spec, workload = prepared.spec, prepared.workload
@@ -125,13 +128,14 @@ def serve(prepared, *, registry: Registry, backend=None) -> Record:
     return record
 
 
-def _wait_serving(record: Record, backend, prepared, timeout: float) -> float:
+def _wait_serving(record: Record, backend: Backend, prepared: PreparedServe, timeout: float) -> float:
     """Poll the engine until it answers; the seconds waited."""
+    endpoint: str | Callable[[], str | None]
+    known: list[str] = []  # a cluster's endpoint does not change while it is up: SkyPilot is asked once
     if record.is_local:
-        endpoint, check, interval = record.endpoint, lambda: backend.ended(record), 0.25
-        message = f"Starting {record.engine} for {', '.join(record.served)} on {record.endpoint.split('://')[-1]}"
+        endpoint, check, interval = record.endpoint or "", lambda: backend.ended(record), 0.25
+        message = f"Starting {record.engine} for {', '.join(record.served)} on {endpoint.split('://')[-1]}"
     else:
-        known: list[str] = []  # the endpoint does not change while the cluster is up: ask SkyPilot once
 
         def endpoint() -> str | None:
             if not known:
@@ -145,7 +149,7 @@ def _wait_serving(record: Record, backend, prepared, timeout: float) -> float:
         message = f"Waiting for {record.engine} on {record.cluster}"
     waited = wait_ready(
         endpoint,
-        engine=record.engine,
+        engine=record.engine or "vllm",
         timeout=timeout,
         message=message,
         check_alive=check,
@@ -156,7 +160,7 @@ def _wait_serving(record: Record, backend, prepared, timeout: float) -> float:
     if not record.is_local:
         record.endpoint = known[0]
     with ui.spinner(f"Sending {', '.join(record.served)} a first request"):
-        first_answers(record.endpoint, record, api_key=prepared.api_key)
+        first_answers(record.endpoint or "", record, api_key=prepared.api_key)
     return waited
 
 
@@ -227,7 +231,7 @@ def _failure_report(reason: str, record: Record, backend, *, keep: bool) -> str:
     return "\n".join(lines)
 
 
-def train(prepared, *, registry: Registry, backend=None) -> Record:
+def train(prepared: PreparedTrain, *, registry: Registry, backend: Backend | None = None) -> Record:
     """Upload the data, launch a prepared run, and (unless detached) follow it to its end: the
     SUCCEEDED record, or LaunchError. A cluster that ran it attached is torn down when it ends."""
     from llm_atc.app.train import upload_data
@@ -296,18 +300,19 @@ def _has_checkpoints(record: Record) -> bool:
         return False
 
 
-def _follow(record: Record, backend) -> int:
+def _follow(record: Record, backend: Backend) -> int:
     """Stream the run's log (to stderr when it runs here) until it ends; its exit code."""
-    if not record.is_local:
+    if not isinstance(backend, LocalBackend):
         return backend.logs(record, follow=True)
+    import io
     import sys
 
-    class Echo:  # the training log, as it grows, on stderr (progress, not results); a traceback stays in the log
+    class Echo(io.StringIO):  # the training log, as it grows, on stderr (progress, not results); not tracebacks
         in_traceback = False
 
-        def write(self, text: str) -> None:
+        def write(self, text: str) -> int:
             if ui.is_quiet():
-                return
+                return len(text)
             for line in text.splitlines(keepends=True):
                 if line.startswith("Traceback (most recent call last)"):
                     self.in_traceback = True
@@ -315,6 +320,7 @@ def _follow(record: Record, backend) -> int:
                     self.in_traceback = False  # the exception's own line ends the traceback
                 if not self.in_traceback:
                     sys.stderr.write(line)
+            return len(text)
 
         def flush(self) -> None:
             sys.stderr.flush()

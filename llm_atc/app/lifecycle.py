@@ -67,12 +67,12 @@ def reconcile(records: list[Record], registry: Registry) -> dict[int, LiveState]
         except (UserError, LaunchError) as exc:
             ui.warn(f"could not ask {backend.name} about {len(group)} record(s), shown as last known: {exc}")
     for record in records:
-        state = states.get(record.id)
+        state = states.get(record.key) if record.id is not None else None
         if state is None:
             continue
         if state.gone and record.kind == "train" and record.mode != "local":
             state = _gone_run(record, state)
-            states[record.id] = state
+            states[record.key] = state
         if state.status != record.status:
             ended = record.kind == "serve" and state.status == Status.DOWN
             if state.status in ENDED and state.detail:  # why it ended, kept for `status` after the fact

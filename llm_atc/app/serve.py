@@ -39,7 +39,7 @@ class PreparedServe:
 
     @property
     def engine(self) -> str:
-        return self.workload.record.engine
+        return self.spec.engine
 
     @property
     def ready_timeout(self) -> float:
@@ -79,7 +79,7 @@ def _prepare_cluster(spec: ServeSpec, registry: Registry) -> PreparedServe:
     if spec.extra_models:
         ports = tuple(spec.port + 1 + i for i in range(len(spec.models) + 2))  # engines, router, its metrics
         several, notes = _colocated(spec, registry, ports=ports)
-        checkpoint, adapters, stream = several.checkpoints[0], {}, False
+        checkpoint, adapters, stream = several.checkpoints[0], dict[str, Checkpoint](), False
     else:
         checkpoint, adapters = _check_buckets(spec)
         path = weights.for_serve(spec, checkpoint)
@@ -197,8 +197,9 @@ def _colocated(
     with store_env(spec.envs, spec.secrets), ui.spinner("Sizing the models for one node"):
         layout = colocate.layout_for(spec, registry=registry, available_bytes=available_bytes)
     count = len(spec.models)
+    router, router_metrics = ports[count : count + 2]
     several = Colocated(
-        layout, ports[:count], ports[count : count + 2], tuple(checkpoints), tuple(streams), tuple(folders)
+        layout, ports[:count], (router, router_metrics), tuple(checkpoints), tuple(streams), tuple(folders)
     )
     return several, [*notes, layout.summary]
 
@@ -299,7 +300,7 @@ def choose_engine(spec: ServeSpec, reads: dict | None = None) -> tuple[str, str]
     engine asked for by name is used as asked; the line warns of what its first request will show."""
     found = engines.installed("vllm")
     usable = found is not None and found.usable_here()
-    lacking = _cpu_kernels_lacking(spec, reads or {}) if usable and found.build == "cpu" else None
+    lacking = _cpu_kernels_lacking(spec, reads or {}) if found is not None and usable and found.build == "cpu" else None
     if spec.engine == "vllm":
         return "vllm", f"{lacking}: its first request will fail" if lacking else ""
     if spec.engine != "auto":

@@ -4,10 +4,12 @@ for several models, each replica of a service that can be reached from here)."""
 
 from __future__ import annotations
 
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 from llm_atc import metrics
 from llm_atc.errors import NotFoundError
@@ -90,11 +92,9 @@ def engines(records: list[Record], registry: Registry) -> Iterator[list[Engine]]
         for record in records:
             key, cafile = credentials.get(record.cluster), record.details.get("tls_cert")
             price = (record.details.get("price") or {}).get("per_hour")
-            common = dict(deployment=record.cluster, api_key=key, cafile=cafile, price_per_hour=price)
+            common = partial(Engine, deployment=record.cluster, api_key=key, cafile=cafile, price_per_hour=price)
             if (record.engine or "vllm") != "vllm":
-                found.append(
-                    Engine(model=record.name, url=None, note="transformers serve exports no metrics", **common)
-                )
+                found.append(common(model=record.name, url=None, note="transformers serve exports no metrics"))
                 continue
             if record.mode == "service":
                 found += _replicas(record, common)
@@ -107,22 +107,20 @@ def engines(records: list[Record], registry: Registry) -> Iterator[list[Engine]]
                 base = lifecycle.endpoint(record, registry=registry)[1]
             several = len(record.served) > 1
             for name in record.served:
-                url = f"{base.rstrip('/')}/metrics" + (
-                    f"?model={urllib.request.quote(name, safe='')}" if several else ""
-                )
-                found.append(Engine(model=name, url=url, **common))
+                url = f"{base.rstrip('/')}/metrics" + (f"?model={urllib.parse.quote(name, safe='')}" if several else "")
+                found.append(common(model=name, url=url))
         yield found
 
 
-def _replicas(record: Record, common: dict) -> list[Engine]:
-    """A service's ready replicas, each read directly where this machine reaches it."""
+def _replicas(record: Record, common: Callable[..., Engine]) -> list[Engine]:
+    """A service's ready replicas, each read directly where this machine reaches it (``common``: an Engine
+    with the deployment's key, certificate and price)."""
     from llm_atc.backends import backend_for
 
     replicas = backend_for(record).ready_replicas(record)
     if not replicas:
-        return [Engine(model=record.name, url=None, note="no ready replica", **common)]
-    return [Engine(model=f"{record.name} (replica {rid})", url=f"{url.rstrip('/')}/metrics", **common)
-            for rid, url in replicas]  # fmt: skip
+        return [common(model=record.name, url=None, note="no ready replica")]
+    return [common(model=f"{record.name} (replica {rid})", url=f"{url.rstrip('/')}/metrics") for rid, url in replicas]
 
 
 def sample(found: list[Engine]) -> list[Row]:

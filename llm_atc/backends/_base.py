@@ -87,6 +87,12 @@ class Backend(Protocol):
     def down(self, record: Record) -> None:
         """End it for good; raises NotFoundError when there is nothing left to end."""
 
+    def replicas(self, record: Record) -> list[tuple[str, str, str, str, str]]:
+        """A service's replicas: (id, status, infra, resources, $/hour) each; none for other deployments."""
+
+    def ready_replicas(self, record: Record) -> list[tuple[int, str]]:
+        """A service's READY replicas: (id, base URL of its engine) each; none for other deployments."""
+
     def put_folder(self, record: Record, folder: Path, dest: str) -> str:
         """Make ``folder`` readable by its engine under ``dest`` (relative to the node's home); the
         absolute path the engine reads it from."""

@@ -41,7 +41,7 @@ def pick_port(port: int, *, option: str = "--port") -> int:
 
 def free_ports(count: int, *, besides: int) -> tuple[int, ...]:
     """``count`` distinct free ports on 127.0.0.1, none of them ``besides`` (held open until all are found)."""
-    sockets = []
+    sockets: list[socket.socket] = []
     try:
         while len(sockets) < count:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -105,7 +105,7 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._children: dict[int, subprocess.Popen] = {}  # what this process started, by pid
 
     def validate(self, workload: Workload) -> None:
@@ -115,7 +115,10 @@ class LocalBackend:
         """Start the recipe's ``run`` in a process group of its own, logging to the workload's log."""
         config = workload.config
         cwd = workload.workdir or Path(config.get("workdir") or ".")
-        with open_private(workload.log) as log:
+        log_path = workload.log
+        if log_path is None:  # prepare() gives every workload run here its log file
+            raise ValueError(f"{workload.record.name}: a workload run here needs a log file")
+        with open_private(log_path) as log:
             log.write(f"--- llm-atc: starting at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
             log.flush()
             process = subprocess.Popen(
@@ -181,19 +184,19 @@ class LocalBackend:
     def endpoint(self, record: Record) -> str:
         if not self.alive(record):
             raise NotFoundError(f"{record.name} is not running here (status {record.status}); see `llm-atc status`")
-        return record.endpoint
+        return record.endpoint or ""
 
     def states(self, records: list[Record]) -> dict[int, LiveState]:
         states = {}
         for record in records:
             if self.alive(record):
-                states[record.id] = LiveState(record.status, cloud="local")
+                states[record.key] = LiveState(record.status, cloud="local")
             elif record.is_active:
                 _end_orphans(record.pid)  # what the leader left behind (vLLM's engine core, its workers) ends too
                 status, detail = self._after(record)
-                states[record.id] = LiveState(status, detail, cloud="local", gone=True)
+                states[record.key] = LiveState(status, detail, cloud="local", gone=True)
             else:
-                states[record.id] = LiveState(record.status, "", cloud="local")
+                states[record.key] = LiveState(record.status, "", cloud="local")
         return states
 
     @staticmethod
@@ -264,6 +267,12 @@ class LocalBackend:
 
     def put_folder(self, record: Record, folder: Path, dest: str) -> str:
         return str(folder)  # this machine is the node: the engine reads the folder where it is
+
+    def replicas(self, record: Record) -> list[tuple[str, str, str, str, str]]:
+        return []  # SkyServe runs services on clusters, never here
+
+    def ready_replicas(self, record: Record) -> list[tuple[int, str]]:
+        return []
 
     def down(self, record: Record) -> None:
         self.stop(record)

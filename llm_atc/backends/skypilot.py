@@ -266,12 +266,12 @@ class SkyPilotBackend:
                 return None
             status = _status_name(found["status"]) if found else "gone"
             return f"service {record.cluster} is {status}" if "FAILED" in status or status == "gone" else None
-        status = self._job_status(record)
-        if status is None or status not in TERMINAL_JOB_STATUSES:
+        job = self._job_status(record)
+        if job is None or job not in TERMINAL_JOB_STATUSES:
             return None
         where = "managed job" if record.mode == "managed" else f"job on {record.cluster}"
         what = "engine's" if record.kind == "serve" else "training"
-        return f"the {what} {where} ended ({status})"
+        return f"the {what} {where} ended ({job})"
 
     def endpoint(self, record: Record) -> str:
         """The engine's URL: SkyPilot's endpoint for the port, or (on infra that opens no
@@ -321,11 +321,11 @@ class SkyPilotBackend:
     def _service_states(self, records: list[Record]) -> dict[int, LiveState]:
         with sky_errors():
             found = {s["name"]: s for s in self.sdk.get(self.sdk.serve.status(sorted({r.cluster for r in records})))}
-        states = {}
+        states: dict[int, LiveState] = {}
         for record in records:
             service = found.get(record.cluster)
             if service is None:
-                states[record.id] = _gone(record, "no service")
+                states[record.key] = _gone(record, "no service")
                 continue
             status = _status_name(service["status"])
             replicas = service.get("replica_info") or []
@@ -337,7 +337,7 @@ class SkyPilotBackend:
                 if status in ("READY", "NO_REPLICA")
                 else Status.LAUNCHING
             )
-            states[record.id] = LiveState(
+            states[record.key] = LiveState(
                 ours,
                 f"{status}, {ready}/{len(replicas)} replicas ready",
                 resources=service.get("requested_resources_str"),
@@ -346,24 +346,24 @@ class SkyPilotBackend:
 
     def _managed_states(self, records: list[Record]) -> dict[int, LiveState]:
         statuses = self._managed_statuses(records)
-        states = {}
+        states: dict[int, LiveState] = {}
         for record in records:
-            status = statuses.get(record.details.get("job_id"))
+            status = statuses.get(record.details.get("job_id", -1))
             if status is None:
-                states[record.id] = _gone(record, "no managed job")
+                states[record.key] = _gone(record, "no managed job")
             else:
-                states[record.id] = LiveState(_job_state(status, record), f"managed job {status}")
+                states[record.key] = LiveState(_job_state(status, record), f"managed job {status}")
         return states
 
     def _cluster_states(self, records: list[Record]) -> dict[int, LiveState]:
         with sky_errors():
             clusters = self.sdk.get(self.sdk.status(cluster_names=sorted({r.cluster for r in records})))
         by_name = {c.name: c for c in clusters}
-        states = {}
+        states: dict[int, LiveState] = {}
         for record in records:
             cluster = by_name.get(record.cluster)
             if cluster is None:
-                states[record.id] = _gone(record, "no cluster")
+                states[record.key] = _gone(record, "no cluster")
                 continue
             sky_status = _status_name(cluster.status)
             detail = sky_status
@@ -382,7 +382,7 @@ class SkyPilotBackend:
                             (Status.DOWN, f"{reason}; SkyPilot tears the cluster down") if reason else (status, detail)
                         )
             resources = getattr(cluster.handle, "launched_resources", None)
-            states[record.id] = LiveState(
+            states[record.key] = LiveState(
                 status,
                 detail,
                 cloud=str(resources.cloud) if resources is not None and resources.cloud else None,
