@@ -35,13 +35,12 @@ def serve(
     ``max_model_len``, ``vllm_args``, ...). Raises :class:`llm_atc.UserError`.
     """
     from llm_atc.app import launch
-    from llm_atc.app.serve import prepare
-    from llm_atc.spec import build_serve_spec
+    from llm_atc.app.serve import build_spec, prepare
 
     registry = Registry()
     with ui.quiet(quiet):
-        spec = build_serve_spec(
-            name, cloud=cloud, accelerator=accelerator, timeout=timeout, registry=registry, **options
+        spec = build_spec(
+            name=name, cloud=cloud, accelerator=accelerator, timeout=timeout, registry=registry, **options
         )
         record = launch.serve(prepare(spec, registry=registry), registry=registry)
     return Deployment(record, registry)
@@ -66,12 +65,11 @@ def train(
     :class:`llm_atc.UserError` (a failed run raises its subclass ``LaunchError``).
     """
     from llm_atc.app import launch
-    from llm_atc.app.train import prepare, serve_when_done
-    from llm_atc.spec import build_train_spec
+    from llm_atc.app.train import build_spec, prepare, serve_when_done
 
     registry = Registry()
     with ui.quiet(quiet):
-        spec = build_train_spec(
+        spec = build_spec(
             registry=registry,
             model_type=model_type,
             finetune_data=finetune_data,

@@ -118,11 +118,7 @@ def _trained_run(name: str, registry: Registry, option: str) -> ModelRef:
             f"{option} {name} is not in the registry; pass --source s3://BUCKET/{RUN_PREFIX}/{run} "
             f"(or gs://...) to say where its checkpoint is"
         )
-    if record.status != Status.SUCCEEDED:
-        from llm_atc.app.lifecycle import reconcile
-
-        reconcile([record], registry)
-    if record.status != Status.SUCCEEDED:
+    if record.status != Status.SUCCEEDED:  # (app.lifecycle.refresh_runs has asked an active run how it is)
         what = "not finished yet" if record.is_active else "over without publishing one"
         raise UserError(
             f"{option} {name}: the training run is {record.status}, so there is no model to serve "

@@ -891,6 +891,26 @@ def test_training_run_status_follows_the_job_then_the_published_model(fake_sky, 
     assert run("RUNNING", nothing, cluster=None).status() == "FAILED"  # gone, and nothing published
 
 
+def test_serving_a_detached_run_asks_how_it_ended(cli, fake_sky, s3_checkpoint):
+    """`serve --name llm-atc/<run>` of a run recorded RUNNING (detached, never looked at since): SkyPilot is
+    asked first; its job SUCCEEDED, so the run's model is served; a FAILED job is refused in one line."""
+    from llm_atc.registry import Record, Registry
+
+    registry = Registry()
+    for run, job in (("finished", "SUCCEEDED"), ("crashed", "FAILED")):
+        sky = fake_sky(job_status=job)
+        sky.clusters[f"train-{run}"] = "UP"
+        registry.add(Record(name=run, kind="train", model="m", cluster=f"train-{run}", status="RUNNING", cloud="aws",
+                            checkpoint_uri=s3_checkpoint, details={"job_id": 3}))  # fmt: skip
+        result = cli("serve", "--name", f"llm-atc/{run}", "--cloud", "aws", "--accelerator", "L4:1", "--dryrun")
+        if job == "SUCCEEDED":
+            assert result.exit_code == 0, result
+            assert sky_task(yaml.safe_load(result.stdout)).envs["SERVED_MODEL_NAME"] == "llm-atc/finished"
+        else:
+            assert_one_line_error(result, "llm-atc/crashed", "the training run is FAILED")
+        assert registry.find(run, kind="train").status == job
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [

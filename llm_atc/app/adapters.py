@@ -117,6 +117,9 @@ def check_adapter(record: Record, name: str, ref: str, registry: Registry, store
         raise UserError(f"{shorten(name)} is not a valid adapter name (letters, digits, . _ / -)")
     if name in _base_names(record) or name in record.details.get("adapters", {}):
         raise _served_already(record, name)
+    from llm_atc.app.lifecycle import refresh_runs
+
+    refresh_runs([ref], registry)
     model = (
         resolve_model(name, ref, registry, option=option)
         if "://" in ref

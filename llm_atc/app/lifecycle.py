@@ -42,6 +42,23 @@ def lookup(ref: str, registry: Registry, *, port: int = 8000) -> Record:
         return Record(name=ref, kind="serve", model="", cluster=ref, status="UNKNOWN", port=port)
 
 
+def refresh_runs(references, registry: Registry) -> None:
+    """The training runs that ``references`` (``--name``, ``--lora`` or ``--base_model`` values: ``llm-atc/<run>``,
+    ``NAME=llm-atc/<run>``, others) name, asked what became of them where they may still run, so that resolving
+    a reference reads the run's true state (a detached run may have finished since it was recorded)."""
+    from llm_atc.storage import RUN_PREFIX
+
+    runs = []
+    for reference in references:
+        target = str(reference).split("=", 1)[-1].strip()
+        if target.startswith(RUN_PREFIX + "/"):
+            record = registry.find_run(target.split("/", 1)[1])
+            if record is not None and record.is_active:
+                runs.append(record)
+    if runs:
+        reconcile(runs, registry)
+
+
 def needs_asking(record: Record) -> bool:
     """Whether the backend can tell anything new: a deployment not torn down, a run not over."""
     if record.kind == "serve":

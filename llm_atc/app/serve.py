@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llm_atc import colocate, engines, ui, weights
 from llm_atc.app import adapters as adapters_app
-from llm_atc.app import serving
+from llm_atc.app import lifecycle, serving
 from llm_atc.backends import backend_for
 from llm_atc.backends._base import Workload
 from llm_atc.errors import UserError
@@ -16,7 +16,7 @@ from llm_atc.gpu_node import NodeGpus
 from llm_atc.paths import home, write_private
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.render import Colocated, LocalRun, render_serve_task, task_yaml
-from llm_atc.spec import API_KEY_SECRET, ServeSpec
+from llm_atc.spec import API_KEY_SECRET, ServeSpec, build_serve_spec
 from llm_atc.storage import RUN_BASE, Checkpoint, check_checkpoint, download_checkpoint, store_env, store_settings
 
 CLOUD_READY_TIMEOUT = 30 * 60
@@ -44,6 +44,15 @@ class PreparedServe:
     @property
     def ready_timeout(self) -> float:
         return LOCAL_READY_TIMEOUT if self.spec.is_local else CLOUD_READY_TIMEOUT
+
+
+def build_spec(*, registry: Registry, **options) -> ServeSpec:
+    """``serve``'s options (the CLI's, or ``llm_atc.serve``'s) as a spec; the training runs they name are asked
+    first how they are (a detached run may have finished since it was recorded)."""
+    names = options.get("name")
+    names = list(names) if isinstance(names, (list, tuple)) else [names] if names else []
+    lifecycle.refresh_runs([*names, *(options.get("lora") or ())], registry)
+    return build_serve_spec(**options, registry=registry)
 
 
 def prepare(spec: ServeSpec, *, registry: Registry) -> PreparedServe:

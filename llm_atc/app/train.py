@@ -18,7 +18,7 @@ from llm_atc.errors import NotFoundError, UserError
 from llm_atc.paths import home
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.render import NodeFeatures, render_train_task, task_yaml
-from llm_atc.spec import TrainSpec
+from llm_atc.spec import TrainSpec, build_train_spec
 from llm_atc.storage import BucketURI, ObjectStore, StoreUnreachable, store_env, store_settings, upload_path
 
 
@@ -60,6 +60,15 @@ class PreparedTrain:
     @property
     def yaml(self) -> str:
         return task_yaml(self.workload.config)
+
+
+def build_spec(*, registry: Registry, **options) -> TrainSpec:
+    """``train``'s options (the CLI's, or ``llm_atc.train``'s) as a spec; a training run given as the base is
+    asked first how it is."""
+    from llm_atc.app.lifecycle import refresh_runs
+
+    refresh_runs([options.get("base_model") or ""], registry)
+    return build_train_spec(**options, registry=registry)
 
 
 def serve_when_done(spec: TrainSpec, registry: Registry) -> Record | None:

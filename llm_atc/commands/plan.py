@@ -71,6 +71,11 @@ def plan(name, source, mode, max_model_len, task, dtype, quantization, cloud, re
     name = name[0]
     if task != "auto" and mode != "serve":
         raise click.UsageError(f"--task {task} goes with --mode serve")
+    if source is None:
+        from llm_atc.app.lifecycle import refresh_runs
+        from llm_atc.registry import Registry
+
+        refresh_runs([name], Registry())
     result = planning.make_plan(
         name,
         mode=mode,
@@ -123,6 +128,7 @@ def _plan_several(names, source, mode, as_json, **options) -> None:
     from rich.table import Table
 
     from llm_atc import colocate, ui
+    from llm_atc.app.lifecycle import refresh_runs
     from llm_atc.errors import UserError
     from llm_atc.models import resolve_model
     from llm_atc.planning import GIB
@@ -132,6 +138,7 @@ def _plan_several(names, source, mode, as_json, **options) -> None:
     if mode != "serve" or source:
         raise UserError("several --name plan a deployment of several models: --mode serve, without --source")
     registry = Registry()
+    refresh_runs(names, registry)
     first = resolve_model(names[0], None, registry)
     models = (first, *several_models(first, list(names[1:]), registry, engine="vllm", given={}))
     result = colocate.make_plan(models, registry=registry, **options)

@@ -182,15 +182,14 @@ def serve(**options):
     from llm_atc import ui
     from llm_atc.app import launch
     from llm_atc.app.cost import Price, confirmation
-    from llm_atc.app.serve import prepare
+    from llm_atc.app.serve import build_spec, prepare
     from llm_atc.readiness import snippets
     from llm_atc.registry import Registry
-    from llm_atc.spec import build_serve_spec
 
     dryrun, yes = options.pop("dryrun"), options.pop("yes")
     options["secrets"] = options.pop("secret")
     registry = Registry()
-    spec = build_serve_spec(**options, registry=registry)
+    spec = build_spec(**options, registry=registry)
     if spec.is_local and dryrun:
         raise click.UsageError("--dryrun renders a SkyPilot task; it does not apply to --cloud local")
     prepared = prepare(spec, registry=registry)

@@ -73,14 +73,13 @@ def train(**options):
     """
     from llm_atc import ui
     from llm_atc.app import launch
-    from llm_atc.app.train import prepare, serve_when_done
+    from llm_atc.app.train import build_spec, prepare, serve_when_done
     from llm_atc.registry import Registry
-    from llm_atc.spec import build_train_spec
 
     dryrun, yes, keep_cluster = options.pop("dryrun"), options.pop("yes"), options.pop("keep_cluster")
     options["secrets"] = options.pop("secret")
     registry = Registry()
-    spec = build_train_spec(**options, registry=registry)
+    spec = build_spec(**options, registry=registry)
     prepared = prepare(spec, registry=registry, keep_cluster=keep_cluster, dryrun=dryrun)
     if dryrun:
         ui.raw_out(prepared.yaml)
