@@ -26,6 +26,7 @@ from llm_atc.options import (
     split_envs_and_secrets,
 )
 from llm_atc.planning import DTYPES, QUANTIZATIONS
+from llm_atc.recipes.train.contract import MODEL_TYPES
 from llm_atc.registry import Registry
 from llm_atc.vllm_flags import check_vllm_args
 
@@ -813,7 +814,6 @@ def _check_aliases(values, engine: str) -> tuple[str, ...]:
     return tuple(aliases)
 
 
-MODEL_TYPES = {"vicuna": "full", "lora": "lora", "qlora": "qlora"}
 CHECKPOINT_STORES = ("S3", "GCS", "local")
 DEFAULT_BASE_MODEL = "meta-llama/Llama-2-7b-hf"  # the original llm-atc's, on a cloud
 DEFAULT_LOCAL_BASE_MODEL = "llm-atc-demo"  # on this machine: the built-in tiny model (no network, seconds)

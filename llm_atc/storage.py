@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_atc.errors import NotFoundError, UserError, first_line
+from llm_atc.recipes.train.contract import RUN_BASE
 
 RUN_PREFIX = "llm-atc"
-RUN_BASE = "base"  # an adapter run's own copy of a base that was a local folder (recipes/train/finetune.py)
 MODEL_MARKERS = ("config.json", "adapter_config.json")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
 

@@ -20,11 +20,11 @@ from typing import TextIO
 from llm_atc.backends._base import LiveState, Workload
 from llm_atc.errors import NotFoundError, UserError
 from llm_atc.paths import open_private
+from llm_atc.recipes.train.contract import FINISHED_MARKER
 from llm_atc.registry import Record, Status
 
 STOP_GRACE_SECONDS = 10
 CLAIM_SECONDS = 300  # a deployment recorded without its process yet holds its port this long
-FINISHED_MARKER = "llm-atc: training finished:"  # printed by recipes/train/finetune.py at the very end
 
 
 def pick_port(port: int, *, option: str = "--port") -> int:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
+from llm_atc.recipes.train.contract import MODEL_TYPES
+
 
 @click.command(name="list")
-@click.option("--model_type", type=click.Choice(["vicuna", "lora", "qlora"]), help="Only runs of this type.")
+@click.option("--model_type", type=click.Choice(list(MODEL_TYPES)), help="Only runs of this type.")
 @click.option("--name", "name_filter", help="Only runs whose name contains this.")
 @click.option("--limit", type=int, help="At most this many runs (newest first).")
 @click.option("--remote", is_flag=True, help="Also list llm-atc/ in the bucket and mark runs found in one place only.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from llm_atc.commands._options import env_options, launch_options, lifetime_options, placement_options, sectioned
+from llm_atc.recipes.train.contract import MODEL_TYPES
 
 HELP_SECTIONS = (
     ("What to train", ("model_type", "finetune_data", "base_model", "name", "description", "resume", "serve_on")),
@@ -21,7 +22,7 @@ HELP_SECTIONS = (
 @click.option(
     "--model_type",
     required=True,
-    type=click.Choice(["vicuna", "lora", "qlora"]),
+    type=click.Choice(list(MODEL_TYPES)),
     help="vicuna: full fine-tune (FSDP); lora: LoRA adapters; qlora: LoRA on a 4-bit base.",
 )
 @click.option(

@@ -37,14 +37,14 @@ from pathlib import Path
 
 try:  # imported from the llm-atc package (the CLI checks data with this very code)
     from .buckets import Bucket, is_bucket_uri
-except ImportError:  # run as a script on the node, next to buckets.py
+    from .contract import FINISHED_MARKER, MODEL_TYPES, RUN_BASE
+except ImportError:  # run as a script on the node, next to buckets.py and contract.py
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from buckets import Bucket, is_bucket_uri  # stdlib-only at import time
+    from contract import FINISHED_MARKER, MODEL_TYPES, RUN_BASE
 
-FINISHED_MARKER = "llm-atc: training finished:"
 CHECKPOINTS = "checkpoints"
 UPLOADED_MARKER = ".llm-atc-uploaded"  # written last into an uploaded checkpoint: the upload is complete
-MODEL_TYPES = ("full", "lora", "qlora")
 
 ROLES = {
     "human": "user",
@@ -402,8 +402,8 @@ def read_config(env=None) -> Config:
     model_type = get("MODEL_TYPE", "lora").lower()
     if model_type == "vicuna":
         model_type = "full"
-    if model_type not in MODEL_TYPES:
-        raise SettingError(f"MODEL_TYPE={model_type!r} must be one of {', '.join(MODEL_TYPES)}")
+    if model_type not in MODEL_TYPES.values():
+        raise SettingError(f"MODEL_TYPE={model_type!r} must be one of {', '.join(MODEL_TYPES.values())}")
     work_dir = get("WORK_DIR", "~/llm-atc-work")
     config = Config(
         model_type=model_type,
@@ -761,11 +761,6 @@ def save_trained(config: Config, trainer) -> None:
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(adapter if config.peft and config.merge else final))
     trainer.accelerator.wait_for_everyone()
-
-
-# An adapter whose base is a folder on this node carries a copy of it under this name, and says so
-# in adapter_config.json (llm-atc serves the run's base from there, wherever the run is served).
-RUN_BASE = "base"
 
 
 def bundle_base(config: Config, final: Path) -> str:
