@@ -118,6 +118,22 @@ def stop_leftovers(llm_atc_home):
 # --- the happy path through the CLI -------------------------------------------------------------
 
 
+def test_each_engine_answers_where_readiness_asks(cli, tiny_model, vllm_deployment):
+    """The path serve waits on for each engine is one that engine answers once it is up (a wrong one would only
+    show as a timeout): transformers serve's /health, vLLM's /v1/models (with the deployment's key)."""
+    from llm_atc.readiness import READY_PATHS, probe
+
+    cluster = unique("ready-path")
+    served = serve_cli(cli, str(tiny_model), cluster)
+    assert served.exit_code == 0, served
+    endpoint = record_for(cluster).endpoint
+    assert probe(endpoint + READY_PATHS["transformers"])[0] == 200
+    vllm = vllm_deployment.base_url.removesuffix("/v1")
+    assert probe(vllm + READY_PATHS["vllm"], api_key=vllm_deployment.api_key)[0] == 200
+    assert probe(vllm + READY_PATHS["vllm"])[0] == 401  # (and the key is needed there)
+    assert cli("stop", cluster).exit_code == 0
+
+
 def test_cli_serves_a_folder_end_to_end(cli, tiny_model):
     cluster = unique("local")
     model = str(tiny_model)
