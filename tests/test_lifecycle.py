@@ -109,6 +109,32 @@ def test_a_reused_pid_is_never_taken_for_ours(cli):
         other.wait(10)
 
 
+def test_a_process_is_known_by_its_start_in_ticks_not_by_the_clock():
+    """The boot time behind a start time in seconds is recomputed from the clock, and a clock adjustment of a
+    few milliseconds can move it by a whole second: a live engine must not then look dead (it did, to `top`,
+    late in a long test session). The start in clock ticks since boot identifies the process instead."""
+    from llm_atc.backends.local import LocalBackend, start_ticks
+    from llm_atc.registry import Record
+
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        ticks, started = start_ticks(proc.pid), psutil.Process(proc.pid).create_time()
+        assert isinstance(ticks, int)
+
+        def record(**details):
+            return Record(name="p", kind="serve", model="m", cluster="p", status="RUNNING", cloud="local",
+                          pid=proc.pid, details=details)  # fmt: skip
+
+        backend = LocalBackend()
+        assert backend.alive(record(started=started + 1.0, start_ticks=ticks))  # the clock moved, not the process
+        assert not backend.alive(record(started=started, start_ticks=ticks + 1))  # another process with that pid
+        assert backend.alive(record(started=started + 1.0))  # records from before: within the drift
+        assert not backend.alive(record(started=started - 1000))
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def serve_process(tiny_model, cluster: str, port: int, *extra: str) -> subprocess.Popen:
     args = [
         str(BIN / "llm-atc"),

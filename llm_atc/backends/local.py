@@ -84,6 +84,17 @@ def start_time(pid: int) -> float | None:
         return None
 
 
+def start_ticks(pid: int) -> int | None:
+    """Linux: when the process started, in clock ticks since boot (/proc/PID/stat's starttime). Unlike a start time
+    in wall-clock seconds it never moves: that one is derived from the boot time, which the kernel recomputes from
+    the clock and which a clock adjustment of a few milliseconds can shift by a whole second."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _log_end(path: Path, size: int = 256 * 1024) -> str:
     """The last ``size`` bytes of a log (the lines an engine writes while it shuts down come after the reason)."""
     if not path.is_file():
@@ -131,15 +142,21 @@ class LocalBackend:
                 start_new_session=True,
             )
         self._children[process.pid] = process
-        return {"pid": process.pid, "details": {"started": start_time(process.pid)}}
+        started = {"started": start_time(process.pid), "start_ticks": start_ticks(process.pid)}
+        return {"pid": process.pid, "details": started}
 
     def alive(self, record: Record) -> bool:
-        """The record's process runs (the same process: its start time matches)."""
+        """The record's process runs (the same process, not a later one given its pid: it started when recorded)."""
         if not record.pid:
             return False
         started = start_time(record.pid)
-        expected = record.details.get("started")
-        return started is not None and expected is not None and abs(started - expected) < 1.0
+        if started is None:
+            return False
+        ticks = record.details.get("start_ticks")
+        if ticks is not None and (now := start_ticks(record.pid)) is not None:
+            return now == ticks
+        expected = record.details.get("started")  # elsewhere (and for older records): within the clock's drift
+        return expected is not None and abs(started - expected) < 2.0
 
     def holds_port(self, record: Record) -> bool:
         """Whether a local deployment still holds its port: its engine runs, or it is being started
