@@ -69,7 +69,8 @@ def main() -> None:
                     f"wasted after --idle_minutes {options.idle_minutes:g}: {wasted:.0f}s (goal <= 180s)",
                     flush=True,
                 )
-    finally:
+    finally:  # this HOME's own API server and clusters only
+        subprocess.run([str(BIN / "sky"), "down", "-a", "-y"], env=env, capture_output=True, timeout=600)
         subprocess.run([str(BIN / "sky"), "api", "stop"], env=env, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
 

@@ -20,6 +20,7 @@ import argparse
 import os
 import pwd
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -111,6 +112,9 @@ def slurm_setup(prefix: str) -> tuple[Path, str, dict]:
     if not real_config.is_file():
         sys.exit("no ~/.slurm/config: run `sudo bash scripts/slurm-up.sh` first")
     region = next(line.split()[1] for line in real_config.read_text().splitlines() if line.startswith("Host "))
+    # `timeout` (or a Ctrl-C'ed shell) sends SIGTERM: end through the callers' finally blocks, which tear down
+    # what they launched and stop the API server (killed, it would leave its executors behind).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     work = Path(tempfile.mkdtemp(prefix=prefix))
     home = work / "home"
     (home / ".slurm").mkdir(parents=True)
