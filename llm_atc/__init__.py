@@ -7,17 +7,32 @@ The Python API mirrors the CLI::
         print(dep.base_url)
     run = llm_atc.train("lora", "./chats.json", base_model="./my-model", cloud="local")
     llm_atc.list()  # deployments and training runs, newest first
+    llm_atc.evaluate("my-llm", run="llm-atc/my-run")  # held-out loss of what it serves
+    llm_atc.promote("llm-atc/my-run", on="my-llm", name="support")  # only if it is better
 
 Heavy modules (SkyPilot, torch, transformers) load only when used.
 """
 
 __version__ = "0.2.0"
 
-__all__ = ["serve", "train", "get", "list", "list_deployments", "Deployment", "TrainingRun", "UserError", "__version__"]
+__all__ = [
+    "serve",
+    "train",
+    "evaluate",
+    "promote",
+    "rollback",
+    "get",
+    "list",
+    "list_deployments",
+    "Deployment",
+    "TrainingRun",
+    "UserError",
+    "__version__",
+]
 
 
 def __getattr__(name):
-    if name in ("serve", "train", "get", "list_deployments"):
+    if name in ("serve", "train", "evaluate", "promote", "rollback", "get", "list_deployments"):
         from llm_atc import api
 
         return getattr(api, name)

@@ -84,6 +84,79 @@ def train(
     return TrainingRun(record, registry)
 
 
+def evaluate(
+    deployment: str,
+    *,
+    models: list[str] | None = None,
+    data: str | None = None,
+    run: str | None = None,
+    limit: int | None = None,
+    timeout: float | None = None,
+    per_token: bool | None = None,
+    quiet: bool = True,
+):
+    """``llm-atc eval``: score the models a running vLLM deployment serves on held-out conversations (``data``: a
+    file or bucket URI; ``run``: ``llm-atc/<run>``'s held-out share; default: that of the run it serves). Returns
+    an :class:`llm_atc.app.evaluate.Evaluation` (``.scores[name].nll``, ``.details()``)."""
+    from llm_atc.app import evaluate as app
+
+    with ui.quiet(quiet):
+        return app.evaluate_deployment(
+            deployment,
+            registry=Registry(),
+            models=models,
+            data=data,
+            run=run,
+            limit=limit or app.DEFAULT_LIMIT,
+            timeout=timeout or app.DEFAULT_TIMEOUT,
+            per_token=per_token,
+        )
+
+
+def promote(
+    run: str,
+    *,
+    on: str,
+    name: str,
+    min_gain: float = 0.0,
+    force: bool = False,
+    data: str | None = None,
+    data_run: str | None = None,
+    blue_green: bool = False,
+    secrets: dict[str, str] | None = None,
+    per_token: bool | None = None,
+    quiet: bool = True,
+):
+    """``llm-atc promote``: serve ``run`` as ``name`` on deployment ``on`` if it scores better (by ``min_gain``
+    nats/token over the whole 95% interval) on held-out data, with no failed request. Returns a
+    :class:`llm_atc.app.promote.Promotion`; raises :class:`llm_atc.UserError` (nothing changed) when it is not
+    better."""
+    from llm_atc.app import promote as app
+
+    with ui.quiet(quiet):
+        return app.promote(
+            run,
+            on=on,
+            name=name,
+            registry=Registry(),
+            min_gain=min_gain,
+            force=force,
+            data=data,
+            data_run=data_run,
+            blue_green=blue_green,
+            secrets=secrets,
+            per_token=per_token,
+        )
+
+
+def rollback(*, on: str, name: str, secrets: dict[str, str] | None = None, quiet: bool = True):
+    """``llm-atc promote --rollback``: ``name`` on ``on`` serves the version it served before."""
+    from llm_atc.app import promote as app
+
+    with ui.quiet(quiet):
+        return app.rollback(on=on, name=name, registry=Registry(), secrets=secrets)
+
+
 def get(name: str) -> Deployment | TrainingRun:
     """The newest deployment called ``name`` (or on cluster ``name``), else the training run ``name``."""
     from llm_atc.errors import NotFoundError

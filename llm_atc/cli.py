@@ -22,6 +22,8 @@ COMMANDS = {
     "plan": ("plan", "Size a model: which GPUs fit, and what they cost."),
     "endpoint": ("endpoint", "Print a deployment's base URL."),
     "adapters": ("adapters", "Add, remove or list LoRA adapters of a running deployment (no restart)."),
+    "eval": ("eval", "Score a deployment's models on held-out chats: loss per token and perplexity."),
+    "promote": ("promote", "Switch a name to a better fine-tune, with no failed request (or roll it back)."),
     "bench": ("bench", "Load-test a deployment: TTFT, tokens/s and $ per million tokens."),
     "top": ("top", "Watch running deployments live: load, latency, tokens/s and cost, from the engines' metrics."),
     "status": ("status", "Show deployments and training runs."),

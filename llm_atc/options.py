@@ -30,6 +30,10 @@ LIMITS = {
     "--idle_minutes": (0.5, 10_080, "minutes"),
     "--max_hours": (0.01, 8_760, "hours"),
     "--price_per_hour": (0, 10_000, "dollars per hour"),
+    # A run holds this share of its conversations out of training; eval and promote score models on them.
+    "--eval_fraction": (0, 0.5, "conversations held out (a share)"),
+    # promote: how much lower (nats per token) the candidate's held-out loss must be, all of its 95% interval.
+    "--min_gain": (0, 100, "nats per token"),
 }
 
 

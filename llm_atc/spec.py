@@ -866,6 +866,7 @@ def build_train_spec(
     no_setup: bool = False,
     resume: bool = False,
     serve_on: str | None = None,
+    eval_fraction: float | None = None,
     max_hours: float | None = None,
     price_per_hour: float | None = None,
     registry: Registry | None = None,
@@ -883,6 +884,7 @@ def build_train_spec(
     check_number(num_nodes, "--num_nodes")
     if is_local and (num_nodes > 1 or use_spot):
         raise UserError("--num_nodes and --use_spot do not apply to --cloud local")
+    check_number(eval_fraction, "--eval_fraction")
     _check_train_settings(model_type, parse_env_pairs(envs, option="--envs"))
     limits = check_limits(None, max_hours, price_per_hour)
     run = check_run_name(name) if name else f"{model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -927,6 +929,8 @@ def build_train_spec(
         needs_accelerator=None if cpus else "A100-80GB:8 or L4:1 (or --cpus N to train on CPUs)",
     )
     plain.pop("MODEL_SIZE", None)  # the original llm-atc's way to pick the base: done above
+    if eval_fraction is not None:
+        plain["EVAL_FRACTION"] = f"{eval_fraction:g}"
     if serve_on is not None:
         _check_serve_on(model_type, detach_run, plain)
         plain["MERGE"] = "0"  # the deployment loads the adapter alone, on the base it already serves

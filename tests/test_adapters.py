@@ -12,6 +12,7 @@ import shutil
 import openai
 import pytest
 from conftest import assert_one_line_error, free_port, sharegpt, train_args, unique, using_home
+from support.replicas import replica_follower, wait_for
 
 DEPLOYMENT = "vllm-session"
 
@@ -226,48 +227,12 @@ def test_deployments_without_runtime_lora_say_how_to_get_it(cli, vllm_engine, ti
 # --- SkyServe services: a manifest in a bucket that every replica follows --------------------------------
 
 
-def _wait_for(predicate, timeout: float = 120) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.5)
-
-
-def _replica(live, manifest: str, work, moto_endpoint):
-    """What each replica of a service runs beside its engine (recipes/serve/vllm.yaml): the manifest follower,
-    here beside the session's real vLLM server."""
-    import os
-    import subprocess
-    import sys
-
-    from llm_atc.recipes_catalog import recipes_dir
-
-    env = {
-        **os.environ,
-        "VLLM_API_KEY": live.api_key,
-        "LLM_ATC_ADAPTERS_POLL": "0.5",
-        "AWS_ENDPOINT_URL": moto_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    script = recipes_dir() / "train" / "buckets.py"
-    engine = live.base_url.removesuffix("/v1")
-    log = (work / f"replica-{unique('log')}.log").open("w")
-    return subprocess.Popen(
-        [sys.executable, str(script), "adapters", manifest, engine, str(work / "node-adapters")],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
 def test_a_replica_loads_what_the_service_manifest_lists(vllm_deployment, lora_run, s3, moto_endpoint, tmp_path):
     """The node side: a replica's follower loads the adapters the manifest lists (fetched from the bucket, without
     the run's base), unloads those it drops, and one started later loads everything listed."""
     from conftest import upload_folder
+
+    from llm_atc.recipes.train.buckets import adapter_folder
 
     live = vllm_deployment
     bucket = unique("svc")
@@ -280,19 +245,20 @@ def test_a_replica_loads_what_the_service_manifest_lists(vllm_deployment, lora_r
         body = json.dumps({"adapters": adapters}).encode()
         s3.put_object(Bucket=bucket, Key="llm-atc/services/svc/adapters.json", Body=body)
 
-    replica = _replica(live, manifest, tmp_path, moto_endpoint)
+    replica = replica_follower(live, manifest, tmp_path, moto_endpoint)
     try:
         publish({"replica-ad": {"uri": f"s3://{bucket}/runs/{lora_run}"}})
-        _wait_for(lambda: "replica-ad" in models(live))
+        wait_for(lambda: "replica-ad" in models(live))
         assert answers(live, "replica-ad") is not None
-        assert not (tmp_path / "node-adapters" / "replica-ad" / "base").exists()  # the adapter alone was fetched
+        copy = tmp_path / "node-adapters" / adapter_folder("replica-ad", f"s3://{bucket}/runs/{lora_run}")
+        assert (copy / "adapter_config.json").is_file() and not (copy / "base").exists()  # the adapter alone
         publish({})
-        _wait_for(lambda: "replica-ad" not in models(live))
+        wait_for(lambda: "replica-ad" not in models(live))
         publish({"late-ad": {"uri": f"s3://{bucket}/runs/{lora_run}"}})
         replica.terminate()
         replica.wait(10)
-        replica = _replica(live, manifest, tmp_path, moto_endpoint)  # a replica started later
-        _wait_for(lambda: "late-ad" in models(live))
+        replica = replica_follower(live, manifest, tmp_path, moto_endpoint)  # a replica started later
+        wait_for(lambda: "late-ad" in models(live))
         assert answers(live, "late-ad") is not None
     finally:
         replica.terminate()
@@ -333,7 +299,7 @@ def test_adapters_add_to_a_service_reaches_every_ready_replica(
         assert manifest.startswith("s3://llm-atc-") and manifest.endswith(f"/llm-atc/services/{service}/adapters.json")
         ((task, _),) = sky.serve.ups
         assert task.envs["ADAPTERS_MANIFEST"] == manifest  # what each replica follows
-        replica = _replica(live, manifest, tmp_path, moto_endpoint)
+        replica = replica_follower(live, manifest, tmp_path, moto_endpoint)
         try:
             added = cli("adapters", "add", service, f"svc-ad={adapter}")
             assert added.exit_code == 0, added

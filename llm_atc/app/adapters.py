@@ -81,14 +81,21 @@ def lora_details(spec, config: dict, checkpoint, registry: Registry) -> dict:
     return {"lora": {"max_loras": spec.max_loras, "max_rank": max_rank, "base": base}}
 
 
-def deployment(ref: str, registry: Registry) -> Record:
-    """A running vLLM deployment that can take adapters at runtime; one-line refusals otherwise."""
+def running_vllm(ref: str, registry: Registry, *, lacking: str) -> Record:
+    """The deployment ``ref``, RUNNING on vLLM; one-line refusals otherwise (``lacking``: what transformers serve
+    has not, for the message)."""
     record = registry.find(ref, kind="serve")
     lifecycle.reconcile([record], registry)
     if record.status != Status.RUNNING:
         raise UserError(f"{record.name} on {record.cluster} is {record.status}, not RUNNING; see `llm-atc status`")
     if record.engine != "vllm":
-        raise UserError(f"{record.cluster} runs transformers serve, which has no LoRA adapters; serve with vLLM")
+        raise UserError(f"{record.cluster} runs transformers serve, which {lacking}; serve with vLLM")
+    return record
+
+
+def deployment(ref: str, registry: Registry) -> Record:
+    """A running vLLM deployment that can take adapters at runtime; one-line refusals otherwise."""
+    record = running_vllm(ref, registry, lacking="has no LoRA adapters")
     if record.mode == "service" and not record.details.get("adapters_manifest"):
         raise UserError(
             f"{record.cluster} is a SkyServe service started without runtime LoRA; serve it again without "
@@ -117,6 +124,12 @@ def check_adapter(record: Record, name: str, ref: str, registry: Registry, store
         raise UserError(f"{shorten(name)} is not a valid adapter name (letters, digits, . _ / -)")
     if name in _base_names(record) or name in record.details.get("adapters", {}):
         raise _served_already(record, name)
+    return checked_ref(record, name, ref, registry, store, option=option)
+
+
+def checked_ref(record: Record, name: str, ref: str, registry: Registry, store: dict | None, *, option: str) -> Adapter:
+    """Adapter ``ref`` to be served under ``name``: an adapter, trained on the deployment's model, of a rank it
+    takes (one-line errors naming ``option``)."""
     from llm_atc.app.lifecycle import refresh_runs
 
     refresh_runs([ref], registry)
@@ -248,7 +261,7 @@ def remove(record: Record, name: str, registry: Registry) -> Record:
 
 
 def listing(record: Record, registry: Registry) -> list[tuple[str, str]]:
-    """(name, where it came from) of every adapter the engine serves now."""
+    """(name, where it came from) of every adapter the engine serves now (see :func:`standing` for versions)."""
     from llm_atc import credentials
 
     if record.mode == "service":
@@ -264,6 +277,14 @@ def listing(record: Record, registry: Registry) -> list[tuple[str, str]]:
         for name in loaded
         if name not in base_names and not name.endswith(f"/{RUN_BASE}")
     ]
+
+
+def standing(record: Record, name: str) -> tuple[str, str]:
+    """(the version ``llm-atc promote`` put behind ``name``, its held-out loss as last measured); "" for none."""
+    entry = record.details.get("adapters", {}).get(name) or {}
+    version = f"v{entry['version']}" if "version" in entry else ""
+    score = record.details.get("scores", {}).get(name)
+    return version, f"{score['nll']:.4f} ({score.get('data', '')})" if score else ""
 
 
 def _base_names(record: Record) -> set[str]:
@@ -384,7 +405,7 @@ def _publish(record: Record, adapter: Adapter) -> str:
         upload_path(ref.folder, uri)
         entry = {"uri": str(uri)}
     _write_manifest(record, {**listed, adapter.name: entry})
-    _wait_replicas(record, adapter.name, present=True)
+    wait_replicas(record, adapter.name, present=True)
     return entry.get("uri") or entry["hub"]
 
 
@@ -394,11 +415,12 @@ def _unpublish(record: Record, name: str) -> None:
         shown = ", ".join(listed) or "none"
         raise NotFoundError(f"{record.cluster} lists no adapter {shorten(name)} (adapters: {shown})")
     _write_manifest(record, {k: v for k, v in listed.items() if k != name})
-    _wait_replicas(record, name, present=False)
+    wait_replicas(record, name, present=False)
 
 
-def _wait_replicas(record: Record, name: str, *, present: bool) -> None:
-    """Until every ready replica serves ``name`` (or no longer does); bounded, with progress."""
+def wait_replicas(record: Record, name: str, *, present: bool, source: str | None = None) -> None:
+    """Until every ready replica serves ``name`` (or no longer does; or serves it from ``source``); bounded,
+    with progress."""
     import time
 
     from llm_atc import credentials
@@ -411,7 +433,7 @@ def _wait_replicas(record: Record, name: str, *, present: bool) -> None:
     api_key, start = credentials.get(record.cluster), time.monotonic()
     with ui.spinner(f"Waiting for {len(replicas)} replica(s) of {record.cluster} to {what} {name}") as spinner:
         while True:
-            pending = [rid for rid, url in replicas if _serves(url, name, api_key) != present]
+            pending = [rid for rid, url in replicas if _serves(url, name, api_key, source) != present]
             if not pending:
                 break
             elapsed = time.monotonic() - start
@@ -425,14 +447,19 @@ def _wait_replicas(record: Record, name: str, *, present: bool) -> None:
     ui.info(f"{name}: {what}ed by {len(replicas)} ready replica(s); replicas started later {what} it too.")
 
 
-def _serves(url: str, name: str, api_key: str | None) -> bool | None:
-    """Whether the replica at ``url`` lists ``name``; None when it does not answer."""
+def _serves(url: str, name: str, api_key: str | None, source: str | None = None) -> bool | None:
+    """Whether the replica at ``url`` lists ``name`` (loaded from ``source``, when given); None when it does not
+    answer."""
     from llm_atc.readiness import probe
+    from llm_atc.recipes.train.buckets import adapter_folder
 
     status, body = probe(url.rstrip("/") + "/v1/models", api_key=api_key)
     if status != 200:
         return None
-    return name in [model["id"] for model in json.loads(body).get("data", [])]
+    roots = {model["id"]: model.get("root") or "" for model in json.loads(body).get("data", [])}
+    if source is None or name not in roots:
+        return name in roots
+    return roots[name] == source or roots[name].endswith(adapter_folder(name, source))
 
 
 def _read_adapter_config(model: ModelRef, option: str) -> dict:

@@ -58,8 +58,13 @@ def interrupts() -> Iterator[None]:
 
 
 def save_task(config: dict, cluster: str) -> str:
-    """Write the (secret-free) task YAML under ``$LLM_ATC_HOME/tasks/``; returns its path."""
-    path = home() / "tasks" / f"{cluster}-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+    """Write the (secret-free) task YAML under ``$LLM_ATC_HOME/tasks/``, never over an earlier one (a service's
+    versions each keep theirs); returns its path."""
+    stem = home() / "tasks" / f"{cluster}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, number = stem.with_suffix(".yaml"), 1
+    while path.exists():
+        number += 1
+        path = stem.with_name(f"{stem.name}-{number}.yaml")
     return str(write_private(path, task_yaml(config)))
 
 

@@ -93,6 +93,10 @@ class Backend(Protocol):
     def ready_replicas(self, record: Record) -> list[tuple[int, str]]:
         """A service's READY replicas: (id, base URL of its engine) each; none for other deployments."""
 
+    def update_service(self, record: Record, config: dict, secrets: dict[str, str], *, blue_green: bool) -> None:
+        """Replace a service's replicas with ones running task ``config`` (rolling, or all at once when the new
+        ones are ready: ``blue_green``); a UserError for deployments that are not services."""
+
     def put_folder(self, record: Record, folder: Path, dest: str) -> str:
         """Make ``folder`` readable by its engine under ``dest`` (relative to the node's home); the
         absolute path the engine reads it from."""

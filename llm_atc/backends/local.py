@@ -291,6 +291,9 @@ class LocalBackend:
     def ready_replicas(self, record: Record) -> list[tuple[int, str]]:
         return []
 
+    def update_service(self, record: Record, config: dict, secrets: dict[str, str], *, blue_green: bool) -> None:
+        raise UserError(f"{record.cluster} runs on this machine, not as a SkyServe service")
+
     def down(self, record: Record) -> None:
         self.stop(record)
 

@@ -188,6 +188,18 @@ class SkyPilotBackend:
             job_id = job_id[0] if job_id else None
         return {"details": {"job_id": job_id}}
 
+    def update_service(self, record: Record, config: dict, secrets: dict[str, str], *, blue_green: bool) -> None:
+        """``sky.serve.update``: SkyServe starts replicas of the new version and retires the old ones as those
+        become ready (rolling), or switches traffic once all new ones are ready (blue-green)."""
+        from sky.serve.serve_utils import UpdateMode
+
+        if record.mode != "service":
+            raise UserError(f"{record.cluster} is a cluster deployment, not a SkyServe service")
+        task = build_task(config, secrets)
+        mode = UpdateMode.BLUE_GREEN if blue_green else UpdateMode.ROLLING
+        with sky_errors(record.cluster):
+            self.sdk.stream_and_get(self.sdk.serve.update(task, record.cluster, mode=mode))
+
     # --- what became of it ---------------------------------------------------------------------------
 
     def service(self, name: str) -> dict | None:

@@ -70,7 +70,8 @@ def remove(deployment, name):
 @adapters.command(name="list")
 @click.argument("deployment")
 def list_(deployment):
-    """The adapters DEPLOYMENT serves now, and where each came from."""
+    """The adapters DEPLOYMENT serves now: where each came from, the version `llm-atc promote` put behind a name,
+    and the held-out loss `llm-atc eval` measured last."""
     from rich.table import Table
 
     from llm_atc import ui
@@ -86,8 +87,8 @@ def list_(deployment):
         f"{lora['max_loras']} active at once."
     )
     table = Table(box=None, header_style="bold")
-    table.add_column("ADAPTER")
-    table.add_column("FROM")
+    for column in ("ADAPTER", "FROM", "VERSION", "HELD-OUT NLL/TOKEN"):
+        table.add_column(column)
     for name, source in rows:
-        table.add_row(ui.escape(name), ui.escape(source))
+        table.add_row(ui.escape(name), ui.escape(source), *map(ui.escape, app.standing(record, name)))
     ui.out(table if rows else "(no adapters)")

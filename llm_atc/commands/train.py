@@ -8,7 +8,8 @@ from llm_atc.commands._options import env_options, launch_options, lifetime_opti
 from llm_atc.recipes.train.contract import MODEL_TYPES
 
 HELP_SECTIONS = (
-    ("What to train", ("model_type", "finetune_data", "base_model", "name", "description", "resume", "serve_on")),
+    ("What to train", ("model_type", "finetune_data", "eval_fraction", "base_model", "name", "description", "resume",
+                       "serve_on")),
     ("Where the model goes", ("checkpoint_bucket", "checkpoint_store")),
     ("Where it runs", ("cloud", "region", "zone", "cluster", "accelerator", "cpus", "memory", "use_spot", "disk_size",
                        "num_nodes", "keep_cluster")),
@@ -29,6 +30,12 @@ HELP_SECTIONS = (
     "--finetune_data",
     required=True,
     help="Training data: a local file, s3:// or gs:// (ShareGPT/Vicuna JSON or OpenAI messages JSONL).",
+)
+@click.option(
+    "--eval_fraction",
+    type=float,
+    help="Share of the conversations held out of training (0 to 0.5; default 0.05), chosen by a hash of each, so "
+    "the same on every rerun; kept beside the model as eval.jsonl for `llm-atc eval` and `promote`.",
 )
 @click.option(
     "--checkpoint_bucket",

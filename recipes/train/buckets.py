@@ -277,6 +277,15 @@ def read_manifest(uri: str) -> dict[str, dict]:
     return json.loads(bucket.read_text(name)).get("adapters", {})
 
 
+def adapter_folder(name: str, source: str) -> str:
+    """The folder a replica keeps a service's runtime adapter in: its name and a mark of its source, so a name
+    moved to another source (``llm-atc promote``) gets a copy of its own; llm-atc reads the mark back from vLLM's
+    ``/v1/models`` (``root``) to tell which replicas switched."""
+    import hashlib
+
+    return f"{name.replace('/', '--')}--{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+
+
 def sync_adapters(manifest: str, engine: str, dest: str) -> None:
     """Keep the engine's runtime LoRA adapters as a SkyServe service's manifest lists them, on each replica
     (``llm-atc adapters add/remove SERVICE``): adapters are fetched into ``dest`` and loaded through vLLM's
@@ -304,12 +313,15 @@ def sync_adapters(manifest: str, engine: str, dest: str) -> None:
             return exc.code, (exc.read() or b"").decode(errors="replace")
 
     def load(name: str, entry: dict) -> None:
+        """Load ``name`` from its entry's source; a name loaded before is reloaded in place (vLLM swaps the
+        weights between two steps: requests to it never fail)."""
         source = entry.get("uri") or entry.get("hub") or ""
         path = source
         if entry.get("uri"):
-            path = str(Path(dest).expanduser() / name.replace("/", "--"))
+            path = str(Path(dest).expanduser() / adapter_folder(name, source))
             Bucket(source).download_folder(Path(path), skip_same_size=True, skip="base/*")
-        status, text = call("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        body = {"lora_name": name, "lora_path": path, **({"load_inplace": True} if name in loaded else {})}
+        status, text = call("/v1/load_lora_adapter", body)
         if status != 200 and "already" not in text:
             raise RuntimeError(f"vLLM did not load {name} ({status}): {text[:300]}")
         loaded[name] = source

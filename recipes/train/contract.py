@@ -8,3 +8,7 @@ MODEL_TYPES = {"vicuna": "full", "lora": "lora", "qlora": "qlora"}
 # An adapter run whose base was a folder carries a copy of it under this name in its own folder, and says so in
 # adapter_config.json (llm-atc serves the run's base from there, wherever the run is served).
 RUN_BASE = "base"
+# The conversations a run held out of training (EVAL_FRACTION), as OpenAI messages JSONL at the top of its folder;
+# `llm-atc eval --run` and `promote` score models on them.
+HELD_OUT_FILE = "eval.jsonl"
+DEFAULT_EVAL_FRACTION = 0.05

@@ -27,6 +27,7 @@ check data files (:func:`load_conversations`) on machines without torch.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import re
@@ -37,11 +38,11 @@ from pathlib import Path
 
 try:  # imported from the llm-atc package (the CLI checks data with this very code)
     from .buckets import Bucket, is_bucket_uri
-    from .contract import FINISHED_MARKER, MODEL_TYPES, RUN_BASE
+    from .contract import DEFAULT_EVAL_FRACTION, FINISHED_MARKER, HELD_OUT_FILE, MODEL_TYPES, RUN_BASE
 except ImportError:  # run as a script on the node, next to buckets.py and contract.py
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from buckets import Bucket, is_bucket_uri  # stdlib-only at import time
-    from contract import FINISHED_MARKER, MODEL_TYPES, RUN_BASE
+    from contract import DEFAULT_EVAL_FRACTION, FINISHED_MARKER, HELD_OUT_FILE, MODEL_TYPES, RUN_BASE
 
 CHECKPOINTS = "checkpoints"
 UPLOADED_MARKER = ".llm-atc-uploaded"  # written last into an uploaded checkpoint: the upload is complete
@@ -196,6 +197,29 @@ def _normalise(record, where: str, index: int) -> list[dict]:
     return messages
 
 
+def is_held_out(messages: list[dict], fraction: float) -> bool:
+    """Whether a conversation belongs to the held-out share: decided by a hash of its messages alone, so the
+    split is the same on every rerun, rank and machine, and copies of one conversation fall on one side."""
+    text = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") < fraction * 2**64
+
+
+def split_held_out(conversations: list[list[dict]], fraction: float) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(training, held out): about ``fraction`` of the conversations held out, never the same ones as training.
+    Nothing is held out when that would leave nothing to train on."""
+    held = [c for c in conversations if is_held_out(c, fraction)]
+    if len(held) == len(conversations):
+        return conversations, []
+    return [c for c in conversations if not is_held_out(c, fraction)], held
+
+
+def write_conversations(path: Path, conversations: list[list[dict]]) -> None:
+    """Conversations as OpenAI messages JSONL."""
+    with path.open("w", encoding="utf-8") as out:
+        for messages in conversations:
+            out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+
+
 def summarize(conversations: list[list[dict]]) -> dict:
     """Counts for a progress line: conversations, turns and assistant turns."""
     return {
@@ -312,6 +336,7 @@ class Config:
     max_steps = -1
     save_steps = 200
     max_hours = 0.0  # 0: no time limit
+    eval_fraction = DEFAULT_EVAL_FRACTION  # the share of conversations held out (HELD_OUT_FILE in the output)
     lora_r = 16
     lora_alpha = 32
     lora_dropout = 0.05
@@ -371,6 +396,7 @@ SETTINGS = {
     "LORA_DROPOUT": (float, 0.0, 0.99),
     "SEED": (int, 0, 2**32 - 1),
     "MAX_HOURS": (float, 0.01, 8760),  # set by llm-atc from train --max_hours
+    "EVAL_FRACTION": (float, 0.0, 0.5),  # the share of conversations held out of training (train --eval_fraction)
 }
 TIME_LIMIT_MARKER = "llm-atc: stopped: time limit of"  # + " H hours reached at step N ..."
 
@@ -425,6 +451,7 @@ def read_config(env=None) -> Config:
         merge=get("MERGE", "1").lower() not in ("0", "false", "no", "off"),
         seed=get("SEED", 42, int),
         max_hours=get("MAX_HOURS", 0.0, float),
+        eval_fraction=get("EVAL_FRACTION", DEFAULT_EVAL_FRACTION, float),
         wandb=bool(get("WANDB_API_KEY", "")),
         wandb_project=get("WANDB_PROJECT", ""),
     )
@@ -777,9 +804,9 @@ def bundle_base(config: Config, final: Path) -> str:
     return RUN_BASE
 
 
-def finish_output(config: Config, tokenizer, train_loss: float, steps: int) -> Path:
-    """Main process: merge the adapter when asked (else bundle a local base with it), add the tokenizer
-    and llm-atc.json; the folder."""
+def finish_output(config: Config, tokenizer, train_loss: float, steps: int, held: list[list[dict]]) -> Path:
+    """Main process: merge the adapter when asked (else bundle a local base with it), add the tokenizer,
+    the held-out conversations and llm-atc.json; the folder."""
     final, adapter = config.work / "final", config.work / "adapter"
     if config.peft and config.merge:
         merge_adapter(config, adapter, final)
@@ -794,6 +821,9 @@ def finish_output(config: Config, tokenizer, train_loss: float, steps: int) -> P
         "train_loss": train_loss,
         "steps": steps,
     }
+    if held:
+        write_conversations(final / HELD_OUT_FILE, held)
+        info["held_out"] = {"file": HELD_OUT_FILE, "conversations": len(held), "fraction": config.eval_fraction}
     (final / "llm-atc.json").write_text(json.dumps(info, indent=2) + "\n")
     return final
 
@@ -872,6 +902,12 @@ def main() -> None:
         f"data: {counts['conversations']} conversations, {counts['turns']} turns "
         f"({counts['assistant_turns']} assistant turns)"
     )
+    conversations, held = split_held_out(conversations, config.eval_fraction)
+    if held:
+        log(f"held out {len(held)} conversations for evaluation (EVAL_FRACTION={config.eval_fraction:g}); "
+            f"training on {len(conversations)}")  # fmt: skip
+    elif config.eval_fraction:
+        log(f"held out no conversation (EVAL_FRACTION={config.eval_fraction:g} of {counts['conversations']})")
 
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
     if ensure_chat_template(tokenizer):
@@ -916,7 +952,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     if not _is_main_process():
         return
-    final = finish_output(config, tokenizer, train_loss, steps)
+    final = finish_output(config, tokenizer, train_loss, steps, held)
     publish(final, config.output_uri)
     # Done: a later run in this WORK_DIR must start afresh, not resume from this run's last checkpoint.
     shutil.rmtree(config.checkpoints, ignore_errors=True)
