@@ -534,18 +534,52 @@ def test_the_planner_sizes_training_with_the_recipes_settings():
 # --- the tunnel and readiness: fast failures for what used to hang or leak ---------------------------------
 
 
-@pytest.mark.slurm
-def test_the_tunnel_listens_on_loopback_only(tmp_path, monkeypatch):
-    """`endpoint --forward`'s tunnel (real ssh, through the sshd scripts/slurm-up.sh runs on 127.0.0.1) binds
-    127.0.0.1 only, carries requests to the engine, and is gone when closed."""
+@pytest.fixture
+def sshd(tmp_path):
+    """A real sshd of this test's own on 127.0.0.1 (a free port, its own host and login keys); (port, login key)."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    from conftest import free_port
+
+    binary = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.path.exists(binary):
+        pytest.fail("no sshd: install openssh-server (README's test command does, with scripts/slurm-up.sh)")
+    keys = tmp_path / "ssh"
+    keys.mkdir(mode=0o700)
+    for name in ("host", "login"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
+    (keys / "authorized_keys").write_text((keys / "login.pub").read_text())
+    port = free_port()
+    (keys / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
+        f"AuthorizedKeysFile {keys / 'authorized_keys'}\n"
+        f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\n"
+        f"PidFile {keys / 'sshd.pid'}\nAllowTcpForwarding local\n"
+    )
+    os.makedirs("/run/sshd", exist_ok=True)  # its privilege separation directory
+    server = subprocess.Popen([binary, "-D", "-e", "-f", str(keys / "sshd_config")], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert server.poll() is None and time.monotonic() < deadline, "sshd did not start"
+            time.sleep(0.1)
+        yield port, keys / "login"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_the_tunnel_listens_on_loopback_only(tmp_path, monkeypatch, sshd):
+    """`endpoint --forward`'s tunnel (real ssh to a real sshd on 127.0.0.1) binds 127.0.0.1 only, carries requests
+    to the engine, and is gone when closed."""
+    import getpass
     import http.server
-    import pwd
     import threading
 
-    real_config = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".slurm" / "config"
-    if not real_config.is_file():
-        pytest.fail("no sshd for the tunnel: run `sudo bash scripts/slurm-up.sh` (or deselect with -m 'not slurm')")
-    login = next(line.split()[1] for line in real_config.read_text().splitlines() if "IdentityFile" in line)
+    port, login = sshd
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -559,7 +593,7 @@ def test_the_tunnel_listens_on_loopback_only(tmp_path, monkeypatch):
     threading.Thread(target=engine.serve_forever, daemon=True).start()
     config = tmp_path / "ssh.config"
     config.write_text(
-        f"Host tunnel-test\n  HostName 127.0.0.1\n  User root\n  IdentityFile {login}\n"
+        f"Host tunnel-test\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n  IdentityFile {login}\n"
         "  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
     )
     from llm_atc import tunnel

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error, run_cli, train_args, unique, using_home
 from support.chats import KEYS, mapping_chats, write_jsonl
+from support.serving import local_vllm
 
 DEPLOYMENT = "ev-dep"
 LEARN = "MERGE=0 MAX_SEQ_LEN=64 BATCH_SIZE=8 EPOCHS=12 LR=5e-3 LORA_R=8"
@@ -47,11 +48,7 @@ def setup(vllm_engine, session_dir, tiny_model):
         for name, (chats, base, envs, share) in runs.items():
             trained = run_cli(*train_args(chats, base, name, "--envs", envs, "--eval_fraction", share))
             assert trained.exit_code == 0, trained
-        served = run_cli(
-            "serve", "--name", str(tiny_model), "--cloud", "local", "--engine", "vllm", "--port", "0",
-            "-c", DEPLOYMENT, "--max_model_len", "256", "--vllm_args", "--enforce-eager",
-            "--envs", "VLLM_CPU_KVCACHE_SPACE=1", "--timeout", "600",
-        )  # fmt: skip
+        served = run_cli(*local_vllm(str(tiny_model), DEPLOYMENT))
         assert served.exit_code == 0, served
         from llm_atc.registry import Registry
 
@@ -155,9 +152,7 @@ def test_both_ways_of_scoring_agree(setup, tiny_model):
     refused = cli_in(setup, "eval", DEPLOYMENT, "--run", "llm-atc/good", "--prompt_logprobs")
     assert_one_line_error(refused, "fails on prompt log-probabilities and would take the engine down")
     plain = unique("ev-plain")
-    served = cli_in(setup, "serve", "--name", str(tiny_model), "--cloud", "local", "--engine", "vllm", "--port", "0",
-                    "-c", plain, "--max_model_len", "256", "--max_loras", "0", "--vllm_args", "--enforce-eager",
-                    "--envs", "VLLM_CPU_KVCACHE_SPACE=1", "--timeout", "600")  # fmt: skip
+    served = cli_in(setup, *local_vllm(str(tiny_model), plain, "--max_loras", "0"))
     try:
         assert served.exit_code == 0, served
         runs = []

@@ -231,3 +231,61 @@ def test_first_open_waits_for_a_locked_db(tmp_path):
         release.join()
         holder.close()
     assert registry.schema_version == len(MIGRATIONS)
+
+
+def test_two_openers_of_an_old_db_migrate_it_once(tmp_path, monkeypatch):
+    """Both openers see the old schema version before either migrates (a barrier makes sure of it, every run): the
+    first migrates inside its write lock, the second waits for that lock, reads the version again there and finds
+    nothing left to do. Running a migration twice would fail (its ALTERs exist already)."""
+    path = tmp_path / "reg.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(MIGRATIONS[0])
+        conn.execute("PRAGMA user_version = 1")
+    both_checked = threading.Barrier(2, timeout=30)
+    connect = Registry._connect
+
+    class Racing:
+        """A connection that, after the first version check outside a transaction, waits for the other opener."""
+
+        def __init__(self, conn):
+            self.conn, self.checked = conn, False
+
+        def execute(self, statement, *args):
+            result = self.conn.execute(statement, *args)
+            if statement == "PRAGMA user_version" and not self.checked and not self.conn.in_transaction:
+                self.checked = True
+                rows = result.fetchall()
+                both_checked.wait()
+                return _Rows(rows)
+            return result
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    class _Rows:
+        """What the version check had read, handed over after the wait."""
+
+        def __init__(self, rows):
+            self.rows = rows
+
+        def fetchone(self):
+            return self.rows[0]
+
+    monkeypatch.setattr(Registry, "_connect", lambda self: Racing(connect(self)))
+    errors: list[BaseException] = []
+
+    def open_it():
+        try:
+            Registry(path)
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    openers = [threading.Thread(target=open_it) for _ in range(2)]
+    for opener in openers:
+        opener.start()
+    for opener in openers:
+        opener.join(60)
+    assert errors == []
+    monkeypatch.setattr(Registry, "_connect", connect)
+    assert Registry(path).schema_version == len(MIGRATIONS)
+    assert columns(path).count("engine") == 1

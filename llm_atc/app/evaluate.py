@@ -12,6 +12,7 @@ conversations and seconds, a few requests in flight, progress shown, the API key
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -205,6 +206,7 @@ class Endpoint:
     def __init__(self, base_url: str, record: Record, api_key: str | None, *, per_token: bool = False):
         self.base_url, self.record, self.api_key, self.per_token = base_url, record, api_key, per_token
         self.requests = 0
+        self._counting = threading.Lock()
 
     def post(self, path: str, body: dict) -> dict:
         """The JSON reply; a 400 is a ValueError (this conversation), anything else a LaunchError."""
@@ -218,7 +220,8 @@ class Endpoint:
         request.add_header("Content-Type", "application/json")
         if self.api_key:
             request.add_header("Authorization", f"Bearer {self.api_key}")
-        self.requests += 1
+        with self._counting:  # requests are sent from several threads
+            self.requests += 1
         context = trusting(self.record.details.get("tls_cert"))
         try:
             with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT, context=context) as reply:
