@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from local_ready import serve_local  # this folder is on sys.path
+from local_ready import llm_atc, serve_local  # this folder is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.chats import KEYS, mapping_chats, write_jsonl
@@ -36,13 +36,6 @@ from llm_atc.demo import build_tiny_model
 
 BIN = Path(sys.executable).parent
 LEARN = "MERGE=0 MAX_SEQ_LEN=64 BATCH_SIZE=8 EPOCHS=12 LR=5e-3 LORA_R=8"
-
-
-def llm_atc(*args: str, env: dict) -> str:
-    done = subprocess.run([str(BIN / "llm-atc"), *args], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"llm-atc {' '.join(args)}: {done.stderr[-3000:]}")
-    return done.stdout
 
 
 class Client(threading.Thread):

@@ -19,20 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from local_ready import first_token, medians, serve_local  # this folder is on sys.path
+from local_ready import first_token, llm_atc, medians, serve_local  # this folder is on sys.path
 
 from llm_atc.demo import build_tiny_model
 
 BIN = Path(sys.executable).parent
 KEY = "bench-key"
 CLUSTER = "bench-hot"
-
-
-def llm_atc(*args: str, env: dict) -> str:
-    done = subprocess.run([str(BIN / "llm-atc"), *args], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"llm-atc {' '.join(args)}: {done.stderr[-3000:]}")
-    return done.stdout
 
 
 def serve(model: Path, env: dict, *extra: str) -> str:

@@ -50,6 +50,14 @@ def first_token(base_url: str, model: str, *, api_key: str = "unused", timeout: 
     raise TimeoutError(f"no token from {base_url} within {timeout}s")
 
 
+def llm_atc(*args: str, env: dict) -> str:
+    """``llm-atc ARGS`` with ``env``; its stdout (a RuntimeError with its stderr's tail when it fails)."""
+    done = subprocess.run([str(BIN / "llm-atc"), *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llm-atc {' '.join(args)}: {done.stderr[-3000:]}")
+    return done.stdout
+
+
 def serve_local(name: str, cluster: str, env: dict, *options: str) -> str:
     """`llm-atc serve --name NAME --cloud local --engine vllm --port 0 -c CLUSTER OPTIONS...` with a small
     context and KV cache; its base URL."""
