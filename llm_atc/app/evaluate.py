@@ -39,7 +39,6 @@ class HeldOut:
 
     label: str
     conversations: list[list[dict]]
-    run: str | None = None
 
 
 @dataclass
@@ -128,7 +127,7 @@ def held_out(ref: str, registry: Registry) -> HeldOut:
         if not path.is_file():
             raise missing
         text = path.read_text(encoding="utf-8")
-    return HeldOut(f"llm-atc/{name} held-out", _parse(text, f"llm-atc/{name}/{HELD_OUT_FILE}"), run=name)
+    return HeldOut(f"llm-atc/{name} held-out", _parse(text, f"llm-atc/{name}/{HELD_OUT_FILE}"))
 
 
 def data_file(value: str) -> HeldOut:

@@ -182,7 +182,7 @@ def _promote_adapter(record, trained, name, held, registry, *, min_gain, force, 
     previous = state.get("current")
     with ui.spinner(f"Switching {name} on {record.cluster} to {checked.name}"):
         if record.mode == "service":
-            _switch_service(record, name, checked.name, previous, state)
+            _switch_service(record, name, checked.name, previous)
         else:
             with adapters.reach(record, registry) as base_url:
                 if previous is not None and versioned(name, previous) not in _loaded(base_url, record, api_key):
@@ -231,7 +231,7 @@ def rollback(*, on: str, name: str, registry: Registry, secrets: dict[str, str] 
     api_key = credentials.get(record.cluster)
     with ui.spinner(f"Switching {name} on {record.cluster} back to version {back}"):
         if record.mode == "service":
-            _switch_service(record, name, versioned(name, back), now, state)
+            _switch_service(record, name, versioned(name, back), now)
         else:
             with adapters.reach(record, registry) as base_url:
                 _load(base_url, record, api_key, name, target["path"], inplace=True)
@@ -295,7 +295,7 @@ def _unload_old(base_url: str, record: Record, api_key: str | None, name: str, k
 # --- SkyServe services ------------------------------------------------------------------------------------
 
 
-def _switch_service(record: Record, name: str, version_name: str, keep: int | None, state: dict) -> None:
+def _switch_service(record: Record, name: str, version_name: str, keep: int | None) -> None:
     """Point the manifest's NAME at ``version_name``'s source; every ready replica reloads it in place."""
     listed = adapters._manifest(record)
     if version_name not in listed:
