@@ -307,12 +307,17 @@ def reach(record: Record, registry: Registry) -> Iterator[str]:
 
 def served(base_url: str, record: Record, api_key: str | None) -> list[str]:
     """The model names the engine answers to now (its base model and its adapters)."""
+    return list(served_from(base_url, record, api_key))
+
+
+def served_from(base_url: str, record: Record, api_key: str | None) -> dict[str, str]:
+    """Each model name the engine answers to now, and where vLLM loaded it from (``root``)."""
     from llm_atc.readiness import probe
 
     status, body = probe(base_url + "/v1/models", api_key=api_key, cafile=record.details.get("tls_cert"))
     if status != 200:
         raise LaunchError(f"{base_url}/v1/models answered {status or 'nothing'}; is {record.cluster} up?")
-    return [model["id"] for model in json.loads(body).get("data", [])]
+    return {model["id"]: model.get("root") or "" for model in json.loads(body).get("data", [])}
 
 
 def _place(record: Record, adapter: Adapter) -> str:

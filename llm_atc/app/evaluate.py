@@ -126,7 +126,7 @@ def held_out(ref: str, registry: Registry) -> HeldOut:
         path = Path(where) / HELD_OUT_FILE
         if not path.is_file():
             raise missing
-        text = path.read_text(encoding="utf-8")
+        return HeldOut(f"llm-atc/{name} held-out", _load(str(path), f"llm-atc/{name}/{HELD_OUT_FILE}"))
     return HeldOut(f"llm-atc/{name} held-out", _parse(text, f"llm-atc/{name}/{HELD_OUT_FILE}"))
 
 
@@ -136,27 +136,30 @@ def data_file(value: str) -> HeldOut:
         from llm_atc.storage import BucketURI, ObjectStore
 
         uri = BucketURI.parse(value, option="--data")
-        text = ObjectStore(uri.scheme).read_text(uri)
-    else:
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise UserError(f"--data {shorten(value)}: no such file")
-        text = path.read_text(encoding="utf-8", errors="replace")
-    return HeldOut(value, _parse(text, f"--data {shorten(value)}"))
+        return HeldOut(value, _parse(ObjectStore(uri.scheme).read_text(uri), f"--data {shorten(value)}"))
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"--data {shorten(value)}: no such file")
+    return HeldOut(value, _load(str(path), f"--data {shorten(value)}"))
 
 
 def _parse(text: str, where: str) -> list[list[dict]]:
+    """Conversations read from a downloaded file's text, as ``train`` reads its data."""
     import tempfile
-
-    from llm_atc.recipes.train.finetune import DataError, load_conversations
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", encoding="utf-8") as copy:
         copy.write(text)
         copy.flush()
-        try:
-            return load_conversations(copy.name)
-        except DataError as exc:
-            raise UserError(f"{where}: {exc}") from None
+        return _load(copy.name, where)
+
+
+def _load(path: str, where: str) -> list[list[dict]]:
+    from llm_atc.recipes.train.finetune import DataError, load_conversations
+
+    try:
+        return load_conversations(path)
+    except DataError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def serving_run(record: Record, registry: Registry) -> Record | None:

@@ -144,7 +144,7 @@ def _promote_adapter(record, trained, name, held, registry, *, min_gain, force, 
     checked = adapters.checked_ref(record, versioned(name, version), ref, registry, store, option=option)
     api_key = credentials.get(record.cluster)
     with adapters.reach(record, registry) as base_url:
-        loaded = _loaded(base_url, record, api_key)
+        loaded = adapters.served_from(base_url, record, api_key)
     if checked.name in loaded:
         raise UserError(f"{record.cluster} already serves {checked.name}; remove it first (llm-atc adapters remove)")
     if name in loaded and not state["versions"]:
@@ -185,7 +185,8 @@ def _promote_adapter(record, trained, name, held, registry, *, min_gain, force, 
             _switch_service(record, name, checked.name, previous)
         else:
             with adapters.reach(record, registry) as base_url:
-                if previous is not None and versioned(name, previous) not in _loaded(base_url, record, api_key):
+                now_served = adapters.served_from(base_url, record, api_key)
+                if previous is not None and versioned(name, previous) not in now_served:
                     _load(
                         base_url, record, api_key, versioned(name, previous), state["versions"][str(previous)]["path"]
                     )
@@ -265,18 +266,6 @@ def _refusal(ref: str, current: str, comparison: Gain, min_gain: float, data: st
     )
 
 
-def _loaded(base_url: str, record: Record, api_key: str | None) -> dict[str, str]:
-    """Model name -> where vLLM loaded it from (``root``), for everything the engine serves."""
-    import json
-
-    from llm_atc.readiness import probe
-
-    status, body = probe(base_url + "/v1/models", api_key=api_key, cafile=record.details.get("tls_cert"))
-    if status != 200:
-        raise LaunchError(f"{base_url}/v1/models answered {status or 'nothing'}; is {record.cluster} up?")
-    return {model["id"]: model.get("root") or "" for model in json.loads(body).get("data", [])}
-
-
 def _load(base_url: str, record: Record, api_key: str | None, name: str, path: str, *, inplace: bool = False) -> None:
     body = {"lora_name": name, "lora_path": path, **({"load_inplace": True} if inplace else {})}
     status, text = adapters._post(base_url + "/v1/load_lora_adapter", body, api_key, record)
@@ -286,7 +275,7 @@ def _load(base_url: str, record: Record, api_key: str | None, name: str, path: s
 
 def _unload_old(base_url: str, record: Record, api_key: str | None, name: str, keep: set) -> None:
     """Unload the versions of ``name`` other than ``keep`` (the current and the previous)."""
-    for loaded in _loaded(base_url, record, api_key):
+    for loaded in adapters.served_from(base_url, record, api_key):
         version = loaded.removeprefix(name + VERSION_MARK)
         if loaded.startswith(name + VERSION_MARK) and version.isdigit() and int(version) not in keep:
             adapters._post(base_url + "/v1/unload_lora_adapter", {"lora_name": loaded}, api_key, record)
