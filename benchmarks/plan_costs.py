@@ -41,7 +41,7 @@ def brute_force(estimate, listing: dict, use_spot: bool) -> tuple[float, str]:
     SkyPilot's metadata.csv."""
     import csv
 
-    from llm_atc.catalog import catalog_dir
+    from llm_atc.planning.catalog import catalog_dir
 
     with (catalog_dir() / "common" / "metadata.csv").open() as handle:
         metadata = {row["GPU"]: float(row["MemoryGB"]) for row in csv.DictReader(handle)}
@@ -73,9 +73,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from sky import catalog as sky_catalog
 
-    from llm_atc.catalog import list_offers
     from llm_atc.errors import UserError
     from llm_atc.planning import ModelInfo, estimate_memory, plan_offers
+    from llm_atc.planning.catalog import list_offers
 
     clouds = ["aws", "gcp", "lambda"]
     listing = sky_catalog.list_accelerators(gpus_only=True, clouds=clouds, all_regions=True)

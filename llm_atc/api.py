@@ -13,7 +13,12 @@ from __future__ import annotations
 import io
 
 from llm_atc import ui
+from llm_atc.app import adapters, launch, lifecycle
+from llm_atc.app import evaluate as app
+from llm_atc.app.lifecycle import reconcile
+from llm_atc.app.serve import build_spec, prepare
 from llm_atc.deployment import Deployment
+from llm_atc.errors import NotFoundError
 from llm_atc.handle import RecordHandle
 from llm_atc.registry import Registry
 
@@ -34,8 +39,6 @@ def serve(
     ``cluster``, ``region``, ``envs``, ``secrets``, ``port``, ``engine``,
     ``max_model_len``, ``vllm_args``, ...). Raises :class:`llm_atc.UserError`.
     """
-    from llm_atc.app import launch
-    from llm_atc.app.serve import build_spec, prepare
 
     registry = Registry()
     with ui.quiet(quiet):
@@ -64,7 +67,6 @@ def train(
     ``accelerator``, ``cpus``, ``region``, ``envs``, ``secrets``, ``resume``, ...). Raises
     :class:`llm_atc.UserError` (a failed run raises its subclass ``LaunchError``).
     """
-    from llm_atc.app import launch
     from llm_atc.app.train import build_spec, prepare, serve_when_done
 
     registry = Registry()
@@ -98,7 +100,6 @@ def evaluate(
     """``llm-atc eval``: score the models a running vLLM deployment serves on held-out conversations (``data``: a
     file or bucket URI; ``run``: ``llm-atc/<run>``'s held-out share; default: that of the run it serves). Returns
     an :class:`llm_atc.app.evaluate.Evaluation` (``.scores[name].nll``, ``.details()``)."""
-    from llm_atc.app import evaluate as app
 
     with ui.quiet(quiet):
         return app.evaluate_deployment(
@@ -159,7 +160,6 @@ def rollback(*, on: str, name: str, secrets: dict[str, str] | None = None, quiet
 
 def get(name: str) -> Deployment | TrainingRun:
     """The newest deployment called ``name`` (or on cluster ``name``), else the training run ``name``."""
-    from llm_atc.errors import NotFoundError
 
     registry = Registry()
     try:
@@ -174,7 +174,6 @@ def get(name: str) -> Deployment | TrainingRun:
 
 def list_all() -> list[Deployment | TrainingRun]:
     """Every recorded deployment and training run, newest first (``llm_atc.list()``), reconciled."""
-    from llm_atc.app.lifecycle import reconcile
 
     registry = Registry()
     records = registry.records()
@@ -198,7 +197,6 @@ class TrainingRun(RecordHandle):
 
     def logs(self) -> str:
         """The training log so far."""
-        from llm_atc.app import lifecycle
 
         buffer = io.StringIO()
         lifecycle.logs(self.record, follow=False, registry=self._registry, output=buffer)
@@ -207,7 +205,6 @@ class TrainingRun(RecordHandle):
     def serve_on(self, deployment) -> None:
         """Load this run's adapter into a running deployment (a name or a Deployment), where it answers
         as ``llm-atc/<name>`` next to the base model. The run must have ended SUCCEEDED with ``MERGE=0``."""
-        from llm_atc.app import adapters
 
         target = deployment if isinstance(deployment, str) else deployment.cluster
         adapters.serve_run_on(self.name, target, self._registry)

@@ -18,12 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm_atc.errors import UserError
+from llm_atc.paths import home
 
 FILE_NAME = "config.yaml"
 
 
 def path() -> Path:
-    from llm_atc.paths import home
 
     return home() / FILE_NAME
 

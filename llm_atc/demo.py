@@ -23,6 +23,9 @@ import pathlib
 import random
 import sys
 
+from llm_atc import ui
+from llm_atc.paths import home, private_dir
+
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2
 VOCAB_SIZE = 512
 
@@ -180,8 +183,6 @@ DEMO_NAME = "llm-atc-demo"  # what clients send as `model`
 
 def demo_model() -> pathlib.Path:
     """The demo model's folder under ``$LLM_ATC_HOME/demo``, built on first use."""
-    from llm_atc import ui
-    from llm_atc.paths import home, private_dir
 
     folder = home() / "demo" / DEMO_NAME
     if not (folder / "model.safetensors").is_file():

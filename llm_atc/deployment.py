@@ -6,9 +6,12 @@ import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from llm_atc.app import lifecycle
+from llm_atc import credentials
+from llm_atc.app import adapters, lifecycle
+from llm_atc.errors import LaunchError, UserError
 from llm_atc.handle import RecordHandle
-from llm_atc.readiness import wait_ready
+from llm_atc.readiness import post_json, wait_ready
+from llm_atc.tunnel import forward
 
 
 class Deployment(RecordHandle):
@@ -34,7 +37,6 @@ class Deployment(RecordHandle):
     @property
     def api_key(self) -> str | None:
         """The endpoint's API key (send it as ``Authorization: Bearer``), or None when it has none."""
-        from llm_atc import credentials
 
         return credentials.get(self.cluster)
 
@@ -83,8 +85,6 @@ class Deployment(RecordHandle):
         return [{"label": item["label"], "probs": item["probs"]} for item in answer["data"]]
 
     def _post(self, task: str, path: str, body: dict, model: str | None) -> dict:
-        from llm_atc.errors import LaunchError, UserError
-        from llm_atc.readiness import post_json
 
         name = model or next((m for m in self.models if self.record.task_of(m) == task), self.name)
         if self.record.task_of(name) != task:
@@ -124,7 +124,6 @@ class Deployment(RecordHandle):
             with dep.forward() as base_url:
                 OpenAI(base_url=base_url, api_key="-").chat.completions.create(...)
         """
-        from llm_atc.tunnel import forward
 
         with forward(self.record, local_port=local_port) as tunnel:
             yield tunnel.base_url
@@ -133,7 +132,6 @@ class Deployment(RecordHandle):
         """Load LoRA adapter ``ref`` (llm-atc/<run>, s3://, gs://, a folder, a Hub id) into the running
         engine; it answers as model ``name`` when this returns (`llm-atc adapters add`). ``envs``: bucket
         settings and keys for a bucket adapter."""
-        from llm_atc.app import adapters
 
         record = adapters.deployment(self.cluster, self._registry)
         checked = adapters.check_adapter(record, name, ref, self._registry, envs)
@@ -141,13 +139,11 @@ class Deployment(RecordHandle):
 
     def remove_adapter(self, name: str) -> None:
         """Unload adapter ``name`` from the running engine (`llm-atc adapters remove`)."""
-        from llm_atc.app import adapters
 
         self.record = adapters.remove(adapters.deployment(self.cluster, self._registry), name, self._registry)
 
     def adapters(self) -> list[str]:
         """The adapter names the engine answers to now, besides its base model."""
-        from llm_atc.app import adapters
 
         record = adapters.deployment(self.cluster, self._registry)
         return [name for name, _ in adapters.listing(record, self._registry)]

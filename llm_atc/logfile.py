@@ -12,11 +12,12 @@ import time
 import traceback
 from pathlib import Path
 
+from llm_atc.paths import create_private, home, open_private
+
 _configured = False
 
 
 def log_path() -> Path:
-    from llm_atc.paths import home
 
     return home() / "logs" / "llm-atc.log"
 
@@ -25,7 +26,6 @@ class _PrivateFileHandler(logging.FileHandler):
     """A FileHandler whose file is created private (0600, in a 0700 folder) when first written."""
 
     def _open(self):
-        from llm_atc.paths import create_private
 
         create_private(Path(self.baseFilename))
         return super()._open()
@@ -51,7 +51,6 @@ def keep_library_logs() -> None:
 
 def log_exception(exc: BaseException) -> Path:
     """Append ``exc``'s traceback to the log file; its path, for the error line to name."""
-    from llm_atc.paths import open_private
 
     path = log_path()
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

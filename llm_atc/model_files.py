@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llm_atc.errors import NotFoundError, UserError
+from llm_atc.hub import hub_file
+from llm_atc.model_tasks import SENTENCE_TRANSFORMERS_FILES
+from llm_atc.storage import RUN_BASE
 
 if TYPE_CHECKING:
     from llm_atc.models import ModelRef
@@ -53,7 +56,6 @@ class ModelFiles:
                 return self._store.read_text(self.bucket.child(name))
             except NotFoundError:
                 return None
-        from llm_atc.hub import hub_file
 
         path = hub_file(self.hub_id or "", name, missing_ok=True)
         return Path(path).read_text(errors="replace") if path else None
@@ -74,7 +76,6 @@ class ModelFiles:
         base = str((adapter or {}).get("base_model_name_or_path") or "")
         if not base:
             return None
-        from llm_atc.storage import RUN_BASE
 
         if base == RUN_BASE:  # an adapter run that carries its base
             if self.folder is not None:
@@ -116,6 +117,5 @@ def vocabulary(files: ModelFiles, wanted: tuple[str, ...]) -> frozenset[str] | N
 
 def has_sentence_transformers(files: ModelFiles) -> bool:
     """Whether the model carries sentence-transformers' files (an embedding model)."""
-    from llm_atc.model_tasks import SENTENCE_TRANSFORMERS_FILES
 
     return any(files.text(name) is not None for name in SENTENCE_TRANSFORMERS_FILES)

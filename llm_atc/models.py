@@ -6,10 +6,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_atc.bucket_uri import RUN_PREFIX, BucketURI
 from llm_atc.errors import NotFoundError, UserError
 from llm_atc.options import shorten
-from llm_atc.registry import Registry
-from llm_atc.storage import RUN_PREFIX, BucketURI
 
 # The Hub's own limits: an owner and a name of at most 96 characters each.
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -66,18 +65,17 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
 
 
-def _is_dir(path: Path) -> bool:
+def is_dir(path: Path) -> bool:
     try:
         return path.is_dir()
     except OSError:  # a name too long to be a path, and the like
         return False
 
 
-def resolve_model(
-    name: str, source: str | None = None, registry: Registry | None = None, *, option: str = "--name"
-) -> ModelRef:
-    """Resolve ``--name``/``--source`` (or another option's model reference) into a :class:`ModelRef`
-    (no network access)."""
+def parse_model(name: str, source: str | None = None, *, option: str = "--name") -> ModelRef:
+    """``--name``/``--source`` (or another option's model reference) as a :class:`ModelRef`, without the
+    registry: a Hub id, a model folder, or weights in a bucket (``--source``). A trained run named without
+    ``--source`` and the built-in demo model are for ``app.resolve.resolve_model``, which looks them up."""
     name = name.strip()
     shown = shorten(name)
     if not name:
@@ -90,14 +88,11 @@ def resolve_model(
             raise UserError(f"{option} {shown} is not a valid model name to serve {source} under")
         return ModelRef(name=name, bucket=bucket)
     if name.startswith(RUN_PREFIX + "/"):
-        return _trained_run(name, registry or Registry(), option)
-    from llm_atc import demo
-
-    if name == demo.DEMO_NAME and not _is_dir(Path(name)):  # the built-in tiny model, by its name
-        return ModelRef(name=name, path=demo.demo_model())
+        check_run_name(name.split("/", 1)[1], option=option)
+        raise NotFoundError(f"{option} {name}: pass --source s3://BUCKET/{name} (or gs://...) to say where it is")
     path = Path(name).expanduser()
-    if looks_like_path(name) or _is_dir(path):
-        if not _is_dir(path):
+    if looks_like_path(name) or is_dir(path):
+        if not is_dir(path):
             raise NotFoundError(f"{option} {shown}: no such folder")
         if not any((path / marker).is_file() for marker in ("config.json", "adapter_config.json")):
             raise UserError(f"{option} {shown}: the folder holds no config.json or adapter_config.json")
@@ -105,25 +100,3 @@ def resolve_model(
     if not HUB_ID_RE.fullmatch(name):
         raise UserError(f"{option} {shown} is not a Hugging Face model id (org/model), llm-atc/<run> or a model folder")
     return ModelRef(name=name, hub_id=name)
-
-
-def _trained_run(name: str, registry: Registry, option: str) -> ModelRef:
-    """``llm-atc/<run>``: the model a recorded run published (refused until it has)."""
-    from llm_atc.registry import Status
-
-    run = check_run_name(name.split("/", 1)[1], option=option)
-    record = registry.find_run(run)
-    if record is None:
-        raise NotFoundError(
-            f"{option} {name} is not in the registry; pass --source s3://BUCKET/{RUN_PREFIX}/{run} "
-            f"(or gs://...) to say where its checkpoint is"
-        )
-    if record.status != Status.SUCCEEDED:  # (app.lifecycle.refresh_runs has asked an active run how it is)
-        what = "not finished yet" if record.is_active else "over without publishing one"
-        raise UserError(
-            f"{option} {name}: the training run is {record.status}, so there is no model to serve "
-            f"({what}); see `llm-atc status {run}`"
-        )
-    if "://" not in record.checkpoint_uri:
-        return ModelRef(name=name, path=Path(record.checkpoint_uri))
-    return ModelRef(name=name, bucket=BucketURI.parse(record.checkpoint_uri))

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from llm_atc.errors import UserError
+
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -77,7 +79,6 @@ def open_private(path: Path, mode: str = "ab"):
 @contextmanager
 def store_errors(path: Path, what: str) -> Iterator[None]:
     """SQLite's "file is not a database" and the like, for the store at ``path``, as one line naming it."""
-    from llm_atc.errors import UserError
 
     try:
         yield

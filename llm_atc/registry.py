@@ -15,8 +15,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, TypedDict
 
 from llm_atc.errors import NotFoundError, UserError
+from llm_atc.options import shorten
 from llm_atc.paths import FILE_MODE, create_private, home, store_errors
 
 # Each entry upgrades the schema by one version; never edit a released one.
@@ -64,6 +66,54 @@ class Status:
     SUCCEEDED = "SUCCEEDED"
 
 
+class PriceDetails(TypedDict):
+    per_hour: float | None  # $/h, None where nothing says
+    source: str  # where the figure comes from (the catalog, --price_per_hour, own hardware)
+
+
+class RuntimeLora(TypedDict):
+    max_loras: int
+    max_rank: int
+    base: str  # the model adapters must be trained on
+
+
+class Details(TypedDict, total=False):
+    """What a record keeps beyond its columns (the ``details`` JSON column). Every key is optional: older
+    records lack the newer ones, and each kind of launch writes its own."""
+
+    # every launch
+    log: str  # the log file of what runs here
+    job_id: int  # SkyPilot's job (or managed job) id
+    started: float  # a process here: its start time, and its start in clock ticks (to tell a reused pid)
+    start_ticks: int
+    ended: str  # why it ended, as SkyPilot or the watcher said
+    price: PriceDetails
+    limits: dict[str, float]  # how it ends by itself: idle_minutes, max_hours (spec.Limits)
+    store_env: dict[str, str]  # where its buckets are (endpoints, regions; never keys)
+    managed: bool  # a managed job (train on spot)
+    # serve
+    service: bool  # a SkyServe service
+    open_ports: bool
+    private: bool  # no API key and no opened port: reached through `endpoint --forward`
+    tls_cert: str  # the certificate clients trust (vLLM's own HTTPS)
+    task: str  # what the model is served for, and its parsers (model_tasks.Serving.details)
+    tool_parser: str
+    reasoning_parser: str
+    aliases: list[str]
+    models: list[dict[str, Any]]  # serve --name A --name B: each one's name, place, port and task
+    lora: RuntimeLora
+    adapters: dict[str, dict[str, Any]]  # runtime adapters by served name (adapters add, promote)
+    adapters_manifest: str  # a service's adapter manifest in its bucket
+    scores: dict[str, dict[str, Any]]  # eval: held-out scores by model (on a deployment) or data set (on a run)
+    promotions: dict[str, dict[str, Any]]  # promote: each adapter name's versions
+    service_update: bool  # a service is rolling to a promoted model
+    # train
+    model_type: str
+    description: str
+    data: str  # the data URI the node reads
+    eval_fraction: float
+
+
 @dataclass
 class Record:
     """One serve or train, as stored."""
@@ -82,7 +132,7 @@ class Record:
     port: int | None = None
     pid: int | None = None
     endpoint: str | None = None
-    details: dict = field(default_factory=dict)
+    details: Details = field(default_factory=lambda: Details())
     created_at: float = 0.0
     updated_at: float = 0.0
     id: int | None = None
@@ -107,6 +157,11 @@ class Record:
         if self.details.get("service"):
             return "service"
         return "managed" if self.details.get("managed") else "cluster"
+
+    @property
+    def price(self) -> PriceDetails:
+        """What it was launched at: $/h (None where nothing said) and where that figure came from."""
+        return self.details.get("price") or {"per_hour": None, "source": ""}
 
     @property
     def served(self) -> list[str]:
@@ -251,8 +306,6 @@ class Registry:
             if ref in (record.cluster, record.name):
                 return record
         import difflib
-
-        from llm_atc.options import shorten
 
         what = {"train": "training run", "serve": "deployment"}.get(kind or "", "deployment or training run")
         known = sorted({name for record in records for name in (record.name, record.cluster)})

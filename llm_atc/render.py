@@ -13,10 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from llm_atc.colocate import EngineShare, Layout
 from llm_atc.errors import UserError
 from llm_atc.gpu_node import NodeGpus, driver_envs, gpu_envs
 from llm_atc.model_tasks import Serving
+from llm_atc.planning.colocate import EngineShare, Layout
 from llm_atc.recipes_catalog import get_recipe, recipes_dir
 from llm_atc.spec import VLLM_LORA_RANKS, Placement, ServeSpec, TrainSpec
 from llm_atc.storage import RUN_BASE, Checkpoint

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+from llm_atc.bucket_uri import RUN_PREFIX, BucketURI
 from llm_atc.errors import NotFoundError, UserError
 from llm_atc.registry import Registry
-from llm_atc.storage import RUN_PREFIX, BucketURI, ObjectStore
+from llm_atc.storage import ObjectStore
 
 
 def list_runs(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llm_atc import gpus, model_tasks
+from llm_atc.bucket_uri import BucketURI
 from llm_atc.errors import NotFoundError, UserError
 from llm_atc.model_tasks import Serving
-from llm_atc.models import ModelRef, resolve_model
+from llm_atc.models import HUB_ID_RE, ModelRef, check_run_name, looks_like_path
 from llm_atc.options import (
     Accelerator,
     canonical_infra,
@@ -25,10 +26,10 @@ from llm_atc.options import (
     shorten,
     split_envs_and_secrets,
 )
-from llm_atc.planning import DTYPES, QUANTIZATIONS
+from llm_atc.paths import home
 from llm_atc.recipes.train.contract import MODEL_TYPES
-from llm_atc.registry import Registry
-from llm_atc.vllm_flags import check_vllm_args
+from llm_atc.vllm_flags import DTYPES, QUANTIZATIONS, check_vllm_args
+from llm_atc.weights import check_choice, check_source
 
 LOCAL = "local"
 ENGINES = ("auto", "vllm", "transformers")
@@ -83,7 +84,7 @@ class Limits:
         parts += [f"{self.max_hours:g} hours"] if self.max_hours else []
         return f"after {' or '.join(parts)}" if parts else otherwise
 
-    def details(self) -> dict:
+    def details(self) -> dict[str, float]:
         return {k: v for k, v in (("idle_minutes", self.idle_minutes), ("max_hours", self.max_hours)) if v}
 
 
@@ -237,9 +238,10 @@ class ServeSpec(LaunchSpec):
 LORA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 
 
-def parse_loras(values, registry: Registry | None) -> tuple[ModelRef, ...]:
-    """``--lora NAME=REF``: REF is llm-atc/<run>, an s3:// or gs:// URI, a folder or a Hub id."""
-    adapters: list[ModelRef] = []
+def parse_loras(values) -> tuple[tuple[str, str], ...]:
+    """``--lora NAME=REF`` as (NAME, REF) pairs; REF (llm-atc/<run>, an s3:// or gs:// URI, a folder or a Hub id)
+    is looked up later (``app.resolve``) and checked with :func:`check_loras`."""
+    pairs: list[tuple[str, str]] = []
     for value in values:
         name, sep, ref = value.partition("=")
         name, ref = name.strip(), ref.strip()
@@ -249,18 +251,18 @@ def parse_loras(values, registry: Registry | None) -> tuple[ModelRef, ...]:
             raise UserError(
                 f"--lora {shorten(value)}: {shorten(name)} is not a valid adapter name (letters, digits, . _ / -)"
             )
-        if any(a.name == name for a in adapters):
+        if any(taken == name for taken, _ in pairs):
             raise UserError(f"--lora {name} is given twice")
-        option = f"--lora {name}="
-        resolved = (
-            resolve_model(name, ref, registry, option=option)
-            if "://" in ref
-            else resolve_model(ref, None, registry, option=option)
-        )
-        if resolved.path is not None and not (resolved.path / "adapter_config.json").is_file():
-            raise UserError(f"--lora {name}: {resolved.path} holds no adapter_config.json (not a LoRA adapter)")
-        adapters.append(ModelRef(name=name, hub_id=resolved.hub_id, bucket=resolved.bucket, path=resolved.path))
-    return tuple(adapters)
+        pairs.append((name, ref))
+    return tuple(pairs)
+
+
+def check_loras(adapters: tuple[ModelRef, ...]) -> tuple[ModelRef, ...]:
+    """The resolved ``--lora`` adapters (each under its NAME): a folder must hold an adapter."""
+    for adapter in adapters:
+        if adapter.path is not None and not (adapter.path / "adapter_config.json").is_file():
+            raise UserError(f"--lora {adapter.name}: {adapter.path} holds no adapter_config.json (not a LoRA adapter)")
+    return adapters
 
 
 def _check_eos_token(value: str | None) -> str | None:
@@ -270,14 +272,6 @@ def _check_eos_token(value: str | None) -> str | None:
 
 
 CHAT_TEMPLATE_MAX_BYTES = 256 * 1024
-
-
-def _demo() -> ModelRef:
-    """The embedded demo model (``serve --cloud local`` without ``--name``)."""
-    from llm_atc import demo, ui
-
-    ui.info(f"No --name: serving the built-in demo model as {demo.DEMO_NAME} (tiny, random weights).")
-    return ModelRef(name=demo.DEMO_NAME, path=demo.demo_model())
 
 
 def read_chat_template(value: str | None) -> str | None:
@@ -392,14 +386,11 @@ def parse_placement(
         if cloud != LOCAL:
             cloud = canonical_infra(cloud)
     check_number(disk_size, "--disk_size")
-    known = None if cloud in gpus.CUSTOM_GPU_INFRA else gpus.known_gpus()
-    no_gpu = (accelerator or "").strip().lower() == NONE
-    accelerators = parse_accelerators(accelerator, known) if accelerator and not no_gpu else ()
     return Placement(
         cloud,
         region,
         zone,
-        accelerators,
+        accelerators_of(accelerator, cloud),
         use_spot,
         disk_size,
         cpus=check_resource_amount(cpus, option="--cpus", unit="vCPUs"),
@@ -407,28 +398,16 @@ def parse_placement(
     )
 
 
+def accelerators_of(accelerator: str | None, cloud: str | None) -> tuple[Accelerator, ...]:
+    """``--accelerator`` on ``cloud`` (a canonical name): GPU names are checked against SkyPilot's list, except on
+    infra whose GPUs are the user's own (Kubernetes, Slurm, SSH node pools)."""
+    if not accelerator or accelerator.strip().lower() == NONE:
+        return ()
+    return parse_accelerators(accelerator, None if cloud in gpus.CUSTOM_GPU_INFRA else gpus.known_gpus())
+
+
 AUTO = "auto"
 NONE = "none"  # --accelerator none: CPUs only
-
-
-def _auto(model, **options):
-    """``--accelerator auto``: the GPUs that fit the model, from SkyPilot's catalog (see ``llm-atc plan``)."""
-    from llm_atc import planning, ui
-
-    several = isinstance(model, tuple) and len(model) > 1
-    with ui.spinner(f"Sizing the model{'s' if several else ''} against SkyPilot's GPU catalog"):
-        if several:
-            from llm_atc import colocate
-
-            options.pop("mode")
-            choice = colocate.auto_accelerators(model, **options)
-        else:
-            choice = planning.auto_accelerators(model[0] if isinstance(model, tuple) else model, **options)
-    ui.info(
-        f"--accelerator auto: {choice.accelerator_text}"
-        + (f" on {choice.num_nodes} nodes" if choice.num_nodes > 1 else "")
-    )
-    return choice
 
 
 def _placement_and_envs(
@@ -471,7 +450,7 @@ def _placement_and_envs(
     return placement, plain, secret_values
 
 
-def build_serve_spec(
+def check_serve_options(
     name: str | tuple | list | None,
     *,
     source: str | None = None,
@@ -520,15 +499,15 @@ def build_serve_spec(
     idle_minutes: float | None = None,
     max_hours: float | None = None,
     price_per_hour: float | None = None,
-    registry: Registry | None = None,
-) -> ServeSpec:
-    """Turn raw option values into a validated :class:`ServeSpec`; raises UserError.
+) -> ServeRequest:
+    """``serve``'s raw option values, checked as far as they can be without the models: a typo in any of them is
+    reported before a run is looked up, the demo model built or SkyPilot's catalog read. Raises UserError.
 
-    Off ``local``, ``engine="auto"`` means vLLM, which gets ``A100:1`` unless
-    ``accelerator`` says otherwise; ``transformers`` asks for no GPU unless given one.
+    Off ``local``, ``engine="auto"`` means vLLM, which gets ``A100:1`` unless ``accelerator`` says otherwise;
+    ``transformers`` asks for no GPU unless given one.
     """
-    names = [name] if isinstance(name, str) or name is None else list(name)  # --name may be repeated
-    name, more_names = (names[0] if names else None), names[1:]
+    given = [name] if isinstance(name, str) or name is None else list(name)  # --name may be repeated
+    names: list[str] = [n for n in given if n is not None]
     if engine not in ENGINES:
         raise UserError(f"--engine {shorten(engine)}: choose one of {', '.join(ENGINES)}")
     if dtype is not None and dtype not in DTYPES:
@@ -561,14 +540,12 @@ def build_serve_spec(
         raise UserError("--port 0 (pick a free port) only works with --cloud local")
     if is_local and (region or zone):
         raise UserError("--region and --zone do not apply to --cloud local")
-    if name is None and not is_local:
+    if not names and not is_local:
         raise UserError(
             "--name is required: a Hugging Face id, llm-atc/<run> or a model folder (only --cloud "
             "local has a built-in demo model)"
         )
-    # What costs nothing to check first: a typo here is reported before any run is looked up, the demo model
-    # built or SkyPilot's catalog read (--accelerator auto).
-    engine_args = check_vllm_args(parse_extra_args(vllm_args, option="--vllm_args"), several=bool(more_names))
+    engine_args = check_vllm_args(parse_extra_args(vllm_args, option="--vllm_args"), several=len(names) > 1)
     policy = parse_replicas(
         replicas,
         target_qps=target_qps,
@@ -581,13 +558,9 @@ def build_serve_spec(
     if keep_on_failure and is_local:
         raise UserError("--keep_on_failure applies to clusters; locally a failed engine has already exited")
     template = read_chat_template(chat_template)
-    model = _demo() if name is None else resolve_model(name, source, registry)
-    extra_models = ()
-    if more_names:
-        extra_models = several_models(
-            model,
-            more_names,
-            registry,
+    if len(names) > 1:
+        _check_several(
+            names,
             engine=engine,
             given={
                 "--source": source,
@@ -611,26 +584,12 @@ def build_serve_spec(
     if engine == "vllm" and not is_local and not accelerator:
         # --cpus alone asks for CPUs, as with train; vLLM then runs its CPU build on the node.
         accelerator = NONE if cpus else DEFAULT_ACCELERATOR
-    if not is_local and (accelerator or "").strip().lower() == AUTO:
-        choice = _auto(
-            (model, *extra_models),
-            mode="serve",
-            max_model_len=max_model_len,
-            dtype=dtype,
-            quantization=quantization,
-            cloud=cloud,
-            region=region,
-            use_spot=use_spot,
-            registry=registry,
-            **({"task": task} if task != model_tasks.AUTO and not extra_models else {}),
-        )
-        accelerator = choice.accelerator_text
-        max_model_len = max_model_len or choice.max_model_len
+    auto = not is_local and (accelerator or "").strip().lower() == AUTO
     placement, plain, secret_values = _placement_and_envs(
         cloud=cloud,
         region=region,
         zone=zone,
-        accelerator=accelerator,
+        accelerator=None if auto else accelerator,
         use_spot=use_spot,
         disk_size=disk_size,
         cpus=cpus,
@@ -641,17 +600,13 @@ def build_serve_spec(
     )
     _check_serve_limits(limits, policy=policy, engine=engine, keep_on_failure=keep_on_failure)
     if cache_weights is not None:
-        from llm_atc.storage import BucketURI
+        from llm_atc.bucket_uri import BucketURI
 
         cache_weights = str(BucketURI.parse(cache_weights, option="--cache_weights"))
-        if model.hub_id is None or is_local or engine != "vllm":
-            raise UserError(
-                "--cache_weights stages a Hugging Face model for vLLM on clusters; llm-atc/<run> and "
-                "folders already load from their own place"
-            )
-    from llm_atc.weights import check_choice
+        if is_local or engine != "vllm":
+            raise UserError(CACHE_WEIGHTS_APPLIES)
 
-    check_choice(weights, model=model, engine=engine, cache_weights=cache_weights)
+    check_choice(weights, engine=engine, cache_weights=cache_weights)
     runtime_lora_asked = max_loras is not None or max_lora_rank is not None
     if task not in (model_tasks.AUTO, model_tasks.GENERATE):
         max_loras = 0  # a pooling model has no runtime LoRA
@@ -661,12 +616,13 @@ def build_serve_spec(
             "--num_nodes > 1 spans one vLLM over several nodes of a cluster: not with --cloud local, "
             "--engine transformers or --replicas"
         )
-    return _check_served_names(
-        ServeSpec(
-            model=model,
-            cluster=check_cluster_name(cluster)
-            if cluster
-            else cluster_name_for("-".join(m.name.rstrip("/").split("/")[-1] for m in (model, *extra_models))),
+    return ServeRequest(
+        names=tuple(names),
+        source=source,
+        loras=parse_loras(lora),
+        auto=auto,
+        cluster=check_cluster_name(cluster) if cluster else None,
+        fields=dict(
             placement=placement,
             envs=plain,
             secrets=secret_values,
@@ -682,7 +638,6 @@ def build_serve_spec(
             replicas=policy,
             chat_template=template,
             eos_token=_check_eos_token(eos_token),
-            loras=parse_loras(lora, registry),
             num_nodes=num_nodes,
             cache_weights=cache_weights,
             timeout=timeout,
@@ -691,7 +646,6 @@ def build_serve_spec(
             weights=weights,
             max_loras=max_loras,
             max_lora_rank=max_lora_rank,
-            extra_models=extra_models,
             task=task,
             tool_parser=tool_parser,
             reasoning_parser=reasoning_parser,
@@ -702,7 +656,70 @@ def build_serve_spec(
             detach_setup=detach_setup,
             detach_run=detach_run,
             no_setup=no_setup,
-        )
+        ),
+    )
+
+
+CACHE_WEIGHTS_APPLIES = (
+    "--cache_weights stages a Hugging Face model for vLLM on clusters; llm-atc/<run> and "
+    "folders already load from their own place"
+)
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    """``serve``'s options after :func:`check_serve_options`: what is still to be looked up (the models, the
+    ``--lora`` adapters, ``--accelerator auto``) and the spec's other fields, already checked."""
+
+    names: tuple[str, ...]  # --name, in order; none: the built-in demo model (--cloud local)
+    source: str | None
+    loras: tuple[tuple[str, str], ...]  # --lora NAME=REF, REF not yet looked up
+    auto: bool  # --accelerator auto, on a cloud: sized against SkyPilot's catalog
+    cluster: str | None  # -c/--cluster, checked (None: named after the models)
+    fields: dict = field(default_factory=dict)  # the rest of ServeSpec's fields
+
+    @property
+    def sizing(self) -> dict:
+        """What ``--accelerator auto`` sizes the models with (``planning.auto_accelerators``' options)."""
+        placement: Placement = self.fields["placement"]
+        task = self.fields["task"]
+        return {
+            "mode": "serve",
+            "max_model_len": self.fields["max_model_len"],
+            "dtype": self.fields["dtype"],
+            "quantization": self.fields["quantization"],
+            "cloud": placement.cloud,
+            "region": placement.region,
+            "use_spot": placement.use_spot,
+            **({"task": task} if task != model_tasks.AUTO and len(self.names) < 2 else {}),
+        }
+
+
+def complete_serve_spec(
+    request: ServeRequest,
+    models: tuple[ModelRef, ...],
+    loras: tuple[ModelRef, ...] = (),
+    *,
+    auto_accelerator: str | None = None,
+    auto_max_model_len: int | None = None,
+) -> ServeSpec:
+    """The :class:`ServeSpec` of a checked request, once its models and adapters are resolved (and
+    ``--accelerator auto`` sized): the checks that need them, then the spec."""
+    model, *extra_models = models
+    fields = dict(request.fields)
+    if len(models) > 1:
+        check_no_adapters(models)
+    if fields["cache_weights"] is not None and model.hub_id is None:
+        raise UserError(CACHE_WEIGHTS_APPLIES)
+
+    check_source(fields["weights"], model=model, cache_weights=fields["cache_weights"])
+    if auto_accelerator is not None:
+        placement: Placement = fields["placement"]
+        fields["placement"] = replace(placement, accelerators=accelerators_of(auto_accelerator, placement.cloud))
+        fields["max_model_len"] = fields["max_model_len"] or auto_max_model_len
+    cluster = request.cluster or cluster_name_for("-".join(m.name.rstrip("/").split("/")[-1] for m in models))
+    return _check_served_names(
+        ServeSpec(model=model, extra_models=tuple(extra_models), loras=check_loras(loras), cluster=cluster, **fields)
     )
 
 
@@ -753,33 +770,32 @@ def _check_serve_limits(limits: Limits, *, policy: ReplicaPolicy | None, engine:
 MAX_MODELS = 8
 
 
-def several_models(
-    first: ModelRef, names: list[str], registry: Registry | None, *, engine: str, given: dict
-) -> tuple[ModelRef, ...]:
-    """``--name A --name B ...``: the models after the first, each served by a vLLM of its own behind
-    vLLM's router; the options that belong to one model are refused."""
+def _check_several(names: list[str], *, engine: str, given: dict) -> None:
+    """``--name A --name B ...``: each model served by a vLLM of its own behind vLLM's router; the options that
+    belong to one model are refused."""
     if engine == "transformers":
         raise UserError(
             "several --name need vLLM (one engine per model behind vLLM's router); drop --engine transformers"
         )
-    if len(names) + 1 > MAX_MODELS:
-        raise UserError(f"--name is given {len(names) + 1} times; one deployment serves at most {MAX_MODELS} models")
+    if len(names) > MAX_MODELS:
+        raise UserError(f"--name is given {len(names)} times; one deployment serves at most {MAX_MODELS} models")
     for option, value in given.items():
         if value:
             raise UserError(
                 f"{option} applies to a deployment of one model; with several --name, serve that model on its own"
             )
-    models = [first]
-    for name in names:
-        if any(name.strip() == m.name for m in models):
+    for index, name in enumerate(names):
+        if name.strip() in (n.strip() for n in names[:index]):
             raise UserError(f"--name {shorten(name)} is given twice; each model is served once")
-        models.append(resolve_model(name, None, registry))
+
+
+def check_no_adapters(models: tuple[ModelRef, ...]) -> None:
+    """Several ``--name``: each a whole model (an adapter is served on its base with ``--lora``)."""
     for model in models:
         if model.path is not None and not (model.path / "config.json").is_file():
             raise UserError(
                 f"--name {shorten(model.name)} is a LoRA adapter: serve it on its base with --lora, or on its own"
             )
-    return tuple(models[1:])
 
 
 def _check_served_names(spec: ServeSpec) -> ServeSpec:
@@ -840,7 +856,7 @@ class TrainSpec(LaunchSpec):
         return "://" not in self.data
 
 
-def build_train_spec(
+def check_train_options(
     *,
     model_type: str,
     finetune_data: str,
@@ -869,14 +885,10 @@ def build_train_spec(
     eval_fraction: float | None = None,
     max_hours: float | None = None,
     price_per_hour: float | None = None,
-    registry: Registry | None = None,
-) -> TrainSpec:
-    """Turn raw ``train`` option values into a validated :class:`TrainSpec`; raises UserError."""
+) -> TrainRequest:
+    """``train``'s raw option values, checked as far as they can be without the registry, the base model or
+    SkyPilot's catalog (so ``--dryrun`` needs no credentials); raises UserError."""
     import time
-
-    from llm_atc.models import check_run_name
-    from llm_atc.paths import home
-    from llm_atc.storage import BucketURI
 
     if model_type not in MODEL_TYPES:
         raise UserError(f"--model_type {shorten(model_type)}: choose one of {', '.join(MODEL_TYPES)}")
@@ -885,48 +897,31 @@ def build_train_spec(
     if is_local and (num_nodes > 1 or use_spot):
         raise UserError("--num_nodes and --use_spot do not apply to --cloud local")
     check_number(eval_fraction, "--eval_fraction")
-    _check_train_settings(model_type, parse_env_pairs(envs, option="--envs"))
+    train_envs = parse_env_pairs(envs, option="--envs")
+    _check_train_settings(model_type, train_envs)
     limits = check_limits(None, max_hours, price_per_hour)
     run = check_run_name(name) if name else f"{model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
-    registry = registry or Registry()
-    store, checkpoint_bucket, default_bucket = _check_store(
-        checkpoint_store, checkpoint_bucket, is_local, cloud, registry
-    )
-    if store == "local":
-        output_uri = str(home() / "checkpoints" / run)
-    else:
-        output_uri = str(BucketURI.for_run(store, checkpoint_bucket, run))
+    store, checkpoint_bucket = _check_store(checkpoint_store, checkpoint_bucket, is_local)
     if "://" in finetune_data:
         BucketURI.parse(finetune_data, option="--finetune_data")
     else:
         _check_data_file(finetune_data)
     default = DEFAULT_LOCAL_BASE_MODEL if is_local else DEFAULT_BASE_MODEL
-    base, base_bucket = _check_base(_model_size_base(base_model, envs) or base_model or default, registry)
-    if not is_local and (accelerator or "").strip().lower() == AUTO:
-        choice = _auto(
-            base,
-            mode=MODEL_TYPES[model_type],
-            cloud=cloud,
-            region=region,
-            use_spot=use_spot,
-            max_nodes=8 if model_type == "vicuna" else 1,
-            train_envs=parse_env_pairs(envs, option="--envs"),
-        )
-        accelerator = choice.accelerator_text
-        num_nodes = max(num_nodes, choice.num_nodes)
+    base = _model_size_base(base_model, envs) or base_model or default
+    auto = not is_local and (accelerator or "").strip().lower() == AUTO
     placement, plain, secret_values = _placement_and_envs(
         cloud=cloud,
         region=region,
         zone=zone,
-        accelerator=accelerator,
+        accelerator=None if auto else accelerator,
         use_spot=use_spot,
         disk_size=disk_size,
         cpus=cpus,
         memory=memory,
         envs=envs,
         secrets=secrets,
-        # CPU-only training is allowed when asked for explicitly with --cpus.
-        needs_accelerator=None if cpus else "A100-80GB:8 or L4:1 (or --cpus N to train on CPUs)",
+        # CPU-only training is allowed when asked for explicitly with --cpus (and auto picks the GPUs later).
+        needs_accelerator=None if cpus or auto else "A100-80GB:8 or L4:1 (or --cpus N to train on CPUs)",
     )
     plain.pop("MODEL_SIZE", None)  # the original llm-atc's way to pick the base: done above
     if eval_fraction is not None:
@@ -934,27 +929,100 @@ def build_train_spec(
     if serve_on is not None:
         _check_serve_on(model_type, detach_run, plain)
         plain["MERGE"] = "0"  # the deployment loads the adapter alone, on the base it already serves
+    return TrainRequest(
+        store=store,
+        checkpoint_bucket=checkpoint_bucket,
+        base=base,
+        auto=auto,
+        sizing={
+            "mode": MODEL_TYPES[model_type],
+            "cloud": placement.cloud,
+            "region": placement.region,
+            "use_spot": use_spot,
+            "max_nodes": 8 if model_type == "vicuna" else 1,
+            "train_envs": train_envs,
+        },
+        fields=dict(
+            run=run,
+            model_type=model_type,
+            data=finetune_data if "://" in finetune_data else str(Path(finetune_data).resolve()),
+            cluster=check_cluster_name(cluster) if cluster else cluster_name_for(run, prefix="llm-atc-train"),
+            placement=placement,
+            description=description or "",
+            num_nodes=num_nodes,
+            envs=plain,
+            secrets=secret_values,
+            detach_setup=detach_setup,
+            detach_run=detach_run,
+            no_setup=no_setup,
+            resume=resume,
+            serve_on=serve_on,
+            limits=limits,
+            price_per_hour=price_per_hour,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """``train``'s options after :func:`check_train_options`: what is still to be looked up (the default bucket,
+    a base model that is a run or a folder, ``--accelerator auto``) and the spec's other fields, checked."""
+
+    store: str | None  # S3, GCS or local; None: the cloud's store and the user's default bucket
+    checkpoint_bucket: str | None
+    base: str  # --base_model (or the MODEL_SIZE / default base), not yet looked up
+    auto: bool  # --accelerator auto, on a cloud
+    sizing: dict  # what --accelerator auto sizes the base with (planning.auto_accelerators' options)
+    fields: dict = field(default_factory=dict)  # the rest of TrainSpec's fields
+
+    @property
+    def base_needs_lookup(self) -> bool:
+        """The base is a run, a folder or the demo model (a Hub id goes to the node as it is)."""
+
+        base = self.base
+        return (
+            base == DEFAULT_LOCAL_BASE_MODEL
+            or base.startswith("llm-atc/")
+            or looks_like_path(base)
+            or not HUB_ID_RE.fullmatch(base)
+            or Path(base).is_dir()
+        )
+
+
+def complete_train_spec(
+    request: TrainRequest,
+    *,
+    base: str,
+    base_bucket: str | None = None,
+    store: str | None = None,
+    bucket: str | None = None,
+    auto_accelerator: str | None = None,
+    auto_num_nodes: int = 1,
+) -> TrainSpec:
+    """The :class:`TrainSpec` of a checked request, once its base is looked up (what the node loads, or the
+    bucket holding it), the default bucket named (``store``/``bucket``) and ``--accelerator auto`` sized."""
+
+    fields = dict(request.fields)
+    default_bucket = request.store is None
+    store = request.store or store
+    bucket = request.checkpoint_bucket or bucket
+    run = fields["run"]
+    if store == "local":
+        output_uri = str(home() / "checkpoints" / run)
+    elif store and bucket:
+        output_uri = str(BucketURI.for_run(store, bucket, run))
+    else:
+        raise ValueError("complete_train_spec: the default bucket was not looked up (app.resolve.default_bucket)")
+    if auto_accelerator is not None:
+        placement: Placement = fields["placement"]
+        fields["placement"] = replace(placement, accelerators=accelerators_of(auto_accelerator, placement.cloud))
+        fields["num_nodes"] = max(fields["num_nodes"], auto_num_nodes)
     return TrainSpec(
-        run=run,
-        model_type=model_type,
-        data=finetune_data if "://" in finetune_data else str(Path(finetune_data).resolve()),
         output_uri=output_uri,
-        cluster=check_cluster_name(cluster) if cluster else cluster_name_for(run, prefix="llm-atc-train"),
-        placement=placement,
         base_model=base,
-        description=description or "",
-        num_nodes=num_nodes,
-        envs=plain,
-        secrets=secret_values,
-        detach_setup=detach_setup,
-        detach_run=detach_run,
-        no_setup=no_setup,
-        resume=resume,
         default_bucket=default_bucket,
         base_bucket=base_bucket,
-        serve_on=serve_on,
-        limits=limits,
-        price_per_hour=price_per_hour,
+        **fields,
     )
 
 
@@ -1041,53 +1109,12 @@ def _runtime_lora(max_loras: int | None, max_rank: int | None, *, engine: str, n
     return loras, max_rank or DEFAULT_MAX_LORA_RANK
 
 
-def _check_base(base: str, registry: Registry) -> tuple[str, str | None]:
-    """``--base_model``: a Hub id, a model folder (config.json) or ``llm-atc/<run>`` (a merged run);
-    (what the node loads, or the bucket that holds it)."""
-    from llm_atc.demo import DEMO_NAME
-    from llm_atc.models import HUB_ID_RE, resolve_model
-
-    if (
-        base != DEMO_NAME
-        and not base.startswith("llm-atc/")
-        and not any(base.startswith(p) for p in ("/", "./", "../", "~"))
-        and HUB_ID_RE.fullmatch(base)
-        and not Path(base).is_dir()
-    ):
-        return base, None
-    ref = resolve_model(base, None, registry, option="--base_model")
-    if ref.hub_id:
-        return ref.hub_id, None
-    if ref.path is not None:
-        if not (ref.path / "config.json").is_file():
-            raise UserError(
-                f"--base_model {shorten(base)} holds no config.json: a LoRA adapter is trained from its "
-                "base (or from a run trained with the default MERGE=1)"
-            )
-        return str(ref.path), None
-    return base, str(ref.bucket)
-
-
-def default_bucket(cloud: str | None, registry: Registry) -> tuple[str, str]:
-    """(store, bucket): the user's own bucket in the cloud's store (GCS on gcp, else S3), named once and
-    remembered in the registry; created where it is first written to."""
-    import secrets
-
-    store = "GCS" if (cloud or "").strip().lower() == "gcp" else "S3"
-    name, _ = registry.setting(f"default_bucket.{store}", f"llm-atc-{secrets.token_hex(4)}")
-    return store, name
-
-
-def _check_store(
-    store: str | None, bucket: str | None, is_local: bool, cloud: str | None, registry: Registry
-) -> tuple[str, str | None, bool]:
-    """(store, bucket, whether it is the user's default bucket). Without either option, a run on a cloud
-    goes to the cloud's store (GCS on gcp, else S3) and a bucket of the user's own, as the original llm-atc
-    did; a run here stays here."""
+def _check_store(store: str | None, bucket: str | None, is_local: bool) -> tuple[str | None, str | None]:
+    """(store, bucket). Without either option, a run on a cloud goes to the cloud's store (GCS on gcp, else S3)
+    and a bucket of the user's own, as the original llm-atc did (store None: ``app.resolve.default_bucket``
+    names it); a run here stays here."""
     if store is None and bucket is None:
-        if is_local:
-            return "local", None, False
-        return (*default_bucket(cloud, registry), True)
+        return ("local" if is_local else None), None
     if store is None:
         raise UserError("--checkpoint_store is required with --checkpoint_bucket: S3 or GCS")
     normalised = {s.lower(): s for s in CHECKPOINT_STORES}.get(store.lower())
@@ -1096,7 +1123,7 @@ def _check_store(
     if normalised == "local":
         if not is_local:
             raise UserError("--checkpoint_store local only works with --cloud local")
-        return normalised, None, False
+        return normalised, None
     if not bucket:
         raise UserError(f"--checkpoint_bucket is required with --checkpoint_store {normalised}")
-    return normalised, bucket, False
+    return normalised, bucket

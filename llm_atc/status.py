@@ -6,9 +6,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from llm_atc import credentials
 from llm_atc.app import cost
 from llm_atc.app.lifecycle import reconcile
+from llm_atc.app.top import Engine
+from llm_atc.metrics import names
 from llm_atc.registry import Record, Registry, Status
+from llm_atc.spec import Limits
 from llm_atc.ui import escape
 
 _STYLES = {Status.RUNNING: "green", Status.FAILED: "red", Status.LAUNCHING: "yellow"}
@@ -93,7 +97,7 @@ def rows(*, show_all: bool = False, only: str | None = None, registry: Registry 
         infra = "/".join(p for p in (record.cloud, record.region) if p) or (state.cloud if state else "") or "-"
         detail = state.detail if state and state.detail else record.details.get("ended", "")
         up, spent = cost.up_and_cost(record, now)
-        price = record.details.get("price") or {}
+        price = record.price
         found.append(
             Row(
                 name=", ".join(record.served),
@@ -124,10 +128,6 @@ def _load(record: Record) -> str:
         return ""
     from urllib.parse import quote
 
-    from llm_atc import credentials
-    from llm_atc.app.top import Engine
-    from llm_atc.metrics import names
-
     several = len(record.served) > 1
     running = waiting = 0.0
     for model in record.served:
@@ -148,7 +148,6 @@ def _ended_lately(record: Record, now: float) -> bool:
 
 def _ends(record: Record) -> str:
     """How it ends by itself, as the confirmation said."""
-    from llm_atc.spec import Limits
 
     limits = Limits(**(record.details.get("limits") or {}))
     return limits.text("when the run ends" if record.kind == "train" else "when you run `llm-atc down`")

@@ -10,55 +10,17 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_atc import ui
+from llm_atc.bucket_uri import BucketURI
 from llm_atc.errors import NotFoundError, UserError, first_line
 from llm_atc.recipes.train.contract import RUN_BASE
 
-RUN_PREFIX = "llm-atc"
 MODEL_MARKERS = ("config.json", "adapter_config.json")
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
-
-
-@dataclass(frozen=True)
-class BucketURI:
-    """``s3://bucket/prefix`` or ``gs://bucket/prefix``."""
-
-    scheme: str
-    bucket: str
-    prefix: str = ""
-
-    @classmethod
-    def parse(cls, uri: str, *, option: str = "--source") -> BucketURI:
-        scheme, sep, rest = uri.partition("://")
-        if not sep or scheme not in ("s3", "gs"):
-            raise UserError(f"{option} {uri!r} must be an s3://BUCKET/PATH or gs://BUCKET/PATH URI")
-        bucket, _, prefix = rest.partition("/")
-        if not _BUCKET_RE.fullmatch(bucket):
-            raise UserError(f"{option} {uri!r}: {bucket!r} is not a valid bucket name")
-        return cls(scheme, bucket, prefix.strip("/"))
-
-    @classmethod
-    def for_run(cls, store: str, bucket: str, run: str) -> BucketURI:
-        """Where run ``run`` keeps its checkpoint: ``<bucket>/llm-atc/<run>``."""
-        scheme = {"S3": "s3", "GCS": "gs"}[store.upper()]
-        if not _BUCKET_RE.fullmatch(bucket):
-            raise UserError(f"--checkpoint_bucket {bucket!r} is not a valid bucket name")
-        return cls(scheme, bucket, f"{RUN_PREFIX}/{run}")
-
-    def child(self, *parts: str) -> BucketURI:
-        return BucketURI(self.scheme, self.bucket, "/".join(p.strip("/") for p in (self.prefix, *parts) if p))
-
-    @property
-    def store(self) -> str:
-        return "S3" if self.scheme == "s3" else "GCS"
-
-    def __str__(self) -> str:
-        return f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -234,8 +196,6 @@ def _transfer_progress(description: str, total: int) -> Iterator[Callable[[int],
     """A byte progress bar on stderr; yields the callback that advances it."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from llm_atc import ui
-
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, console=ui.stderr_console(), disable=ui.is_quiet(), transient=True) as progress:
         bar = progress.add_task(description, total=total)
@@ -250,7 +210,6 @@ def download_checkpoint(uri: BucketURI, dest: Path, store: ObjectStore | None = 
     so an unchanged checkpoint costs one listing and a re-uploaded one is refreshed.
     Partial files are written as ``*.part`` and renamed when complete.
     """
-    from llm_atc import ui
 
     marker = dest / ".complete"
     store = store or ObjectStore(uri.scheme)

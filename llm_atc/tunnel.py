@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from llm_atc.backends.local import pick_port
 from llm_atc.errors import LaunchError, UserError
 from llm_atc.readiness import READY_PATHS, probe
 from llm_atc.registry import Record
@@ -65,7 +66,6 @@ class Tunnel:
 def forward(record: Record, *, local_port: int | None = None, timeout: float = OPEN_TIMEOUT) -> Iterator[Tunnel]:
     """Forward 127.0.0.1:``local_port`` (default: a free port) to the engine on the cluster's
     head node, wait until the engine answers through it, and close it on exit."""
-    from llm_atc.backends.local import pick_port
     from llm_atc.backends.skypilot import ssh_config
 
     if record.is_local:

@@ -14,6 +14,31 @@ from importlib import resources
 
 from llm_atc.errors import UserError
 
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # what vLLM's --dtype accepts
+
+# Quantization methods, by how vLLM stores their weights.
+INT_METHODS = frozenset(
+    {
+        "awq",
+        "awq_marlin",
+        "gptq",
+        "gptq_marlin",
+        "gptq_marlin_24",
+        "marlin",
+        "gptq_bitblas",
+        "awq_triton",
+        "squeezellm",
+        "moe_wna16",
+        "auto-round",
+        "auto_round",
+        "inc",
+    }
+)
+FP8_METHODS = frozenset({"fp8", "fbgemm_fp8", "ptpc_fp8", "modelopt", "fp8_e4m3"})
+BNB_METHODS = frozenset({"bitsandbytes", "bnb"})
+MXFP4_METHODS = frozenset({"mxfp4"})
+QUANTIZATIONS = tuple(sorted(INT_METHODS | FP8_METHODS | BNB_METHODS | MXFP4_METHODS | {"compressed-tensors"}))
+
 # vLLM's flags (by argparse dest) that llm-atc sets or must know, and what to say instead.
 _USE = "is set by llm-atc; use llm-atc's"
 OWNED = {

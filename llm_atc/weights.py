@@ -24,19 +24,21 @@ class LoadPath:
     note: str
 
 
-def check_choice(choice: str, *, model, engine: str, cache_weights: str | None) -> None:
-    """Refuse ``--weights`` values that cannot apply, before anything is checked remotely."""
+def check_choice(choice: str, *, engine: str, cache_weights: str | None) -> None:
+    """Refuse ``--weights`` values that cannot apply, before any model is looked up."""
     if choice not in CHOICES:
         raise UserError(f"--weights {choice!r}: choose one of {', '.join(CHOICES)}")
-    if choice != "stream":
-        return
-    if model.bucket is None and not cache_weights:
+    if choice == "stream" and engine == "transformers":
+        raise UserError("--weights stream needs vLLM: transformers serve loads weights from disk only")
+
+
+def check_source(choice: str, *, model, cache_weights: str | None) -> None:
+    """``--weights stream`` needs weights in a bucket: the model's own, or the ``--cache_weights`` copy."""
+    if choice == "stream" and model.bucket is None and not cache_weights:
         raise UserError(
             "--weights stream reads the weights from a bucket: serve llm-atc/<run>, --source s3://|gs://..., "
             "or a Hub model with --cache_weights"
         )
-    if engine == "transformers":
-        raise UserError("--weights stream needs vLLM: transformers serve loads weights from disk only")
 
 
 def for_serve(spec, checkpoint, *, onto: str = "the node") -> LoadPath | None:

@@ -58,6 +58,18 @@ def graph() -> dict[str, set[str]]:
     return {module_name(p): imports_of(p, modules) for p in paths}
 
 
+def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target in edges.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
 def layer(module: str) -> int:
     for depth, prefixes in enumerate(LAYERS):
         if any(module == p or (p != "llm_atc" and module.startswith(p + ".")) for p in prefixes):

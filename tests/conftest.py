@@ -638,7 +638,7 @@ CATALOG = ROOT / "tests" / "fixtures" / "catalog" / "v8"
 def catalog():
     """The fixture catalog where SkyPilot reads its catalog (fixed when sky was imported: this
     session's HOME, or SKY_RUNTIME_DIR); whatever was there is put back afterwards."""
-    from llm_atc import catalog as sky_catalog
+    from llm_atc.planning import catalog as sky_catalog
 
     target = sky_catalog.catalog_dir()
     backup = target.with_name(target.name + ".llm-atc-test-backup")

@@ -19,6 +19,18 @@ def test_no_import_circle():
     assert imports.circles(imports.graph()) == []
 
 
+# What a spec may not reach, even through other modules: state, the catalog, the Hub, bucket clients, output.
+IMPURE = ("registry", "ui", "demo", "planning", "colocate", "catalog", "hub", "sky_sdk", "storage", "credentials")
+
+
+def test_specs_are_pure():
+    """``spec`` checks options with no registry, catalog, Hub, bucket client or terminal output: those lookups are
+    ``app.resolve``'s, made after every check that needs none of them."""
+    reached = imports.reachable(imports.graph(), "llm_atc.spec")
+    assert "llm_atc.models" in reached  # (the walk follows imports)
+    assert sorted(m for m in reached if m.removeprefix("llm_atc.").split(".")[0] in IMPURE) == []
+
+
 def test_the_report_sees_a_circle_and_an_upward_import():
     """The checks above can fail: a lower module importing app both goes up and closes a circle."""
     edges = {"llm_atc.app.serve": {"llm_atc.spec"}, "llm_atc.spec": {"llm_atc.app.serve"}}

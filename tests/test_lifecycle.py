@@ -483,29 +483,45 @@ def test_state_is_private(cli, llm_atc_home, tiny_model):
 # --- validation never imports SkyPilot -----------------------------------------------------------------------
 
 
-def test_a_typo_on_a_cloud_serve_is_reported_without_importing_skypilot():
+def test_a_typo_on_a_cloud_serve_is_reported_without_importing_skypilot(tmp_path):
+    """Every option is checked before any lookup: with --accelerator auto (which reads SkyPilot's catalog), a typo
+    in --envs, --replicas or train's --envs is reported with SkyPilot never imported."""
+    data = tmp_path / "data.json"
+    data.write_text("[]")
     check = subprocess.run(
         [
             sys.executable,
             "-c",
-            textwrap.dedent("""
+            textwrap.dedent(f"""
         import sys
         from llm_atc.errors import UserError
-        from llm_atc.spec import build_serve_spec
-        try:
-            build_serve_spec("Qwen/Qwen2.5-7B", cloud="gcp", replicas="abc")
-        except UserError as exc:
-            print(exc)
-        build_serve_spec("Qwen/Qwen2.5-7B", cloud="kubernetes", accelerator="H100:8")
+        from llm_atc.app.serve import serve_spec
+        from llm_atc.app.train import train_spec
+        for attempt in (
+            lambda: serve_spec("Qwen/Qwen2.5-7B", cloud="gcp", replicas="abc"),
+            lambda: serve_spec("Qwen/Qwen2.5-7B", cloud="gcp", accelerator="auto", envs=["9X=1"]),
+            lambda: train_spec(model_type="lora", finetune_data={str(data)!r}, checkpoint_bucket="b",
+                               checkpoint_store="S3", cloud="gcp", accelerator="auto", envs=["EPOCHS=abc"]),
+        ):
+            try:
+                attempt()
+            except UserError as exc:
+                print(exc)
+        serve_spec("Qwen/Qwen2.5-7B", cloud="kubernetes", accelerator="H100:8")
         print("sky" in sys.modules)
     """),
         ],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "HOME": str(tmp_path), "LLM_ATC_HOME": str(tmp_path / "home")},
     )
     assert check.returncode == 0, check.stderr
-    assert check.stdout.splitlines() == ["--replicas 'abc': give N or MIN..MAX, e.g. 2 or 0..4", "False"]
+    lines = check.stdout.splitlines()
+    assert lines[0] == "--replicas 'abc': give N or MIN..MAX, e.g. 2 or 0..4"
+    assert lines[1].startswith("--envs") and "9X" in lines[1]
+    assert lines[2].startswith("--envs") and "EPOCHS" in lines[2]
+    assert lines[3:] == ["False"]
 
 
 def test_the_shipped_infra_names_are_skypilots():

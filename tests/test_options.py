@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from llm_atc import options
+from llm_atc.app.resolve import resolve_model
+from llm_atc.app.serve import serve_spec
 from llm_atc.errors import NotFoundError, UserError
-from llm_atc.models import ModelRef, check_run_name, resolve_model
+from llm_atc.models import ModelRef, check_run_name
 from llm_atc.options import (
     Accelerator,
     check_cluster_name,
@@ -21,7 +23,6 @@ from llm_atc.options import (
     split_envs_and_secrets,
 )
 from llm_atc.registry import Record, Registry, Status
-from llm_atc.spec import build_serve_spec
 from llm_atc.storage import BucketURI
 
 KNOWN = ["A10", "A10G", "A100", "A100-80GB", "H100", "L4", "T4"]
@@ -268,14 +269,14 @@ def test_check_run_name():
     raises_one_line(lambda: check_run_name("_x", option="--run"), "--run '_x'")
 
 
-# --- spec.py: build_serve_spec -------------------------------------------------------------
+# --- spec.py: serve_spec -------------------------------------------------------------
 
 MODEL = "lmsys/vicuna-7b-v1.3"
 
 
 def test_serve_spec_defaults():
     """A plain request gets A100:1, vLLM, port 8000 and a derived cluster name."""
-    spec = build_serve_spec(MODEL)
+    spec = serve_spec(MODEL)
     assert spec.model == ModelRef(name=MODEL, hub_id=MODEL)
     assert spec.placement.accelerators == (Accelerator("A100", 1),)
     assert spec.placement.cloud is None and spec.placement.infra is None
@@ -297,24 +298,24 @@ def test_serve_spec_defaults():
 )
 def test_serve_spec_bad_accelerator(accelerator, fragments):
     """Bad --accelerator values are one-line UserErrors naming the problem."""
-    raises_one_line(lambda: build_serve_spec(MODEL, accelerator=accelerator), *fragments)
+    raises_one_line(lambda: serve_spec(MODEL, accelerator=accelerator), *fragments)
 
 
 @pytest.mark.parametrize("accelerator", [None, ""])
 def test_serve_spec_vllm_defaults_to_one_a100(accelerator):
     """vLLM needs a GPU: without --accelerator a cluster serve asks for A100:1."""
-    spec = build_serve_spec(MODEL, accelerator=accelerator, cloud="gcp")
+    spec = serve_spec(MODEL, accelerator=accelerator, cloud="gcp")
     assert spec.engine == "vllm" and spec.placement.accelerators == (Accelerator("A100", 1),)
 
 
 def test_serve_spec_transformers_asks_for_no_gpu_unless_given():
     """--engine transformers runs on CPUs: no accelerator unless one is given; --cpus/--memory pass through."""
-    spec = build_serve_spec(MODEL, engine="transformers", cloud="slurm", region="localcluster", cpus="1", memory="8+")
+    spec = serve_spec(MODEL, engine="transformers", cloud="slurm", region="localcluster", cpus="1", memory="8+")
     assert spec.placement.accelerators == ()
     assert (spec.placement.cpus, spec.placement.memory) == ("1", "8+")
     assert spec.placement.infra == "slurm/localcluster"
     assert spec.placement.resources_text == "cpus=1, memory=8+"
-    with_gpu = build_serve_spec(MODEL, engine="transformers", cloud="gcp", accelerator="L4:1")
+    with_gpu = serve_spec(MODEL, engine="transformers", cloud="gcp", accelerator="L4:1")
     assert with_gpu.placement.accelerators == (Accelerator("L4", 1),)
 
 
@@ -331,18 +332,18 @@ def test_serve_spec_transformers_asks_for_no_gpu_unless_given():
 def test_serve_spec_bad_envs(envs, fragments, monkeypatch):
     """Bad --envs items are one-line UserErrors."""
     monkeypatch.delenv("LLM_ATC_TEST_UNSET", raising=False)
-    raises_one_line(lambda: build_serve_spec(MODEL, envs=envs), *fragments)
+    raises_one_line(lambda: serve_spec(MODEL, envs=envs), *fragments)
 
 
 def test_serve_spec_bad_secret():
     """--secret is checked the same way and names its own option."""
-    raises_one_line(lambda: build_serve_spec(MODEL, secrets=["9X=1"]), "--secret", "'9X'")
+    raises_one_line(lambda: serve_spec(MODEL, secrets=["9X=1"]), "--secret", "'9X'")
 
 
 def test_serve_spec_splits_envs_and_secrets(monkeypatch):
     """Credential-named --envs become secrets; --secret is always a secret; values come from env."""
     monkeypatch.setenv("HF_TOKEN", "hf-from-env")
-    spec = build_serve_spec(
+    spec = serve_spec(
         MODEL,
         envs=["MODEL_SIZE=7 WANDB_API_KEY=x", "HF_TOKEN", "X_TOKEN=t X_KEY=k X_SECRET=s", "PLAIN_B=2"],
         secrets=["PLAIN=not-a-secret-name"],
@@ -361,9 +362,9 @@ def test_serve_spec_splits_envs_and_secrets(monkeypatch):
 
 def test_serve_spec_cloud_names():
     """A known cloud is normalised; an unknown one suggests close matches (imports SkyPilot)."""
-    spec = build_serve_spec(MODEL, cloud="GCP", region="us-central1", zone="us-central1-a")
+    spec = serve_spec(MODEL, cloud="GCP", region="us-central1", zone="us-central1-a")
     assert spec.placement.infra == "gcp/us-central1/us-central1-a"
-    raises_one_line(lambda: build_serve_spec(MODEL, cloud="gcpp"), "unknown cloud 'gcpp'", "did you mean", "gcp")
+    raises_one_line(lambda: serve_spec(MODEL, cloud="gcpp"), "unknown cloud 'gcpp'", "did you mean", "gcp")
 
 
 @pytest.mark.parametrize(
@@ -391,25 +392,23 @@ def test_serve_spec_cloud_names():
 )
 def test_serve_spec_bad_options(kwargs, fragments):
     """Placement and engine options are validated up front."""
-    raises_one_line(lambda: build_serve_spec(MODEL, **kwargs), *fragments)
+    raises_one_line(lambda: serve_spec(MODEL, **kwargs), *fragments)
 
 
 @pytest.mark.parametrize("cluster", ["Bad", "1abc", "abc-", "a_b", "a" * 64, "a b", "x;id"])
 def test_serve_spec_bad_cluster_names(cluster):
     """--cluster must be a lowercase slug starting with a letter."""
-    raises_one_line(
-        lambda: build_serve_spec(MODEL, cluster=cluster), f"--cluster {cluster!r}", "not a valid cluster name"
-    )
+    raises_one_line(lambda: serve_spec(MODEL, cluster=cluster), f"--cluster {cluster!r}", "not a valid cluster name")
 
 
 def test_serve_spec_local_port_zero_and_cluster():
     """--cloud local accepts port 0 and skips the accelerator; a given cluster name is kept."""
-    spec = build_serve_spec(MODEL, cloud="local", port=0, cluster="my-server-1")
+    spec = serve_spec(MODEL, cloud="local", port=0, cluster="my-server-1")
     assert spec.is_local and spec.port == 0 and spec.placement.accelerators == ()
     assert spec.cluster == "my-server-1" and spec.engine == "auto"
 
 
 def test_serve_spec_model_errors_come_through():
-    """Model reference errors reach build_serve_spec's caller unchanged."""
-    raises_one_line(lambda: build_serve_spec("llm-atc/unknown-run"), "--source", error=NotFoundError)
-    raises_one_line(lambda: build_serve_spec("$(id)"), "'$(id)'")
+    """Model reference errors reach serve_spec's caller unchanged."""
+    raises_one_line(lambda: serve_spec("llm-atc/unknown-run"), "--source", error=NotFoundError)
+    raises_one_line(lambda: serve_spec("$(id)"), "'$(id)'")

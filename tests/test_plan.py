@@ -190,7 +190,7 @@ def test_training_terms():
 
 
 def test_offers_come_from_skypilots_catalog(catalog):
-    from llm_atc import catalog as sky_catalog
+    from llm_atc.planning import catalog as sky_catalog
 
     assert sky_catalog.catalog_clouds() == ["aws", "gcp", "lambda"]
     offers = {(o.cloud, o.instance_type): o for o in sky_catalog.list_offers(["aws", "gcp", "lambda"])}
@@ -214,7 +214,7 @@ def test_store_credentials_do_not_outlive_a_catalog_read(catalog, s3, monkeypatc
     from sky import exceptions
     from sky.clouds import AWS
 
-    from llm_atc import catalog as sky_catalog
+    from llm_atc.planning import catalog as sky_catalog
 
     assert sky_catalog.list_offers(["aws"])  # as moto's account
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -225,7 +225,7 @@ def test_store_credentials_do_not_outlive_a_catalog_read(catalog, s3, monkeypatc
 
 
 def test_memory_falls_back_to_metadata_then_gpu_names(catalog):
-    from llm_atc import catalog as sky_catalog
+    from llm_atc.planning import catalog as sky_catalog
 
     gcp = {o.accelerator: o for o in sky_catalog.list_offers(["gcp"])}  # GCP rows carry no GpuInfo
     assert (gcp["L4"].gpu_memory_gib, gcp["L4"].memory_source) == (
@@ -290,8 +290,8 @@ def _brute_force(estimate, listing: dict, use_spot: bool) -> float:
 def test_plan_matches_brute_force(catalog, use_spot):
     from sky import catalog as sky_catalog
 
-    from llm_atc.catalog import list_offers
     from llm_atc.planning import estimate_memory, plan_offers
+    from llm_atc.planning.catalog import list_offers
 
     clouds = ["aws", "gcp", "lambda"]
     listing = sky_catalog.list_accelerators(gpus_only=True, clouds=clouds, all_regions=True)
@@ -507,12 +507,12 @@ def test_serve_accelerator_auto_renders_only_what_fits(cli, catalog, tmp_path):
 
 
 def test_train_accelerator_auto_accounts_for_the_mode(catalog, tmp_path):
-    from llm_atc.spec import build_train_spec
+    from llm_atc.app.train import train_spec
 
     data = tmp_path / "d.json"
     data.write_text("[]")
     base = model_folder(tmp_path, "Llama-2-7b-hf")
-    qlora = build_train_spec(
+    qlora = train_spec(
         model_type="qlora",
         finetune_data=str(data),
         checkpoint_bucket="bkt",
@@ -521,7 +521,7 @@ def test_train_accelerator_auto_accounts_for_the_mode(catalog, tmp_path):
         accelerator="auto",
         cloud="aws",
     )
-    full = build_train_spec(
+    full = train_spec(
         model_type="vicuna",
         finetune_data=str(data),
         checkpoint_bucket="bkt",

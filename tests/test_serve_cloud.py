@@ -326,10 +326,10 @@ def test_no_confirmation_without_a_terminal_launches_nothing(cli, fake_sky):
 
 
 def render(spec_options: dict, **render_options) -> dict:
+    from llm_atc.app.serve import serve_spec
     from llm_atc.render import render_serve_task
-    from llm_atc.spec import build_serve_spec
 
-    return render_serve_task(build_serve_spec(**spec_options), **render_options)
+    return render_serve_task(serve_spec(**spec_options), **render_options)
 
 
 def test_infra_without_open_ports_gets_no_ports():

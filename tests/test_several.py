@@ -71,8 +71,7 @@ def test_models_that_do_not_fit_together_are_refused(cli, catalog, tmp_path, llm
 
 def test_accelerator_auto_sizes_the_sum(cli, catalog, tmp_path):
     """One 7B model fits an L4; two need two (one each): `auto` offers only what fits both."""
-    from llm_atc import colocate
-    from llm_atc.planning import auto_accelerators
+    from llm_atc.planning import auto_accelerators, colocate
 
     a, b = model_folder(tmp_path, "Llama-2-7b-hf"), model_folder(tmp_path, "Mistral-7B-v0.1")
     alone = auto_accelerators(str(a), cloud="gcp").accelerators

@@ -217,13 +217,12 @@ def test_an_eos_token_the_tokenizer_lacks_fails_before_vllm_loads(cli, vllm_engi
 
 
 def test_without_the_engine_one_line_says_how_to_get_it(cli, tiny_model, tmp_path, monkeypatch):
-    from llm_atc.app.serve import choose_engine
-    from llm_atc.spec import build_serve_spec
+    from llm_atc.app.serve import choose_engine, serve_spec
 
     monkeypatch.setenv("LLM_ATC_ENGINES", str(tmp_path / "no-engines"))
     result = cli("serve", "--name", str(tiny_model), "--cloud", "local", "--engine", "vllm", "-c", unique("none"))
     assert_one_line_error(result, "llm-atc engines install vllm")
-    assert choose_engine(build_serve_spec(str(tiny_model), cloud="local")) == ("transformers", "")
+    assert choose_engine(serve_spec(str(tiny_model), cloud="local")) == ("transformers", "")
     listed = cli("engines")
     assert listed.exit_code == 0 and "not installed" in listed.stdout
 

@@ -15,14 +15,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_atc import ui
+from llm_atc import credentials, ui
 from llm_atc.app import lifecycle
+from llm_atc.app.lifecycle import refresh_runs
+from llm_atc.app.resolve import default_bucket, resolve_adapter
 from llm_atc.backends import backend_for
 from llm_atc.errors import LaunchError, NotFoundError, UserError
-from llm_atc.models import ModelRef, resolve_model
+from llm_atc.models import ModelRef
 from llm_atc.options import shorten
+from llm_atc.readiness import probe, trusting
 from llm_atc.registry import Record, Registry, Status
-from llm_atc.storage import RUN_BASE
+from llm_atc.spec import LORA_NAME_RE, VLLM_LORA_RANKS
+from llm_atc.storage import RUN_BASE, BucketURI, ObjectStore, store_env, upload_path
+from llm_atc.tunnel import forward
 
 NODE_ADAPTERS = "llm-atc/adapters"  # under the node's home: one folder per adapter name
 
@@ -117,7 +122,6 @@ def deployment(ref: str, registry: Registry) -> Record:
 def check_adapter(record: Record, name: str, ref: str, registry: Registry, store: dict | None = None) -> Adapter:
     """Resolve ``NAME=REF`` and check it against the deployment, changing nothing. ``store``: bucket
     settings and keys (``--envs``), over those the deployment was served with."""
-    from llm_atc.spec import LORA_NAME_RE
 
     option = f"adapters add {shorten(name)}="
     if not LORA_NAME_RE.fullmatch(name):
@@ -130,14 +134,9 @@ def check_adapter(record: Record, name: str, ref: str, registry: Registry, store
 def checked_ref(record: Record, name: str, ref: str, registry: Registry, store: dict | None, *, option: str) -> Adapter:
     """Adapter ``ref`` to be served under ``name``: an adapter, trained on the deployment's model, of a rank it
     takes (one-line errors naming ``option``)."""
-    from llm_atc.app.lifecycle import refresh_runs
 
     refresh_runs([ref], registry)
-    model = (
-        resolve_model(name, ref, registry, option=option)
-        if "://" in ref
-        else resolve_model(ref, None, registry, option=option)
-    )
+    model = resolve_adapter(name, ref, registry, option=option)
     with _store(record, store):
         config = _read_adapter_config(model, option)
     lora = record.details["lora"]
@@ -151,7 +150,7 @@ def checked_ref(record: Record, name: str, ref: str, registry: Registry, store: 
     base = run_base(model.bucket or model.path, registry) if base == RUN_BASE else same_model(base)
     if base != lora["base"]:
         raise UserError(f"{shorten(ref)} was trained on {base}, but {record.cluster} serves {lora['base']}")
-    return Adapter(name, ModelRef(name=name, hub_id=model.hub_id, bucket=model.bucket, path=model.path), rank)
+    return Adapter(name, model, rank)
 
 
 def _served_already(record: Record, name: str) -> UserError:
@@ -162,7 +161,6 @@ def _served_already(record: Record, name: str) -> UserError:
 
 def _fitting_rank(rank: int) -> int:
     """The smallest ``--max_lora_rank`` vLLM accepts that fits ``rank``."""
-    from llm_atc.spec import VLLM_LORA_RANKS
 
     return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
 
@@ -201,7 +199,6 @@ def serve_run_on(run: str, deployment_ref: str, registry: Registry, store: dict 
 @contextmanager
 def _store(record: Record, store: dict | None) -> Iterator[None]:
     """Bucket calls with the settings the deployment was served with, and ``store`` over them."""
-    from llm_atc.storage import store_env
 
     with store_env(record.details.get("store_env") or {}, store or {}):
         yield
@@ -209,7 +206,6 @@ def _store(record: Record, store: dict | None) -> Iterator[None]:
 
 def add(record: Record, adapter: Adapter, registry: Registry, store: dict | None = None) -> Record:
     """Load a checked adapter into the running engine; the updated record."""
-    from llm_atc import credentials
 
     api_key = credentials.get(record.cluster)
     if record.mode == "service":
@@ -241,7 +237,6 @@ def _record(record: Record, registry: Registry, added: dict | None = None, remov
 
 def remove(record: Record, name: str, registry: Registry) -> Record:
     """Unload ``name`` from the running engine; the updated record."""
-    from llm_atc import credentials
 
     api_key = credentials.get(record.cluster)
     if record.mode == "service":
@@ -262,7 +257,6 @@ def remove(record: Record, name: str, registry: Registry) -> Record:
 
 def listing(record: Record, registry: Registry) -> list[tuple[str, str]]:
     """(name, where it came from) of every adapter the engine serves now (see :func:`standing` for versions)."""
-    from llm_atc import credentials
 
     if record.mode == "service":
         with _store(record, None):
@@ -299,7 +293,6 @@ def reach(record: Record, registry: Registry) -> Iterator[str]:
     if not record.details.get("private"):
         yield url.rstrip("/")
         return
-    from llm_atc.tunnel import forward
 
     with forward(record) as tunnel:
         yield tunnel.endpoint.rstrip("/")
@@ -312,7 +305,6 @@ def served(base_url: str, record: Record, api_key: str | None) -> list[str]:
 
 def served_from(base_url: str, record: Record, api_key: str | None) -> dict[str, str]:
     """Each model name the engine answers to now, and where vLLM loaded it from (``root``)."""
-    from llm_atc.readiness import probe
 
     status, body = probe(base_url + "/v1/models", api_key=api_key, cafile=record.details.get("tls_cert"))
     if status != 200:
@@ -350,15 +342,12 @@ def service_manifest(spec, registry: Registry) -> str | None:
     added). None for a service without runtime LoRA."""
     if spec.replicas is None or not spec.max_loras:
         return None
-    from llm_atc.spec import default_bucket
-
     store, bucket = default_bucket(spec.placement.cloud, registry)
     return f"{'gs' if store == 'GCS' else 's3'}://{bucket}/llm-atc/services/{spec.cluster}/adapters.json"
 
 
 def _manifest(record: Record) -> dict[str, dict]:
     """The adapters the service's manifest lists now, by name."""
-    from llm_atc.storage import BucketURI, ObjectStore
 
     uri = BucketURI.parse(record.details["adapters_manifest"])
     store = ObjectStore(uri.scheme)
@@ -372,7 +361,6 @@ def _manifest(record: Record) -> dict[str, dict]:
 
 def _service_folder(record: Record):
     """The service's folder in the bucket (the manifest and uploaded adapters); the bucket is created if needed."""
-    from llm_atc.storage import BucketURI, ObjectStore
 
     manifest = BucketURI.parse(record.details["adapters_manifest"])
     store = ObjectStore(manifest.scheme)
@@ -395,7 +383,6 @@ def _write_manifest(record: Record, adapters: dict[str, dict]) -> None:
 def _publish(record: Record, adapter: Adapter) -> str:
     """List ``adapter`` in the service's manifest (a folder is uploaded beside it first) and wait until every
     ready replica serves it; where replicas load it from."""
-    from llm_atc.storage import upload_path
 
     listed = _manifest(record)
     if adapter.name in listed:
@@ -428,8 +415,6 @@ def wait_replicas(record: Record, name: str, *, present: bool, source: str | Non
     with progress."""
     import time
 
-    from llm_atc import credentials
-
     replicas = backend_for(record).ready_replicas(record)
     what = "load" if present else "unload"
     if not replicas:
@@ -455,7 +440,6 @@ def wait_replicas(record: Record, name: str, *, present: bool, source: str | Non
 def _serves(url: str, name: str, api_key: str | None, source: str | None = None) -> bool | None:
     """Whether the replica at ``url`` lists ``name`` (loaded from ``source``, when given); None when it does not
     answer."""
-    from llm_atc.readiness import probe
     from llm_atc.recipes.train.buckets import adapter_folder
 
     status, body = probe(url.rstrip("/") + "/v1/models", api_key=api_key)
@@ -506,8 +490,6 @@ def _adapter_config(folder: Path) -> dict | None:
 def _post(url: str, body: dict, api_key: str | None, record: Record) -> tuple[int, str]:
     import urllib.error
     import urllib.request
-
-    from llm_atc.readiness import trusting
 
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
     request.add_header("Content-Type", "application/json")

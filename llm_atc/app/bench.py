@@ -19,7 +19,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llm_atc import ui
+from llm_atc import credentials, engines, ui
+from llm_atc.app import lifecycle
+from llm_atc.app.cost import OWN_INFRA, cheapest_offer
+from llm_atc.app.lifecycle import reconcile
 from llm_atc.engines import GUIDELLM_VERSION
 from llm_atc.errors import LaunchError, UserError
 from llm_atc.options import shorten
@@ -151,7 +154,6 @@ class Report:
 
 def deployment(name: str, registry: Registry) -> Record:
     """The running deployment ``name`` (or on cluster ``name``); one-line errors otherwise."""
-    from llm_atc.app.lifecycle import reconcile
 
     record = registry.find(name, kind="serve")
     reconcile([record], registry)
@@ -190,9 +192,8 @@ def hourly_price(record: Record, price: float | None) -> tuple[float | None, str
     """(dollars per hour, where the figure comes from)."""
     if price is not None:
         return price, "--price_per_hour"
-    from llm_atc.app.cost import OWN_INFRA, cheapest_offer
 
-    recorded = record.details.get("price") or {}
+    recorded = record.price
     if recorded.get("per_hour") is not None:  # what it was launched at (the catalog then, or --price_per_hour)
         return recorded["per_hour"], recorded["source"]
     if record.is_local or record.cloud in OWN_INFRA or not record.accelerator:
@@ -219,8 +220,6 @@ def run(
     out_dir: Path,
 ) -> Report:
     """Measure ``record``'s endpoint under ``load``; the report (its plot and guidellm's JSON in ``out_dir``)."""
-    from llm_atc import credentials, engines
-    from llm_atc.app import lifecycle
 
     served, location = pick_model(record, model)
     task = measurable_task(record, served)

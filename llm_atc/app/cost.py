@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 
 from llm_atc.errors import UserError
-from llm_atc.registry import Record, Status
+from llm_atc.planning import catalog
+from llm_atc.registry import PriceDetails, Record, Status
 
 OWN_INFRA = frozenset({"local", "kubernetes", "k8s", "slurm", "ssh"})
 OWN_HARDWARE = "own hardware"
@@ -21,7 +22,7 @@ class Price:
     per_hour: float | None
     source: str
 
-    def details(self) -> dict:
+    def details(self) -> PriceDetails:
         return {"per_hour": self.per_hour, "source": self.source}
 
 
@@ -54,7 +55,6 @@ def price_of(spec, *, nodes: int = 1, replicas: int = 1) -> Price:
 def cheapest_offer(wanted: list[tuple[str, int]], cloud: str | None, region: str | None, use_spot: bool):
     """The cheapest offer (``catalog.Offer``) in SkyPilot's catalog of any of ``wanted`` (GPU name, count);
     None where the catalog here lists none."""
-    from llm_atc import catalog
 
     try:
         clouds = [cloud] if cloud else catalog.catalog_clouds()
@@ -88,5 +88,5 @@ def up_and_cost(record: Record, now: float | None = None) -> tuple[float, float 
     now = time.time() if now is None else now
     end = record.updated_at if record.status in ENDED else now
     seconds = max(0.0, end - record.created_at)
-    per_hour = (record.details.get("price") or {}).get("per_hour")
+    per_hour = record.price.get("per_hour")
     return seconds, None if per_hour is None else round(per_hour * seconds / 3600, 4)

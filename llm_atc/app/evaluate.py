@@ -19,10 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_atc import ui
+from llm_atc import credentials, ui
+from llm_atc.app.adapters import _message, reach, running_vllm, served
+from llm_atc.app.lifecycle import refresh_runs
 from llm_atc.errors import LaunchError, NotFoundError, UserError
 from llm_atc.evaluation import ChatLoss, Score, TemplateMismatch, assistant_spans, chat_loss, score
 from llm_atc.options import shorten
+from llm_atc.readiness import trusting
 from llm_atc.recipes.train.contract import HELD_OUT_FILE
 from llm_atc.registry import Record, Registry, Status
 
@@ -82,7 +85,6 @@ def check_sources(data: str | None, run: str | None) -> None:
 
 def deployment(ref: str, registry: Registry) -> Record:
     """A running vLLM deployment (the only engine that scores prompt tokens); one-line refusals otherwise."""
-    from llm_atc.app.adapters import running_vllm
 
     return running_vllm(ref, registry, lacking="scores no prompt tokens")
 
@@ -93,7 +95,6 @@ def run_name(ref: str) -> str:
 
 def trained_run(ref: str, registry: Registry) -> Record:
     """The finished training run ``llm-atc/<run>`` (or ``<run>``)."""
-    from llm_atc.app.lifecycle import refresh_runs
 
     name = run_name(ref)
     refresh_runs([f"llm-atc/{name}"], registry)
@@ -215,9 +216,6 @@ class Endpoint:
         import urllib.error
         import urllib.request
 
-        from llm_atc.app.adapters import _message
-        from llm_atc.readiness import trusting
-
         request = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode(), method="POST")
         request.add_header("Content-Type", "application/json")
         if self.api_key:
@@ -336,8 +334,6 @@ def evaluate(
     within ``timeout`` seconds; every model on the same conversations, one model at a time (vLLM's CPU LoRA
     kernels mix up the adapters of a batch that holds several). ``per_token``: score token by token (default:
     where the engine cannot give prompt log-probabilities)."""
-    from llm_atc import credentials
-    from llm_atc.app.adapters import reach, served
 
     check_bounds(limit, timeout)
     if not data.conversations:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 from llm_atc import ui
 from llm_atc.app.serve import PreparedServe
-from llm_atc.app.train import PreparedTrain
+from llm_atc.app.train import PreparedTrain, upload_data
 from llm_atc.backends import Backend, Workload, backend_for
 from llm_atc.backends.local import LocalBackend
 from llm_atc.errors import LaunchError, UserError
@@ -25,6 +25,8 @@ from llm_atc.paths import home, write_private
 from llm_atc.readiness import EngineExited, first_answers, wait_ready
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.render import task_yaml
+from llm_atc.storage import BucketURI, ObjectStore, store_env
+from llm_atc.tunnel import forward
 
 LOG_TAIL_LINES = 20
 
@@ -174,8 +176,6 @@ def _wait_private(record: Record, backend, prepared, timeout: float) -> float:
     `llm-atc endpoint --forward` reaches it."""
     import shutil
 
-    from llm_atc.tunnel import forward
-
     if shutil.which("ssh") is None:
         raise UserError(
             "a private endpoint is reached through SSH: install the OpenSSH client (ssh), or serve with --open_port"
@@ -239,7 +239,6 @@ def _failure_report(reason: str, record: Record, backend, *, keep: bool) -> str:
 def train(prepared: PreparedTrain, *, registry: Registry, backend: Backend | None = None) -> Record:
     """Upload the data, launch a prepared run, and (unless detached) follow it to its end: the
     SUCCEEDED record, or LaunchError. A cluster that ran it attached is torn down when it ends."""
-    from llm_atc.app.train import upload_data
 
     spec, workload = prepared.spec, prepared.workload
     backend = backend or backend_for(workload.record)
@@ -290,8 +289,6 @@ def train(prepared: PreparedTrain, *, registry: Registry, backend: Backend | Non
 def _has_checkpoints(record: Record) -> bool:
     """Whether a failed run left checkpoints that --resume would continue from."""
     from pathlib import Path
-
-    from llm_atc.storage import BucketURI, ObjectStore, store_env
 
     uri = record.checkpoint_uri or ""
     try:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from llm_atc import ui
 from llm_atc.backends import LiveState, backend_for
+from llm_atc.bucket_uri import RUN_PREFIX
 from llm_atc.errors import LaunchError, NotFoundError, UserError
 from llm_atc.registry import Record, Registry, Status
+from llm_atc.storage import BucketURI, check_checkpoint, delete_prefix, store_env
 
 ENDED = (Status.DOWN, Status.SUCCEEDED, Status.FAILED, Status.STOPPED)
 # action -> (question verb, progress verb, past tense, status recorded)
@@ -46,7 +48,6 @@ def refresh_runs(references, registry: Registry) -> None:
     """The training runs that ``references`` (``--name``, ``--lora`` or ``--base_model`` values: ``llm-atc/<run>``,
     ``NAME=llm-atc/<run>``, others) name, asked what became of them where they may still run, so that resolving
     a reference reads the run's true state (a detached run may have finished since it was recorded)."""
-    from llm_atc.storage import RUN_PREFIX
 
     runs = []
     for reference in references:
@@ -116,7 +117,6 @@ def _gone_run(record: Record, state: LiveState) -> LiveState:
 
 
 def _published(record: Record) -> bool:
-    from llm_atc.storage import BucketURI, check_checkpoint, store_env
 
     if not record.checkpoint_uri or "://" not in record.checkpoint_uri:
         return False
@@ -194,7 +194,6 @@ def _ends(stored: Record, record: Record, action: str) -> bool:
 
 def _forget_checkpoints(record: Record) -> None:
     """A run torn down before it finished leaves no checkpoints that a new run of its name would resume from."""
-    from llm_atc.storage import BucketURI, delete_prefix, store_env
 
     uri = record.checkpoint_uri or ""
     try:

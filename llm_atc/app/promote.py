@@ -23,12 +23,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_atc import ui
-from llm_atc.app import adapters, evaluate
+from llm_atc import credentials, ui
+from llm_atc.app import adapters, evaluate, lifecycle
+from llm_atc.app.launch import save_task
+from llm_atc.backends import backend_for
 from llm_atc.errors import LaunchError, NotFoundError, UserError
 from llm_atc.evaluation import Gain, Score, gain
 from llm_atc.options import check_number, shorten
 from llm_atc.registry import Record, Registry
+from llm_atc.spec import API_KEY_SECRET, LORA_NAME_RE
+from llm_atc.storage import BucketURI, check_checkpoint, store_env
 
 VERSION_MARK = "@v"  # NAME@v3: version 3 of NAME
 
@@ -73,7 +77,6 @@ def _is_adapter_run(trained: Record) -> bool:
     uri = str(trained.checkpoint_uri)
     if "://" not in uri:
         return (Path(uri) / "adapter_config.json").is_file()
-    from llm_atc.storage import BucketURI, check_checkpoint, store_env
 
     with store_env(trained.details.get("store_env") or {}):
         return check_checkpoint(BucketURI.parse(uri)).is_adapter
@@ -97,7 +100,6 @@ def promote(
 ) -> Promotion:
     """Switch ``name`` on deployment ``on`` to run ``candidate`` if it scores better by ``min_gain`` (the whole
     95% interval of the gain), or regardless with ``force``. Raises UserError (nothing changed) otherwise."""
-    from llm_atc.app import lifecycle
 
     check_options(name, min_gain, data, data_run, limit, timeout)
     trained = evaluate.trained_run(candidate, registry)
@@ -124,7 +126,6 @@ def promote(
 
 
 def _promote_adapter(record, trained, name, held, registry, *, min_gain, force, limit, timeout, per_token):
-    from llm_atc import credentials
 
     record = adapters.deployment(record.cluster, registry)
     if name in adapters._base_names(record):
@@ -132,7 +133,6 @@ def _promote_adapter(record, trained, name, held, registry, *, min_gain, force, 
             f"{name} is the model {record.cluster} itself serves; promote adapters under a name of their own "
             f"(clients then call model=NAME)"
         )
-    from llm_atc.spec import LORA_NAME_RE
 
     if not LORA_NAME_RE.fullmatch(name):
         raise UserError(f"--as {shorten(name)}: an adapter's name has letters, digits, . _ / - only")
@@ -218,7 +218,6 @@ def _promote_adapter(record, trained, name, held, registry, *, min_gain, force, 
 
 def rollback(*, on: str, name: str, registry: Registry, secrets: dict[str, str] | None = None) -> Promotion:
     """Switch ``name`` back to the version it served before the last promote (again: forward)."""
-    from llm_atc import credentials
 
     record = registry.find(on, kind="serve")
     state = _state(record, name)
@@ -390,8 +389,6 @@ def _task_with(task_yaml: str | None, old_uri: str, new_uri: str) -> dict:
 
 def _service_secrets(record: Record, config: dict, given: dict[str, str]) -> dict[str, str]:
     """The secret values the new replicas need: the API key llm-atc keeps, and the others given again."""
-    from llm_atc import credentials
-    from llm_atc.spec import API_KEY_SECRET
 
     values = dict(given)
     key = credentials.get(record.cluster)
@@ -407,8 +404,6 @@ def _service_secrets(record: Record, config: dict, given: dict[str, str]) -> dic
 
 def _update(record: Record, config: dict, secrets: dict[str, str], *, blue_green: bool) -> str:
     """Hand the new task to SkyServe; the path of its saved (secret-free) YAML."""
-    from llm_atc.app.launch import save_task
-    from llm_atc.backends import backend_for
 
     how = "blue-green" if blue_green else "rolling"
     with ui.spinner(f"Updating service {record.cluster} ({how})"):

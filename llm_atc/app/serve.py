@@ -6,17 +6,20 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llm_atc import colocate, engines, ui, weights
+from llm_atc import engines, ui, weights
 from llm_atc.app import adapters as adapters_app
-from llm_atc.app import lifecycle, serving
+from llm_atc.app import cost, lifecycle, resolve, serving
+from llm_atc.app.lifecycle import reconcile
 from llm_atc.backends import backend_for
 from llm_atc.backends._base import Workload
+from llm_atc.backends.local import engine_path, free_ports, pick_port
 from llm_atc.errors import UserError
 from llm_atc.gpu_node import NodeGpus
 from llm_atc.paths import home, write_private
+from llm_atc.planning import Architecture, colocate
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.render import Colocated, LocalRun, render_serve_task, task_yaml
-from llm_atc.spec import API_KEY_SECRET, ServeSpec, build_serve_spec
+from llm_atc.spec import API_KEY_SECRET, ServeSpec, check_serve_options, complete_serve_spec
 from llm_atc.storage import RUN_BASE, Checkpoint, check_checkpoint, download_checkpoint, store_env, store_settings
 
 CLOUD_READY_TIMEOUT = 30 * 60
@@ -52,7 +55,21 @@ def build_spec(*, registry: Registry, **options) -> ServeSpec:
     names = options.get("name")
     names = list(names) if isinstance(names, (list, tuple)) else [names] if names else []
     lifecycle.refresh_runs([*names, *(options.get("lora") or ())], registry)
-    return build_serve_spec(**options, registry=registry)
+    return serve_spec(registry=registry, **options)
+
+
+def serve_spec(name=None, *, registry: Registry | None = None, **options) -> ServeSpec:
+    """Every option checked first (``spec.check_serve_options``), then the lookups (runs, the demo model,
+    ``--accelerator auto``), then the checks that need what was found."""
+    request = check_serve_options(name, **options)
+    models = tuple(resolve.resolve_model(n, request.source, registry) for n in request.names) or (resolve.demo_model(),)
+    loras = tuple(resolve.resolve_adapter(name, ref, registry, option=f"--lora {name}=") for name, ref in request.loras)
+    if not request.auto:
+        return complete_serve_spec(request, models, loras)
+    choice = resolve.auto_accelerators(models, **request.sizing)
+    return complete_serve_spec(
+        request, models, loras, auto_accelerator=choice.accelerator_text, auto_max_model_len=choice.max_model_len
+    )
 
 
 def prepare(spec: ServeSpec, *, registry: Registry) -> PreparedServe:
@@ -163,7 +180,6 @@ def _planned_gpus(spec: ServeSpec) -> NodeGpus | None:
 
 def _lifetime_details(spec: ServeSpec) -> dict:
     """How it ends by itself, and what it costs per hour (for `status`, `bench` and the confirmation)."""
-    from llm_atc.app import cost
 
     replicas = spec.replicas.min_replicas if spec.replicas is not None else 1
     price = cost.price_of(spec, nodes=spec.num_nodes, replicas=replicas)
@@ -204,7 +220,7 @@ def _colocated(
         folders.append(folder)
         notes += [f"{spec.served_name_of(model)}: {path.note}"] if path else []
     with store_env(spec.envs, spec.secrets), ui.spinner("Sizing the models for one node"):
-        layout = colocate.layout_for(spec, registry=registry, available_bytes=available_bytes)
+        layout = colocate.layout_for(spec, available_bytes=available_bytes)
     count = len(spec.models)
     router, router_metrics = ports[count : count + 2]
     several = Colocated(
@@ -328,7 +344,6 @@ def choose_engine(spec: ServeSpec, reads: dict | None = None) -> tuple[str, str]
 def _cpu_kernels_lacking(spec: ServeSpec, reads: dict) -> str:
     """Why vLLM's CPU build cannot run one of the models (its attention head size), or "". ``reads``: what
     app.serving read of each model (its config)."""
-    from llm_atc.planning import Architecture
 
     sizes = engines.vllm_cpu_head_sizes()
     for model in spec.models:
@@ -347,8 +362,6 @@ def _cpu_kernels_lacking(spec: ServeSpec, reads: dict) -> str:
 
 def _prepare_local(spec: ServeSpec, registry: Registry) -> PreparedServe:
     import shutil
-
-    from llm_atc.backends.local import engine_path, free_ports, pick_port
 
     engine = spec.engine
     if spec.extra_models and engine != "vllm":
@@ -443,7 +456,6 @@ def _local_weights(spec: ServeSpec) -> tuple[Path | None, Checkpoint | None, wei
 
 
 def _check_name_free(cluster: str, registry: Registry) -> None:
-    from llm_atc.app.lifecycle import reconcile
 
     running = [r for r in registry.records(kind="serve") if r.cluster == cluster and r.is_local and r.is_active]
     reconcile(running, registry)

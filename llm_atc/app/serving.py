@@ -15,6 +15,7 @@ from llm_atc.model_files import ModelFiles, vocabulary
 from llm_atc.model_tasks import AUTO, Serving
 from llm_atc.models import ModelRef
 from llm_atc.options import shorten
+from llm_atc.planning import load_model_info
 from llm_atc.spec import ServeSpec
 from llm_atc.storage import store_env
 
@@ -104,7 +105,6 @@ def _serving(spec: ServeSpec, model: ModelRef, read: _Read) -> tuple[Serving, li
 
 def _read(model: ModelRef) -> _Read:
     """The model's config and sentence-transformers marker (a LoRA adapter: its base's config)."""
-    from llm_atc.planning import load_model_info
 
     try:
         info = load_model_info(model)

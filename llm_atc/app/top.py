@@ -11,7 +11,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
-from llm_atc import metrics
+from llm_atc import credentials, metrics
+from llm_atc.app import lifecycle
+from llm_atc.app.lifecycle import reconcile
+from llm_atc.backends import backend_for
 from llm_atc.errors import NotFoundError
 from llm_atc.readiness import trusting
 from llm_atc.registry import Record, Registry, Status
@@ -66,7 +69,6 @@ class Row:
 
 def running(names: tuple[str, ...], registry: Registry) -> list[Record]:
     """The RUNNING deployments to watch: those named (a one-line error for a name nothing has), else all."""
-    from llm_atc.app.lifecycle import reconcile
 
     records = [registry.find(name, kind="serve") for name in names] if names else registry.records(kind="serve")
     if not names:
@@ -84,14 +86,12 @@ def running(names: tuple[str, ...], registry: Registry) -> list[Record]:
 @contextmanager
 def engines(records: list[Record], registry: Registry) -> Iterator[list[Engine]]:
     """Every engine of ``records`` with the URL of its metrics; tunnels to private endpoints stay open inside."""
-    from llm_atc import credentials
-    from llm_atc.app import lifecycle
 
     with ExitStack() as stack:
         found: list[Engine] = []
         for record in records:
             key, cafile = credentials.get(record.cluster), record.details.get("tls_cert")
-            price = (record.details.get("price") or {}).get("per_hour")
+            price = record.price.get("per_hour")
             common = partial(Engine, deployment=record.cluster, api_key=key, cafile=cafile, price_per_hour=price)
             if (record.engine or "vllm") != "vllm":
                 found.append(common(model=record.name, url=None, note="transformers serve exports no metrics"))
@@ -115,7 +115,6 @@ def engines(records: list[Record], registry: Registry) -> Iterator[list[Engine]]
 def _replicas(record: Record, common: Callable[..., Engine]) -> list[Engine]:
     """A service's ready replicas, each read directly where this machine reaches it (``common``: an Engine
     with the deployment's key, certificate and price)."""
-    from llm_atc.backends import backend_for
 
     replicas = backend_for(record).ready_replicas(record)
     if not replicas:

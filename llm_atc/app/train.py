@@ -11,15 +11,27 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llm_atc import ui
-from llm_atc.app import cost
+from llm_atc.app import cost, resolve
+from llm_atc.app.adapters import serve_run_on
+from llm_atc.app.lifecycle import reconcile, refresh_runs
 from llm_atc.backends import backend_for
 from llm_atc.backends._base import Workload
 from llm_atc.errors import NotFoundError, UserError
+from llm_atc.hub import HubUnreachable, hub_file, hub_token
+from llm_atc.models import ModelRef, looks_like_path
 from llm_atc.paths import home
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.render import NodeFeatures, render_train_task, task_yaml
-from llm_atc.spec import TrainSpec, build_train_spec
-from llm_atc.storage import BucketURI, ObjectStore, StoreUnreachable, store_env, store_settings, upload_path
+from llm_atc.spec import TrainSpec, check_train_options, complete_train_spec
+from llm_atc.storage import (
+    BucketURI,
+    ObjectStore,
+    StoreUnreachable,
+    download_checkpoint,
+    store_env,
+    store_settings,
+    upload_path,
+)
 
 
 def validate_data(data: str) -> dict:
@@ -65,10 +77,33 @@ class PreparedTrain:
 def build_spec(*, registry: Registry, **options) -> TrainSpec:
     """``train``'s options (the CLI's, or ``llm_atc.train``'s) as a spec; a training run given as the base is
     asked first how it is."""
-    from llm_atc.app.lifecycle import refresh_runs
 
     refresh_runs([options.get("base_model") or ""], registry)
-    return build_train_spec(**options, registry=registry)
+    return train_spec(registry=registry, **options)
+
+
+def train_spec(*, registry: Registry | None = None, **options) -> TrainSpec:
+    """Every option checked first (``spec.check_train_options``), then the lookups (the default bucket, a base
+    that is a run or a folder, ``--accelerator auto``), then the spec."""
+    request = check_train_options(**options)
+    registry = registry or Registry()
+    store, bucket = resolve.default_bucket(request.sizing["cloud"], registry) if request.store is None else (None, None)
+    base, base_bucket = (
+        resolve.base_model(request.base, registry) if request.base_needs_lookup else (request.base, None)
+    )
+    if not request.auto:
+        return complete_train_spec(request, base=base, base_bucket=base_bucket, store=store, bucket=bucket)
+    sized = ModelRef(name=request.base, bucket=BucketURI.parse(base_bucket)) if base_bucket else base
+    choice = resolve.auto_accelerators(sized, **request.sizing)
+    return complete_train_spec(
+        request,
+        base=base,
+        base_bucket=base_bucket,
+        store=store,
+        bucket=bucket,
+        auto_accelerator=choice.accelerator_text,
+        auto_num_nodes=choice.num_nodes,
+    )
 
 
 def serve_when_done(spec: TrainSpec, registry: Registry) -> Record | None:
@@ -76,7 +111,6 @@ def serve_when_done(spec: TrainSpec, registry: Registry) -> Record | None:
     (None without ``--serve_on``). The CLI and ``llm_atc.train`` both end with it."""
     if not spec.serve_on:
         return None
-    from llm_atc.app.adapters import serve_run_on
 
     return serve_run_on(spec.run, spec.serve_on, registry, store={**spec.envs, **spec.secrets})
 
@@ -169,7 +203,6 @@ def _unless_unreachable(dryrun: bool, check, *args):
 def _check_name(spec: TrainSpec, registry: Registry) -> TrainSpec:
     """A run's name is free unless a run of that name is recorded (and not torn down); ``--resume``
     continues such a run where it stopped, in the same place."""
-    from llm_atc.app.lifecycle import reconcile
 
     earlier = [r for r in registry.records(kind="train") if r.name == spec.run and r.status != Status.DOWN]
     reconcile(earlier, registry)
@@ -223,8 +256,6 @@ def check_hub_base(spec: TrainSpec) -> None:
     """A base model from the Hugging Face Hub exists and this token may read it (its config answers). Here it
     must also be reachable: a run on this machine downloads it; a node downloads it itself, so from a machine
     offline a cloud run goes ahead, said in one line."""
-    from llm_atc.hub import HubUnreachable, hub_file, hub_token
-    from llm_atc.models import looks_like_path
 
     base = spec.base_model
     if spec.base_bucket is not None or looks_like_path(base) or Path(base).is_dir():
@@ -275,8 +306,6 @@ def _local_base(spec: TrainSpec) -> TrainSpec:
     """A base published in a bucket (``--base_model llm-atc/<run>``), downloaded for a run here."""
     if spec.base_bucket is None:
         return spec
-    from llm_atc.paths import home
-    from llm_atc.storage import download_checkpoint
 
     uri = BucketURI.parse(spec.base_bucket)
     with store_env(spec.envs, spec.secrets):

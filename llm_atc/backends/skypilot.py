@@ -19,7 +19,10 @@ from typing import TextIO
 from llm_atc import ui
 from llm_atc.backends._base import LiveState, Workload
 from llm_atc.errors import LaunchError, NotFoundError, UserError
+from llm_atc.options import shorten
+from llm_atc.paths import home, write_private
 from llm_atc.registry import Record, Status
+from llm_atc.render import NodeFeatures
 from llm_atc.sky_sdk import import_sky, one_line, quiet_sky, uncoloured
 
 
@@ -54,7 +57,6 @@ def unsupported_feature(cloud: str | None, region: str | None, feature: str) -> 
 
 def node_features(placement):
     """:class:`~llm_atc.render.NodeFeatures` of the placement's infra, from SkyPilot's feature support."""
-    from llm_atc.render import NodeFeatures
 
     return NodeFeatures(
         open_ports=unsupported_feature(placement.cloud, placement.region, "open_ports") is None,
@@ -124,7 +126,6 @@ def cluster_exists(name: str) -> bool:
 
 
 def _no_cluster(cluster: str | None) -> str:
-    from llm_atc.options import shorten
 
     return f"cluster {shorten(cluster or '')} does not exist; see `llm-atc status`"
 
@@ -134,8 +135,6 @@ def ssh_config(cluster: str) -> Path:
     cluster (as `sky status` does), with ``~`` spelt out so it does not depend on ssh's idea of home."""
     import_sky()
     from sky.client.cli import command  # the function SkyPilot's CLI uses to write ~/.sky/generated/ssh/
-
-    from llm_atc.paths import home, write_private
 
     with sky_errors(cluster):
         found = command._get_cluster_records_and_set_ssh_config([cluster])

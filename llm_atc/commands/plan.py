@@ -71,13 +71,9 @@ def plan(name, source, mode, max_model_len, task, dtype, quantization, cloud, re
     name = name[0]
     if task != "auto" and mode != "serve":
         raise click.UsageError(f"--task {task} goes with --mode serve")
-    if source is None:
-        from llm_atc.app.lifecycle import refresh_runs
-        from llm_atc.registry import Registry
-
-        refresh_runs([name], Registry())
+    model = _model(name, source)
     result = planning.make_plan(
-        name,
+        model,
         mode=mode,
         task=None if task == "auto" else task,
         max_model_len=max_model_len,
@@ -86,9 +82,8 @@ def plan(name, source, mode, max_model_len, task, dtype, quantization, cloud, re
         cloud=cloud,
         region=region,
         use_spot=use_spot,
-        source=source,
     )
-    path = _load_path(name, source) if mode == "serve" else None
+    path = _load_path(model) if mode == "serve" else None
     serves = _serves(result.model, task) if mode == "serve" else None
     if as_json:
         weights = {"weights": {"stream": path.stream, "note": path.note}} if path else {}
@@ -127,21 +122,17 @@ def _plan_several(names, source, mode, as_json, **options) -> None:
 
     from rich.table import Table
 
-    from llm_atc import colocate, ui
-    from llm_atc.app.lifecycle import refresh_runs
+    from llm_atc import ui
     from llm_atc.errors import UserError
-    from llm_atc.models import resolve_model
-    from llm_atc.planning import GIB
-    from llm_atc.registry import Registry
-    from llm_atc.spec import several_models
+    from llm_atc.planning import GIB, colocate
+    from llm_atc.spec import check_no_adapters, check_serve_options
 
     if mode != "serve" or source:
         raise UserError("several --name plan a deployment of several models: --mode serve, without --source")
-    registry = Registry()
-    refresh_runs(names, registry)
-    first = resolve_model(names[0], None, registry)
-    models = (first, *several_models(first, list(names[1:]), registry, engine="vllm", given={}))
-    result = colocate.make_plan(models, registry=registry, **options)
+    check_serve_options(list(names), cloud="local")  # the same checks as serve's: each model once, at most so many
+    models = tuple(_model(name, None) for name in names)
+    check_no_adapters(models)
+    result = colocate.make_plan(models, **options)
     if as_json:
         ui.raw_out(json.dumps(result.to_dict(), indent=2) + "\n")
         return
@@ -173,14 +164,23 @@ def _plan_several(names, source, mode, as_json, **options) -> None:
     ui.out(f"\n--accelerator auto: {','.join(result.auto)}")
 
 
-def _load_path(name: str, source: str | None):
-    """How `serve --weights auto` gets this model's weights, when they are in a bucket; else None."""
-    from llm_atc.models import resolve_model
+def _model(name: str, source: str | None):
+    """``--name``/``--source`` resolved as ``serve`` resolves them (a training run asked first how it is)."""
+    from llm_atc.app.lifecycle import refresh_runs
+    from llm_atc.app.resolve import resolve_model
     from llm_atc.registry import Registry
+
+    registry = Registry()
+    if source is None:
+        refresh_runs([name], registry)
+    return resolve_model(name, source, registry)
+
+
+def _load_path(model):
+    """How `serve --weights auto` gets this model's weights, when they are in a bucket; else None."""
     from llm_atc.storage import check_checkpoint
     from llm_atc.weights import load_path
 
-    model = resolve_model(name, source, Registry())
     return load_path(check_checkpoint(model.bucket)) if model.bucket is not None else None
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llm_atc.catalog import Offer, catalog_clouds, list_offers
 from llm_atc.errors import UserError
-from llm_atc.planning import GIB, GPU_MEMORY_UTILIZATION, MemoryEstimate
+from llm_atc.planning.catalog import Offer, catalog_clouds, list_offers
+from llm_atc.planning.memory import GIB, GPU_MEMORY_UTILIZATION, MemoryEstimate, estimate_memory
+from llm_atc.planning.model_info import load_model_info
+from llm_atc.planning.plan import AutoChoice, resolve_clouds
 
 # A CPU engine's own memory besides weights and KV cache: Python, torch and vLLM's buffers.
 CPU_ENGINE_OVERHEAD_GIB = 1.5
@@ -132,13 +134,11 @@ def on_cpus(estimates: Sequence[MemoryEstimate] | None, names: Sequence[str], av
     return Layout(shares, "Engines: on the CPUs, sharing the host's memory (the KV cache is split between them).")
 
 
-def estimates_of(models, *, max_model_len=None, dtype=None, quantization=None, registry=None) -> list[MemoryEstimate]:
+def estimates_of(models, *, max_model_len=None, dtype=None, quantization=None) -> list[MemoryEstimate]:
     """The planner's serving estimate of each model (a ModelRef or anything ``load_model_info`` reads)."""
-    from llm_atc.planning import estimate_memory, load_model_info
-
     return [
         estimate_memory(
-            load_model_info(model, registry=registry),
+            load_model_info(model),
             mode="serve",
             max_model_len=max_model_len,
             dtype=dtype,
@@ -205,16 +205,11 @@ def make_plan(
     cloud: str | None = None,
     region: str | None = None,
     use_spot: bool = False,
-    registry=None,
 ) -> JointPlan:
     """Size every model and find, in SkyPilot's catalog, the single nodes that fit them all together."""
-    from llm_atc.planning import _resolve_clouds
-
     names = [getattr(m, "name", str(m)) for m in models]
-    estimates = estimates_of(
-        models, max_model_len=max_model_len, dtype=dtype, quantization=quantization, registry=registry
-    )
-    clouds = _resolve_clouds(cloud, region)
+    estimates = estimates_of(models, max_model_len=max_model_len, dtype=dtype, quantization=quantization)
+    clouds = resolve_clouds(cloud, region)
     best: dict[tuple, tuple] = {}  # the cheapest offer per (GPU, count)
     for offer in list_offers(clouds, region):
         price = offer.hourly(use_spot)
@@ -233,8 +228,6 @@ def make_plan(
 
 def auto_accelerators(models, *, max_model_len: int | None = None, **options):
     """``--accelerator auto`` for several models on one node (see :attr:`JointPlan.auto`)."""
-    from llm_atc.planning import AutoChoice
-
     plan = make_plan(models, max_model_len=max_model_len, **options)
     if not plan.options:
         weights = sum(e.weight_bytes for e in plan.estimates) / GIB
@@ -245,7 +238,7 @@ def auto_accelerators(models, *, max_model_len: int | None = None, **options):
     return AutoChoice(tuple(plan.auto), 1, max_model_len, plan=None)
 
 
-def layout_for(spec, *, registry=None, available_bytes: int | None = None) -> Layout:
+def layout_for(spec, *, available_bytes: int | None = None) -> Layout:
     """Where each engine of ``spec`` (several models) goes on its node. Bucket models are read with the
     store settings in effect; ``available_bytes``: this machine's free memory, for CPU engines here."""
     names = spec.served_names
@@ -256,7 +249,6 @@ def layout_for(spec, *, registry=None, available_bytes: int | None = None) -> La
             max_model_len=spec.max_model_len,
             dtype=spec.dtype,
             quantization=spec.quantization,
-            registry=registry,
         )
     except UserError as exc:
         why = f"the models could not be sized ({str(exc).splitlines()[0][:200]})"
@@ -287,7 +279,7 @@ def gpu_memory(gpus: Sequence[str]) -> float | None:
         offers = list_offers(clouds) if clouds else []
     except UserError:
         return None
-    sizes = {}
+    sizes: dict[str, float] = {}
     for offer in offers:
         if offer.accelerator.lower() in wanted and offer.gpu_memory_gib:
             name = offer.accelerator.lower()
