@@ -11,7 +11,6 @@ from llm_atc.app import adapters, lifecycle
 from llm_atc.errors import LaunchError, UserError
 from llm_atc.handle import RecordHandle
 from llm_atc.readiness import post_json, wait_ready
-from llm_atc.tunnel import forward
 
 
 class Deployment(RecordHandle):
@@ -125,7 +124,7 @@ class Deployment(RecordHandle):
                 OpenAI(base_url=base_url, api_key="-").chat.completions.create(...)
         """
 
-        with forward(self.record, local_port=local_port) as tunnel:
+        with lifecycle.forward(self.record, local_port=local_port) as tunnel:
             yield tunnel.base_url
 
     def add_adapter(self, name: str, ref: str, envs: dict[str, str] | None = None) -> None:

@@ -31,6 +31,25 @@ def test_specs_are_pure():
     assert sorted(m for m in reached if m.removeprefix("llm_atc.").split(".")[0] in IMPURE) == []
 
 
+# What only app/ may call: launching, specs, buckets, the Hub, SkyPilot, rendering, planning, tunnels.
+WORKERS = ("backends", "spec", "storage", "hub", "sky_sdk", "render", "planning", "models", "weights", "tunnel")
+FRONTS = ("llm_atc", "llm_atc.cli", "llm_atc.api", "llm_atc.deployment", "llm_atc.handle")
+
+
+def test_commands_and_the_python_api_go_through_app():
+    """The CLI and ``llm_atc.serve``/``train``/... reach the work only through ``app/``, so the two cannot drift."""
+    edges = imports.graph()
+    fronts = [m for m in edges if m in FRONTS or m.startswith("llm_atc.commands")]
+    assert len(fronts) > 15
+    reached = sorted(
+        (front, target)
+        for front in fronts
+        for target in edges[front]
+        if target.removeprefix("llm_atc.").split(".")[0] in WORKERS
+    )
+    assert reached == []
+
+
 def test_the_report_sees_a_circle_and_an_upward_import():
     """The checks above can fail: a lower module importing app both goes up and closes a circle."""
     edges = {"llm_atc.app.serve": {"llm_atc.spec"}, "llm_atc.spec": {"llm_atc.app.serve"}}

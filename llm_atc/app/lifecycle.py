@@ -8,12 +8,18 @@ read the truth through it. ``end`` stops or tears down, or says in one line why 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from llm_atc import ui
 from llm_atc.backends import LiveState, backend_for
 from llm_atc.bucket_uri import RUN_PREFIX
 from llm_atc.errors import LaunchError, NotFoundError, UserError
+from llm_atc.readiness import served_models, try_model
 from llm_atc.registry import Record, Registry, Status
 from llm_atc.storage import BucketURI, check_checkpoint, delete_prefix, store_env
+from llm_atc.tunnel import Tunnel
+from llm_atc.tunnel import forward as open_tunnel
 
 ENDED = (Status.DOWN, Status.SUCCEEDED, Status.FAILED, Status.STOPPED)
 # action -> (question verb, progress verb, past tense, status recorded)
@@ -234,3 +240,30 @@ def endpoint(ref: str | Record, *, registry: Registry, port: int = 8000) -> tupl
     if record.id is not None and url != record.endpoint:
         registry.update(record, endpoint=url)
     return record, url
+
+
+def replicas(record: Record) -> list[tuple[str, str, str, str, str]]:
+    """A SkyServe service's replicas, as rows (REPLICA, STATUS, INFRA, RESOURCES, $/HOUR); none for the rest."""
+    return backend_for(record).replicas(record) if record.mode == "service" else []
+
+
+def check_models(base: str, record: Record, api_key: str | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """Every model id the endpoint at ``base`` lists, with the answer to one real request of its kind for each
+    of the deployment's own models; and those of its own models the endpoint does not list."""
+    engine, cafile = record.engine or "vllm", record.details.get("tls_cert")
+    listed = served_models(base, engine, record.name, api_key=api_key, cafile=cafile)
+    ours = record.served if record.id is not None else []  # a cluster llm-atc did not launch: just list
+    answers = [
+        (model, try_model(base, model, record.task_of(model), engine=engine, api_key=api_key, cafile=cafile))
+        if model in ours
+        else (model, "")
+        for model in listed
+    ]
+    return answers, [name for name in ours if name not in listed]
+
+
+@contextmanager
+def forward(record: Record, *, local_port: int | None = None) -> Iterator[Tunnel]:
+    """An SSH tunnel from 127.0.0.1 to the deployment's engine, open while the block runs."""
+    with open_tunnel(record, local_port=local_port) as tunnel:
+        yield tunnel

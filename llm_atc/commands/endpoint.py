@@ -53,9 +53,7 @@ def endpoint(name, check, port, forward, local_port, show_key):
     if not forward:
         show(lifecycle.endpoint(record, registry=registry)[1])
         return
-    from llm_atc.tunnel import forward as open_tunnel
-
-    with open_tunnel(record, local_port=local_port) as tunnel:
+    with lifecycle.forward(record, local_port=local_port) as tunnel:
         show(tunnel.endpoint)
         ui.info(f"Forwarding {tunnel.endpoint} to port {record.port or port} on {record.cluster}; Ctrl-C closes it.")
         try:
@@ -67,17 +65,12 @@ def endpoint(name, check, port, forward, local_port, show_key):
 def _check(base: str, record, api_key: str | None) -> None:
     """Every model id the endpoint lists; each of the deployment's own models answers one real request."""
     from llm_atc import ui
+    from llm_atc.app.lifecycle import check_models
     from llm_atc.errors import LaunchError
-    from llm_atc.readiness import served_models, try_model
 
-    engine, cafile = record.engine or "vllm", record.details.get("tls_cert")
-    listed = served_models(base, engine, record.name, api_key=api_key, cafile=cafile)
-    ours = record.served if record.id is not None else []  # a cluster llm-atc did not launch: just list
-    for model in listed:
-        answer = ""
-        if model in ours:
-            answer = try_model(base, model, record.task_of(model), engine=engine, api_key=api_key, cafile=cafile)
+    answers, missing = check_models(base, record, api_key)
+    for model, answer in answers:
         ui.out(f"  {model}  {answer}".rstrip())
-    missing = [name for name in ours if name not in listed]
     if missing:
-        raise LaunchError(f"the endpoint does not list {', '.join(missing)} among its models ({', '.join(listed)})")
+        listed = ", ".join(model for model, _ in answers)
+        raise LaunchError(f"the endpoint does not list {', '.join(missing)} among its models ({listed})")

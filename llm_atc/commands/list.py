@@ -19,7 +19,7 @@ def list_(model_type, name_filter, limit, remote, checkpoint_bucket, checkpoint_
     from rich.table import Table
 
     from llm_atc import ui
-    from llm_atc.runs import list_runs
+    from llm_atc.app.runs import list_runs
 
     rows = list_runs(
         model_type=model_type,

@@ -58,84 +58,47 @@ def plan(name, source, mode, max_model_len, task, dtype, quantization, cloud, re
     """
     import json
 
-    from llm_atc import planning, ui
+    from llm_atc import ui
+    from llm_atc.app.plan import plan_model, plan_models
+    from llm_atc.errors import UserError
     from llm_atc.options import check_number
 
     check_number(max_model_len, "--max_model_len")
     if len(name) > 1 and task != "auto":
         raise click.UsageError("--task applies to one model; several --name are each planned for what they serve")
+    options = dict(max_model_len=max_model_len, dtype=dtype, quantization=quantization, cloud=cloud, region=region,
+                   use_spot=use_spot)  # fmt: skip
     if len(name) > 1:
-        _plan_several(name, source, mode, as_json, max_model_len=max_model_len, dtype=dtype,
-                      quantization=quantization, cloud=cloud, region=region, use_spot=use_spot)  # fmt: skip
+        if mode != "serve" or source:
+            raise UserError("several --name plan a deployment of several models: --mode serve, without --source")
+        joint = plan_models(name, **options)
+        if as_json:
+            ui.raw_out(json.dumps(joint.to_dict(), indent=2) + "\n")
+        else:
+            _render_several(joint)
         return
-    name = name[0]
     if task != "auto" and mode != "serve":
         raise click.UsageError(f"--task {task} goes with --mode serve")
-    model = _model(name, source)
-    result = planning.make_plan(
-        model,
-        mode=mode,
-        task=None if task == "auto" else task,
-        max_model_len=max_model_len,
-        dtype=dtype,
-        quantization=quantization,
-        cloud=cloud,
-        region=region,
-        use_spot=use_spot,
-    )
-    path = _load_path(model) if mode == "serve" else None
-    serves = _serves(result.model, task) if mode == "serve" else None
+    found = plan_model(name[0], source, mode=mode, task=task, **options)
     if as_json:
-        weights = {"weights": {"stream": path.stream, "note": path.note}} if path else {}
-        serving = {"serving": serves[0]} if serves else {}
-        ui.raw_out(json.dumps({**result.to_dict(), **weights, **serving}, indent=2) + "\n")
+        weights = {"weights": {"stream": found.weights.stream, "note": found.weights.note}} if found.weights else {}
+        serving = {"serving": found.serving} if found.serving else {}
+        ui.raw_out(json.dumps({**found.plan.to_dict(), **weights, **serving}, indent=2) + "\n")
         return
-    _render(result)
-    if serves:
-        ui.out(f"Serves: {ui.escape(serves[1])}")
-    if path is not None:
-        ui.out(ui.escape(path.note))
+    _render(found.plan)
+    if found.serving_text:
+        ui.out(f"Serves: {ui.escape(found.serving_text)}")
+    if found.weights is not None:
+        ui.out(ui.escape(found.weights.note))
 
 
-def _serves(info, task: str) -> tuple[dict, str]:
-    """What `serve` would start vLLM for (the task and the parsers of the model's family): JSON and a line."""
-    from llm_atc import model_tasks
-
-    serving, choice, family = model_tasks.choose(
-        info.config,
-        names=[info.name, str(info.config.get("_name_or_path") or "")],
-        sentence_transformers=info.sentence_transformers,
-        adapter=info.adapter_of is not None,
-        task=task,
-    )
-    why = f"the {family.family} family" if family else choice.why
-    flags = " ".join(serving.flags())
-    return (
-        {**serving.details(), "family": family.family if family else None, "vllm_flags": serving.flags()},
-        f"{serving.summary()} ({why})" + (f"; vLLM gets {flags}" if flags else ""),
-    )
-
-
-def _plan_several(names, source, mode, as_json, **options) -> None:
-    """Several models on one node: where each engine goes on each GPU type that fits them all."""
-    import json
-
+def _render_several(result) -> None:
+    """Each model's needs, and the single nodes that fit them together."""
     from rich.table import Table
 
     from llm_atc import ui
-    from llm_atc.errors import UserError
-    from llm_atc.planning import GIB, colocate
-    from llm_atc.spec import check_no_adapters, check_serve_options
+    from llm_atc.app.plan import GIB
 
-    if mode != "serve" or source:
-        raise UserError("several --name plan a deployment of several models: --mode serve, without --source")
-    check_serve_options(list(names), cloud="local")  # the same checks as serve's: each model once, at most so many
-    models = tuple(_model(name, None) for name in names)
-    check_no_adapters(models)
-    result = colocate.make_plan(models, **options)
-    if as_json:
-        ui.raw_out(json.dumps(result.to_dict(), indent=2) + "\n")
-        return
     for model, estimate in zip(result.names, result.estimates, strict=True):
         rest = (
             f"{estimate.kv_cache_bytes / GIB:.1f} GiB of KV cache for {estimate.max_model_len} tokens"
@@ -164,30 +127,11 @@ def _plan_several(names, source, mode, as_json, **options) -> None:
     ui.out(f"\n--accelerator auto: {','.join(result.auto)}")
 
 
-def _model(name: str, source: str | None):
-    """``--name``/``--source`` resolved as ``serve`` resolves them (a training run asked first how it is)."""
-    from llm_atc.app.lifecycle import refresh_runs
-    from llm_atc.app.resolve import resolve_model
-    from llm_atc.registry import Registry
-
-    registry = Registry()
-    if source is None:
-        refresh_runs([name], registry)
-    return resolve_model(name, source, registry)
-
-
-def _load_path(model):
-    """How `serve --weights auto` gets this model's weights, when they are in a bucket; else None."""
-    from llm_atc.storage import check_checkpoint
-    from llm_atc.weights import load_path
-
-    return load_path(check_checkpoint(model.bucket)) if model.bucket is not None else None
-
-
 def _render(result) -> None:
     from rich.table import Table
 
-    from llm_atc import planning, ui
+    from llm_atc import ui
+    from llm_atc.app.plan import GIB, iter_terms
 
     estimate = result.estimate
     adapter = f", a LoRA adapter on {result.model.adapter_of}" if result.model.adapter_of else ""
@@ -198,7 +142,7 @@ def _render(result) -> None:
     terms = Table(box=None, show_header=False, padding=(0, 1))
     terms.add_column(style="bold")
     terms.add_column()
-    for label, text in planning.iter_terms(estimate):
+    for label, text in iter_terms(estimate):
         terms.add_row(label, ui.escape(text))
     ui.out(terms)
     for note in estimate.notes:
@@ -228,7 +172,7 @@ def _render(result) -> None:
                 option.accelerators,
                 str(option.nodes),
                 f"{offer.gpu_memory_gib:.1f}",
-                f"{option.need_bytes / planning.GIB:.1f}",
+                f"{option.need_bytes / GIB:.1f}",
                 offer.cloud,
                 str(offer.instance_type or "-"),
                 str(option.region or "-"),

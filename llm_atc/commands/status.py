@@ -44,13 +44,12 @@ def status(name, show_all, as_json):
         unknown = sum(1 for row in found if row.cost_so_far is None and row.price_source != "own hardware")
         ui.out(f"Cost so far: ${sum(known):.2f}" + (f" ({unknown} without a known price)" if unknown else ""))
     if name:
-        from llm_atc.app.lifecycle import lookup
-        from llm_atc.backends import backend_for
+        from llm_atc.app import lifecycle
         from llm_atc.registry import Registry
 
-        record = lookup(name, Registry())
+        record = lifecycle.lookup(name, Registry())
         if record.mode == "service":
-            replicas = backend_for(record).replicas(record)
+            replicas = lifecycle.replicas(record)
             ui.out(
                 _table(Table, ("REPLICA", "STATUS", "INFRA", "RESOURCES", "$/HOUR"), replicas)
                 if replicas

@@ -25,6 +25,7 @@ def list_runs(
         raise UserError(f"--limit {limit}: must be at least 1")
     if remote and not (bucket and store):
         raise UserError("--remote needs --checkpoint_bucket and --checkpoint_store")
+    where = (store, bucket) if remote and store and bucket else None
     records = [
         r
         for r in (registry or Registry()).records(kind="train")
@@ -43,14 +44,14 @@ def list_runs(
                 "DESCRIPTION": record.details.get("description") or "",
             }
         )
-    if remote:
-        rows = _with_remote(rows, store, bucket, name_filter)
+    if where:
+        rows = _with_remote(rows, *where, name_filter)
     return rows[:limit] if limit else rows
 
 
-def _with_remote(rows: list[dict], store: str, bucket: str, name_filter: str | None) -> list[dict]:
+def _with_remote(rows: list[dict], store_name: str, bucket: str, name_filter: str | None) -> list[dict]:
     """Add a WHERE column and the runs that exist only in the bucket."""
-    root = BucketURI.for_run(store, bucket, "x")
+    root = BucketURI.for_run(store_name, bucket, "x")
     root = BucketURI(root.scheme, root.bucket, RUN_PREFIX)
     store = ObjectStore(root.scheme)
     if not store.bucket_exists(root.bucket):
