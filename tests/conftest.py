@@ -9,21 +9,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import types
-import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.buckets import upload_folder
+from support.cli import CLIResult, run_cli, unique, using_home
+from support.net import Server, free_port, wait_http
+from support.paths import BIN, ROOT
+from support.sky_boundary import FAKE_CLOUD_NAMES, FakeSky
+from support.training import sharegpt, train_args
+from support.vllm_setup import CHAT_TEMPLATE, EOS_TOKEN, RESPONSE_ROLE, VLLM_KEY
 
 # Engines (`llm-atc engines install vllm`, a few GB) are installed once per machine, in the
 # user's own llm-atc home; the tests use them from there.
@@ -50,51 +50,9 @@ for _var in ("AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST", "AWS_PROFILE"):
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 os.environ["SKYPILOT_API_SERVER_LOCAL_PORT"] = str(free_port())
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # it answered
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-class Server:
-    """A background process in its own process group, stopped on close."""
-
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
-        self.log = log
-        with log.open("wb") as handle:
-            self.process = subprocess.Popen(
-                args, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, env=env
-            )
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
 
 
 @pytest.fixture(scope="session")
@@ -170,24 +128,6 @@ def gcs(gcs_endpoint, monkeypatch):
     return storage.Client(project="llm-atc-local", credentials=AnonymousCredentials())
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{time.time_ns() % 10**10}"
-
-
-def weight_reads(moto_log: Path, key: str) -> list[str]:
-    """moto's log lines for GETs of ``bucket/key`` (boto3 sends the path, the streamer's C++ client the
-    whole URL)."""
-    request = re.compile(r'"GET (https?://[^/ ]+)?/' + re.escape(key) + r" HTTP")
-    return [line for line in moto_log.read_text().splitlines() if request.search(line)]
-
-
-def upload_folder(folder: Path, put) -> None:
-    """Upload every file of ``folder`` with ``put(relative_name, path)``."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            put(str(path.relative_to(folder)), path)
-
-
 @pytest.fixture
 def s3_checkpoint(s3, tiny_model):
     """The tiny model uploaded to ``s3://<bucket>/llm-atc/tiny``; returns the URI."""
@@ -205,14 +145,6 @@ def gcs_checkpoint(gcs, tiny_model):
     return f"gs://{bucket.name}/llm-atc/tiny"
 
 
-class CLIResult:
-    def __init__(self, code: int, stdout: str, stderr: str):
-        self.exit_code, self.stdout, self.stderr = code, stdout, stderr
-
-    def __repr__(self):
-        return f"<exit {self.exit_code}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}>"
-
-
 @pytest.fixture
 def cli():
     """Run ``llm-atc ARGS`` in-process through Click's CliRunner (stdout and stderr apart)."""
@@ -226,21 +158,6 @@ def cli():
         return CLIResult(result.exit_code, result.stdout, result.stderr)
 
     return run
-
-
-def assert_one_line_error(result: CLIResult, *fragments: str) -> None:
-    """A user mistake: non-zero exit, one ``Error:`` line naming the problem, no traceback of ours.
-
-    Progress lines may come before it; an engine's own log tail may follow it.
-    """
-    assert result.exit_code != 0, result
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [i for i, line in enumerate(lines) if line.startswith("Error: ")]
-    assert len(errors) == 1, result
-    assert not any("Traceback" in line for line in lines[: errors[0] + 1]), result
-    assert "Traceback" not in result.stdout
-    for fragment in fragments:
-        assert fragment in lines[errors[0]], result
 
 
 @pytest.fixture(scope="session")
@@ -279,41 +196,6 @@ def pytest_sessionfinish(session, exitstatus):
 
 # --- the real vLLM server (CPU build) ------------------------------------------------------------
 
-VLLM_KEY = "llm-atc-tests-key"
-TEMPLATE_MARKER = "[[llm-atc template]]"
-# A chat template of our own: its marker shows in the prompt vLLM renders (see /tokenize).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    + TEMPLATE_MARKER
-    + "{% for m in messages %}{{ m['role'] + ':\n' + m['content'] + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}"
-)
-EOS_TOKEN = "Ġnumber"  # one token of the tiny model's tokenizer, made an extra end of generation
-RESPONSE_ROLE = "$(touch {marker})"  # a --vllm_args value that vLLM echoes back in every reply
-
-
-@contextmanager
-def using_home(path: Path):
-    """``$LLM_ATC_HOME`` set to ``path`` inside the block (for session-wide state)."""
-    before = os.environ.get("LLM_ATC_HOME")
-    os.environ["LLM_ATC_HOME"] = str(path)
-    try:
-        yield path
-    finally:
-        if before is None:
-            os.environ.pop("LLM_ATC_HOME", None)
-        else:
-            os.environ["LLM_ATC_HOME"] = before
-
-
-def run_cli(*args: str) -> CLIResult:
-    from click.testing import CliRunner
-
-    from llm_atc.cli import cli as command
-
-    result = CliRunner(mix_stderr=False).invoke(command, list(args), catch_exceptions=False, prog_name="llm-atc")
-    return CLIResult(result.exit_code, result.stdout, result.stderr)
-
 
 @pytest.fixture(scope="session")
 def vllm_engine():
@@ -327,37 +209,6 @@ def vllm_engine():
             f"(it goes to {engines.engines_home()})"
         )
     return found
-
-
-def sharegpt(n: int = 8) -> list[dict]:
-    return [
-        {
-            "id": f"c{i}",
-            "conversations": [
-                {"from": "human", "value": f"What is {i} plus {i}?"},
-                {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."},
-            ],
-        }
-        for i in range(n)
-    ]
-
-
-def train_args(data: Path, tiny_model, name: str, *extra: str) -> list[str]:
-    """`llm-atc train` of a LoRA run on ``data`` from the tiny model, on this machine."""
-    return [
-        "train",
-        "--model_type",
-        "lora",
-        "--finetune_data",
-        str(data),
-        "--base_model",
-        str(tiny_model),
-        "--cloud",
-        "local",
-        "--name",
-        name,
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="session")
@@ -456,111 +307,6 @@ def vllm_deployment(vllm_engine, session_home, session_dir, tiny_model, lora_run
 # --- the one boundary that cannot run here: a public cloud provisioning a GPU VM -----------------
 
 
-class FakeCluster:
-    """A cluster as ``sky.status`` describes it."""
-
-    def __init__(self, name: str, status: str):
-        from sky.utils import status_lib
-
-        self.name, self.status = name, status_lib.ClusterStatus[status]
-        self.handle = types.SimpleNamespace(head_ip="10.0.0.1", launched_resources=None)
-        self.resources_str = "1x(gpus=L4:1)"
-
-
-class FakeSky:
-    """Stands in for SkyPilot's client SDK where it would provision cloud VMs; every call is recorded.
-
-    Its calls return their results directly as "request ids"; ``get`` hands them back. The "VM's"
-    engine, when a test needs one, is a real server at ``engine_url``.
-    """
-
-    def __init__(self, engine_url: str | None = None, job_status: str = "RUNNING", interrupt: bool = False):
-        self.engine_url, self.job_state, self.interrupt = engine_url, job_status, interrupt
-        self.launches, self.downs, self.stops, self.cancels = [], [], [], []
-        self.clusters: dict[str, str] = {}  # cluster name -> SkyPilot status (UP, STOPPED, INIT)
-        self.jobs = FakeManagedJobs()
-
-    def launch(self, task, **kwargs):
-        self.launches.append((task, kwargs))
-        self.clusters[kwargs["cluster_name"]] = "UP"
-        return (1, None)
-
-    def stream_and_get(self, request_id):
-        return request_id
-
-    get = stream_and_get
-
-    def status(self, cluster_names=None):
-        return [
-            FakeCluster(name, state)
-            for name, state in self.clusters.items()
-            if cluster_names is None or name in cluster_names
-        ]
-
-    def endpoints(self, cluster, port):
-        if self.interrupt:
-            raise KeyboardInterrupt
-        return {port: self.engine_url}
-
-    def job_status(self, cluster, job_ids):
-        from sky.skylet.job_lib import JobStatus
-
-        return {job_ids[0]: JobStatus[self.job_state]}
-
-    def stop(self, cluster):
-        self.stops.append(cluster)
-        self.clusters[cluster] = "STOPPED"
-
-    def cancel(self, cluster, job_ids=None):
-        self.cancels.append((cluster, job_ids))
-
-    def down(self, cluster):
-        import sky
-
-        if cluster not in self.clusters:
-            raise sky.exceptions.ClusterDoesNotExist(f"Cluster {cluster!r} does not exist.")
-        self.downs.append(cluster)
-        del self.clusters[cluster]
-
-    def tail_logs(self, cluster, job_id, follow, tail=0, output_stream=None):
-        lines = [f"engine line {i}" for i in range(30)] + ["\x1b[31mValueError: not a model\x1b[0m"]
-        (output_stream or sys.stdout).write("\n".join(lines[-tail:] if tail else lines) + "\n")
-        return 0 if self.job_state == "SUCCEEDED" else 1
-
-
-class FakeManagedJobs:
-    """``sky.jobs``: a jobs controller that records what it is asked and reports ``statuses``."""
-
-    def __init__(self):
-        self.launches, self.cancels = [], []
-        self.statuses: dict[int, str] = {}  # job id -> ManagedJobStatus name
-
-    def launch(self, task, name=None):
-        self.launches.append((task, name))
-        job_id = 10 + len(self.launches)
-        self.statuses[job_id] = "PENDING"
-        return ([job_id], None)
-
-    def queue_v2(self, refresh, skip_finished=False, job_ids=None):
-        from sky.jobs import ManagedJobStatus
-
-        jobs = [
-            {"job_id": i, "status": ManagedJobStatus[s]}
-            for i, s in self.statuses.items()
-            if job_ids is None or i in job_ids
-        ]
-        return (jobs, len(jobs), {}, len(jobs))
-
-    def cancel(self, name=None, job_ids=None):
-        self.cancels.append(job_ids)
-        for job_id in job_ids or []:
-            self.statuses[job_id] = "CANCELLED"
-
-    def tail_logs(self, name=None, job_id=None, follow=True, tail=None, output_stream=None):
-        (output_stream or sys.stdout).write(f"managed job {job_id}: llm-atc: training finished: steps=2\n")
-        return 0
-
-
 @pytest.fixture
 def sky_boundary(monkeypatch):
     """``install(**FakeSky options)`` puts a FakeSky behind every SkyPilotBackend; returns it."""
@@ -576,57 +322,11 @@ def sky_boundary(monkeypatch):
     return install
 
 
-# What the cloud deployments of the tests serve; the session's vLLM answers to each (--alias), so that a
-# deployment's first request (readiness) reaches the model it asked for.
-FAKE_CLOUD_NAMES = ("tiny-model", "llm-atc/tiny", "Qwen/Qwen2.5-7B")
-
-
 @pytest.fixture
 def fake_sky(sky_boundary, vllm_deployment):
     """The SkyPilot boundary, whose "VM" serves with the session's real vLLM server (key VLLM_KEY)."""
     url = vllm_deployment.base_url.removeprefix("http://").removesuffix("/v1")
     return lambda **kwargs: sky_boundary(engine_url=url, **kwargs)
-
-
-class FakeServe:
-    """Stands in for ``sky.serve`` (a controller and replicas on a cloud); the replicas' engine is the
-    session's real vLLM server."""
-
-    def __init__(self, sky: FakeSky):
-        self.sky, self.ups, self.downs = sky, [], []
-
-    def up(self, task, service_name):
-        self.ups.append((task, service_name))
-        return (service_name, self.sky.engine_url)
-
-    def status(self, names):
-        from sky.serve import ReplicaStatus, ServiceStatus
-
-        if not self.ups or names[0] in self.downs:
-            return []
-        replica = {
-            "replica_id": 1,
-            "status": ReplicaStatus.READY,
-            "handle": self.sky.replica_handle,
-            "endpoint": self.sky.engine_url,
-        }
-        return [
-            {
-                "name": names[0],
-                "status": ServiceStatus.READY,
-                "endpoint": self.sky.engine_url,
-                "replica_info": [replica],
-                "requested_resources_str": "1x[L4:1]",
-            }
-        ]
-
-    def tail_logs(self, name, target, replica_id, follow, output_stream):
-        import sys
-
-        (output_stream or sys.stdout).write(f"{target} {replica_id} of {name}: INFO Started server process\n")
-
-    def down(self, names):
-        self.downs.extend(names)
 
 
 # --- SkyPilot's GPU catalog, offline: a fixture copy where SkyPilot reads it ----------------------------

@@ -11,8 +11,10 @@ import shutil
 
 import openai
 import pytest
-from conftest import assert_one_line_error, free_port, sharegpt, train_args, unique, using_home
+from support.cli import assert_one_line_error, unique, using_home
+from support.net import free_port
 from support.replicas import replica_follower, wait_for
+from support.training import sharegpt, train_args
 
 DEPLOYMENT = "vllm-session"
 
@@ -230,7 +232,7 @@ def test_deployments_without_runtime_lora_say_how_to_get_it(cli, vllm_engine, ti
 def test_a_replica_loads_what_the_service_manifest_lists(vllm_deployment, lora_run, s3, moto_endpoint, tmp_path):
     """The node side: a replica's follower loads the adapters the manifest lists (fetched from the bucket, without
     the run's base), unloads those it drops, and one started later loads everything listed."""
-    from conftest import upload_folder
+    from support.buckets import upload_folder
 
     from llm_atc.recipes.train.buckets import adapter_folder
 
@@ -274,7 +276,8 @@ def test_adapters_add_to_a_service_reaches_every_ready_replica(
     """`adapters add/list/remove SERVICE`: the adapter is uploaded next to the service's manifest in the user's
     default bucket, listed there, and the command returns once every ready replica serves it (SkyServe's replica
     here is the session's real vLLM server, with the follower each replica runs)."""
-    from conftest import VLLM_KEY, FakeServe
+    from support.sky_boundary import FakeServe
+    from support.vllm_setup import VLLM_KEY
 
     from llm_atc.registry import Registry
 

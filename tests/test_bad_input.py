@@ -8,7 +8,8 @@ import json
 import os
 
 import pytest
-from conftest import assert_one_line_error, sharegpt
+from support.cli import assert_one_line_error
+from support.training import sharegpt
 
 MODEL = "Qwen/Qwen2.5-7B"
 

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_cli, using_home
+from support.cli import assert_one_line_error, run_cli, using_home
 
 LOAD = ["--concurrency", "1,2", "--prompt_tokens", "16", "--output_tokens", "8", "--duration", "6"]
 MAX_REQUESTS = 12

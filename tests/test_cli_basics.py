@@ -8,7 +8,7 @@ import venv
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support.paths import ROOT
 
 
 def test_a_vllm_args_typo_is_reported_before_skypilot_is_imported():

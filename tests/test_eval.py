@@ -10,8 +10,8 @@ import math
 
 import pytest
 import yaml
-from conftest import assert_one_line_error
 from support.chats import mapping_chats, write_jsonl
+from support.cli import assert_one_line_error
 
 from llm_atc.evaluation import ChatLoss, TemplateMismatch, assistant_spans, chat_loss, gain, score
 from llm_atc.recipes.train.finetune import load_conversations, read_config, split_held_out

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, unique
+from support.cli import unique
+from support.paths import BIN, ROOT
 
 TRAIN_DIR = ROOT / "recipes" / "train"
 RUN_SH = TRAIN_DIR / "run.sh"

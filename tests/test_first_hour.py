@@ -16,9 +16,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import BIN, ROOT, assert_one_line_error, free_port, sharegpt, unique
+from support.cli import assert_one_line_error, unique
+from support.net import free_port
+from support.paths import BIN, ROOT
 from support.processes import group_of
 from support.tiny_models import build_head16_model
+from support.training import sharegpt
 
 from llm_atc.registry import Registry, Status
 

@@ -11,9 +11,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_one_line_error
+from support.cli import assert_one_line_error
 from support.dryrun import dryrun
 from support.gpu import fake_nvidia_smi
+from support.paths import ROOT
 
 from llm_atc.gpu_node import MIN_DRIVER, REMOVED_AFTER_INSTALL, facts
 from llm_atc.recipes_catalog import get_recipe

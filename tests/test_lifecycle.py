@@ -1,7 +1,7 @@
 """One lifecycle: records that always tell the truth, on every backend, whatever happens to the process.
 
 Real processes (engines, training runs, llm-atc itself, signals), real SQLite and real concurrency;
-the SkyPilot boundary (a cloud provisioning VMs) is the recording FakeSky of conftest.
+the SkyPilot boundary (a cloud provisioning VMs) is the recording FakeSky of support/sky_boundary.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, ROOT, assert_one_line_error, free_port, sharegpt, train_args, unique
+from support.cli import assert_one_line_error, unique
+from support.net import free_port
+from support.paths import BIN, ROOT
 from support.processes import group_of
+from support.training import sharegpt, train_args
 
 
 def registry():
@@ -558,7 +561,7 @@ def sshd(tmp_path):
     import subprocess
     import time
 
-    from conftest import free_port
+    from support.net import free_port
 
     binary = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.path.exists(binary):

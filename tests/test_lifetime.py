@@ -15,9 +15,10 @@ import time
 
 import httpx
 import pytest
-from conftest import VLLM_KEY, assert_one_line_error, unique
+from support.cli import assert_one_line_error, unique
 from support.dryrun import dryrun, sky_task
 from support.processes import group_of
+from support.vllm_setup import VLLM_KEY
 
 from llm_atc.registry import Registry, Status
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import assert_one_line_error, free_port, unique
 from openai import OpenAI
+from support.cli import assert_one_line_error, unique
+from support.net import free_port
 from support.processes import group_of
 
 URL_RE = re.compile(r"http://127\.0\.0\.1:(\d+)/v1")

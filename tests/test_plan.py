@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error
+from support.cli import assert_one_line_error
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = FIXTURES / "model_configs"

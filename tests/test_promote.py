@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_cli, train_args, unique, using_home
 from support.chats import KEYS, mapping_chats, write_jsonl
+from support.cli import assert_one_line_error, run_cli, unique, using_home
 from support.serving import local_vllm
+from support.training import train_args
 
 DEPLOYMENT = "ev-dep"
 LEARN = "MERGE=0 MAX_SEQ_LEN=64 BATCH_SIZE=8 EPOCHS=12 LR=5e-3 LORA_R=8"
@@ -260,7 +261,9 @@ def test_a_full_model_on_a_service_is_promoted_by_a_rolling_update(cli, fake_sky
     """A merged run serving as a SkyServe service: promote hands SkyServe the same task with the candidate's
     checkpoint in place of the current one (rolling; blue-green with the flag), and --rollback hands back the
     previous task."""
-    from conftest import VLLM_KEY, FakeServe, upload_folder
+    from support.buckets import upload_folder
+    from support.sky_boundary import FakeServe
+    from support.vllm_setup import VLLM_KEY
 
     from llm_atc.registry import Record, Registry, Status
 
@@ -314,8 +317,9 @@ def test_an_adapter_on_a_service_switches_on_every_replica_in_place(
     """A SkyServe service with runtime LoRA: the versions go through its manifest, and each replica's follower
     reloads NAME in place (SkyServe's replica here is the session's real vLLM server, with the follower each
     replica runs). Scored token by token: the fake replica says L4 but is vLLM's CPU build with LoRA on."""
-    from conftest import VLLM_KEY, FakeServe
     from support.replicas import replica_follower
+    from support.sky_boundary import FakeServe
+    from support.vllm_setup import VLLM_KEY
 
     live = vllm_deployment
     sky = fake_sky()

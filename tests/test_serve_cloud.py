@@ -1,7 +1,7 @@
 """`llm-atc serve` on a cloud: the rendered task (validated by SkyPilot itself), inputs, and launch.
 
 The one part that cannot run here, a cloud provisioning a GPU VM, is replaced by a
-recording stand-in for SkyPilot's client SDK (``conftest.FakeSky``); the tests assert on the
+recording stand-in for SkyPilot's client SDK (``support.sky_boundary.FakeSky``); the tests assert on the
 exact ``sky.Task`` and arguments handed to it. Everything else is real.
 """
 
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import VLLM_KEY, FakeServe, assert_one_line_error
+from support.cli import assert_one_line_error
 from support.dryrun import command_of, dryrun, flag, sky_task
+from support.sky_boundary import FakeServe
+from support.vllm_setup import VLLM_KEY
 
 from llm_atc.recipes_catalog import recipes_dir
 

@@ -14,7 +14,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import assert_one_line_error
+from support.cli import assert_one_line_error
 from support.dryrun import dryrun, engines_of, flag, sky_task
 from support.processes import group_of
 from test_plan import model_folder

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import assert_one_line_error
+from support.cli import assert_one_line_error
 
 
 def test_endpoint_of_a_missing_cluster(cli, sky_api_server):

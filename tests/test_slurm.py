@@ -24,7 +24,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, assert_one_line_error, free_port, sharegpt, unique, weight_reads
+from support.buckets import weight_reads
+from support.cli import assert_one_line_error, unique
+from support.net import free_port
+from support.paths import BIN
+from support.training import sharegpt
 
 pytestmark = pytest.mark.slurm
 

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, unique
+from support.cli import unique
+from support.net import free_port
 
 from llm_atc.errors import NotFoundError, UserError
 from llm_atc.storage import BucketURI, ObjectStore, check_checkpoint, download_checkpoint, upload_path

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import VLLM_KEY, assert_one_line_error, sharegpt, train_args, unique, upload_folder, weight_reads
+from support.buckets import upload_folder, weight_reads
+from support.cli import assert_one_line_error, unique
+from support.training import sharegpt, train_args
+from support.vllm_setup import VLLM_KEY
 
 ENGINE_ENVS = "VLLM_CPU_KVCACHE_SPACE=1"
 
@@ -244,7 +247,7 @@ def test_a_replica_streams_a_complete_weights_cache(
     import subprocess
     import time
 
-    from conftest import free_port, wait_http
+    from support.net import free_port, wait_http
 
     bucket, hub_id = unique("cache"), "llm-atc-test/tiny"
     s3.create_bucket(Bucket=bucket)

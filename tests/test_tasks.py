@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import ROOT, assert_one_line_error, unique
+from support.cli import assert_one_line_error, unique
 from support.dryrun import command_of, dryrun, sky_task
+from support.paths import ROOT
 from support.tiny_models import THINK_TOKENS, TOOL_TOKENS, build_family_model
 from test_plan import CONFIGS, model_folder
 

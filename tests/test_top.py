@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import assert_one_line_error, run_cli, using_home
+from support.cli import assert_one_line_error, run_cli, using_home
 
 from llm_atc import metrics
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_one_line_error
+from support.cli import assert_one_line_error
 from support.dryrun import sky_task
 
 

@@ -16,7 +16,8 @@ import httpx
 import openai
 import psutil
 import pytest
-from conftest import EOS_TOKEN, RESPONSE_ROLE, TEMPLATE_MARKER, assert_one_line_error, unique
+from support.cli import assert_one_line_error, unique
+from support.vllm_setup import EOS_TOKEN, RESPONSE_ROLE, TEMPLATE_MARKER
 
 
 def get(deployment, path: str, **kwargs) -> httpx.Response:
@@ -30,7 +31,7 @@ def post(deployment, path: str, body: dict) -> httpx.Response:
 
 
 def engine_processes(deployment) -> list[psutil.Process]:
-    from conftest import using_home
+    from support.cli import using_home
 
     from llm_atc.registry import Registry
 
@@ -60,7 +61,7 @@ def test_chat_stream_and_completions_through_the_openai_client(vllm_deployment):
 
 
 def test_engine_auto_chose_vllm_and_the_snippet_reads_the_key(vllm_deployment):
-    from conftest import using_home
+    from support.cli import using_home
 
     from llm_atc.registry import Registry
 
@@ -132,7 +133,7 @@ def test_vllm_args_reach_vllm_as_data(vllm_deployment):
 
 
 def test_the_log_shows_the_exact_command_from_the_task(vllm_deployment):
-    from conftest import run_cli, using_home
+    from support.cli import run_cli, using_home
 
     from llm_atc.registry import Registry
 
@@ -237,8 +238,8 @@ def test_engines_lists_the_installed_build(cli, vllm_engine):
 def test_https_with_the_certificate_given(cli, vllm_engine, tiny_model, tls_files):
     """--tls_cert/--tls_key: vLLM serves HTTPS itself; readiness, `endpoint --check` and the openai client
     (trusting the certificate) go over https, and plain HTTP gets nowhere."""
-    from conftest import VLLM_KEY
     from openai import OpenAI
+    from support.vllm_setup import VLLM_KEY
 
     cluster = unique("vllm-tls")
     result = cli(
