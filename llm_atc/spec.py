@@ -559,7 +559,7 @@ def check_serve_options(
         raise UserError("--keep_on_failure applies to clusters; locally a failed engine has already exited")
     template = read_chat_template(chat_template)
     if len(names) > 1:
-        _check_several(
+        check_several(
             names,
             engine=engine,
             given={
@@ -770,7 +770,7 @@ def _check_serve_limits(limits: Limits, *, policy: ReplicaPolicy | None, engine:
 MAX_MODELS = 8
 
 
-def _check_several(names: list[str], *, engine: str, given: dict) -> None:
+def check_several(names: list[str], *, engine: str, given: dict) -> None:
     """``--name A --name B ...``: each model served by a vLLM of its own behind vLLM's router; the options that
     belong to one model are refused."""
     if engine == "transformers":

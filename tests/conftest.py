@@ -21,6 +21,7 @@ from support.buckets import upload_folder
 from support.cli import CLIResult, run_cli, unique, using_home
 from support.net import Server, free_port, wait_http
 from support.paths import BIN, ROOT
+from support.processes import tear_down_on_sigterm
 from support.sky_boundary import FAKE_CLOUD_NAMES, FakeSky
 from support.training import sharegpt, train_args
 from support.vllm_setup import CHAT_TEMPLATE, EOS_TOKEN, RESPONSE_ROLE, VLLM_KEY
@@ -49,6 +50,7 @@ for _var in ("AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST", "AWS_PROFILE"):
 # pass that on to every command the tests interrupt with Ctrl-C: give them the default back.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+tear_down_on_sigterm()  # a session ended by SIGTERM still stops its API server, emulators and engines
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 from support.cli import assert_one_line_error
-from support.training import sharegpt
+from support.training import sharegpt, train_args
 
 MODEL = "Qwen/Qwen2.5-7B"
 
@@ -262,19 +262,7 @@ def test_an_adapter_among_several_models_is_refused(cli, nothing_happens, tmp_pa
 def test_a_local_run_checks_its_packages_before_it_starts(cli, tiny_model, tmp_path, monkeypatch, llm_atc_home):
     data = tmp_path / "chats.json"
     data.write_text(json.dumps(sharegpt()))
-    args = [
-        "train",
-        "--model_type",
-        "lora",
-        "--finetune_data",
-        str(data),
-        "--base_model",
-        str(tiny_model),
-        "--cloud",
-        "local",
-        "--name",
-        "pre",
-    ]
+    args = train_args(data, tiny_model, "pre")
     refused(cli, *args, "--envs", "WANDB_API_KEY=wandb-key", fragments=["WANDB_API_KEY", "pip install wandb"])
     import sys
 

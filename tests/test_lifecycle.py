@@ -674,3 +674,50 @@ def test_a_wrong_readiness_path_fails_in_seconds_not_at_the_timeout(cli, tiny_mo
     assert time.monotonic() - start < 120
     record = registry().find(cluster)
     assert record.status == "FAILED" and group_of(record.pid) == []
+
+
+def test_a_test_session_ended_by_sigterm_still_stops_what_it_started(tmp_path):
+    """`timeout` or a CI runner ends pytest with SIGTERM: the session's fixtures still tear down (as with Ctrl-C),
+    so the servers they started do not outlive it. A session fixture here starts a process and stops it at
+    teardown; the session is sent SIGTERM while a test runs."""
+    pid_file = tmp_path / "pid"
+    (tmp_path / "conftest.py").write_text(
+        textwrap.dedent(f"""
+        import subprocess, sys
+        import pytest
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from support.processes import tear_down_on_sigterm
+        tear_down_on_sigterm()
+
+        @pytest.fixture(scope="session")
+        def server():
+            process = subprocess.Popen(["sleep", "600"])
+            open({str(pid_file)!r}, "w").write(str(process.pid))
+            yield process
+            process.kill()
+            process.wait()
+        """)
+    )
+    (tmp_path / "test_long.py").write_text("import time\n\ndef test_long(server):\n    time.sleep(120)\n")
+    session = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = int(pid_file.read_text())
+        assert psutil.pid_exists(started)
+        session.send_signal(signal.SIGTERM)
+        session.wait(60)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    gone = not psutil.pid_exists(started) or psutil.Process(started).status() == psutil.STATUS_ZOMBIE
+    if not gone:
+        os.kill(started, signal.SIGKILL)
+    assert gone, session.stdout.read().decode() if session.stdout else ""

@@ -13,7 +13,7 @@ from llm_atc.planning.colocate import JointPlan
 from llm_atc.planning.model_info import ModelInfo
 from llm_atc.planning.plan import Plan, make_plan
 from llm_atc.registry import Registry
-from llm_atc.spec import check_no_adapters, check_serve_options
+from llm_atc.spec import check_no_adapters, check_several
 from llm_atc.storage import check_checkpoint
 from llm_atc.weights import LoadPath, load_path
 
@@ -46,7 +46,7 @@ def plan_model(
 
 def plan_models(names, *, registry=None, **options) -> JointPlan:
     """Several models on one node: where each engine goes on each GPU type that fits them all."""
-    check_serve_options(list(names), cloud="local")  # serve's checks: each model once, at most so many
+    check_several(list(names), engine="vllm", given={})  # as serve checks them: each once, at most so many
     registry = registry or Registry()
     models = tuple(_model(name, None, registry) for name in names)
     check_no_adapters(models)

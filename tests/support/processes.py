@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 
 import psutil
 
@@ -57,3 +58,13 @@ def end_leftovers(home: str, *, grace: float = 15) -> list[str]:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     return described
+
+
+def tear_down_on_sigterm() -> None:
+    """Make SIGTERM (``timeout``, a CI runner giving up) end a pytest session as Ctrl-C does: its fixtures' teardown
+    and ``pytest_sessionfinish`` still run, so the servers the session started are stopped, not orphaned."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
